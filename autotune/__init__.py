@@ -1,0 +1,18 @@
+"""Small, general autotuning: time candidates, pick the fastest within a memory budget, cache the winner."""
+
+from .cache import TuningCache, TuningCacheWarning, default_cache_dir, device_identity, software_versions
+from .timing import measure, resolve_device
+from .tuner import Measurement, TuneResult, tune
+
+__all__ = [
+    "Measurement",
+    "TuneResult",
+    "TuningCache",
+    "TuningCacheWarning",
+    "default_cache_dir",
+    "device_identity",
+    "measure",
+    "resolve_device",
+    "software_versions",
+    "tune",
+]

@@ -1,0 +1,103 @@
+"""Exhaustive search over candidate configurations, robust to failures and memory budgets."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Callable, Hashable, Sequence
+
+import torch
+
+__all__ = ["Measurement", "TuneResult", "tune"]
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """The outcome for one candidate.
+
+    ``ms`` is ``math.inf`` when the candidate failed, was pruned or skipped, and ``error`` says why.
+    ``peak_bytes`` is the measured peak, 0 when the candidate never ran to completion.
+    """
+
+    candidate: Hashable
+    ms: float
+    peak_bytes: int
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class TuneResult:
+    """The winning candidate (``None`` if none succeeded) and every measurement, in candidate order."""
+
+    best: Hashable | None
+    measurements: tuple[Measurement, ...]
+
+    @property
+    def by_candidate(self) -> dict[Hashable, Measurement]:
+        return {m.candidate: m for m in self.measurements}
+
+
+def tune(
+    candidates: Sequence[Hashable],
+    bench: Callable[[Hashable], tuple[float, int]],
+    *,
+    memory_budget: int | None = None,
+    estimate_bytes: Callable[[Hashable], int] | None = None,
+    on_result: Callable[[Measurement], None] | None = None,
+    time_budget_s: float | None = None,
+) -> TuneResult:
+    """Benchmark each candidate with ``bench(candidate) -> (ms, peak_bytes)`` and pick the fastest.
+
+    With ``memory_budget`` set, a candidate whose ``estimate_bytes`` exceeds it is pruned without running,
+    and one whose measured peak exceeds it is scored ``inf``. Any ``Exception`` raised by ``bench`` or
+    ``estimate_bytes`` (CUDA OOM, compile errors, ...) scores the candidate ``inf`` instead of propagating.
+    Once ``time_budget_s`` has elapsed, the remaining candidates are skipped. ``on_result`` is called
+    after every candidate, skipped ones included. Ties go to the earlier candidate.
+    """
+    if len(set(candidates)) != len(candidates):
+        raise ValueError("candidates must be distinct")
+    start = time.monotonic()
+    measurements = []
+    for candidate in candidates:
+        if time_budget_s is not None and time.monotonic() - start >= time_budget_s:
+            m = Measurement(candidate, math.inf, 0, f"skipped: time budget of {time_budget_s}s exhausted")
+        else:
+            m = _evaluate(candidate, bench, memory_budget, estimate_bytes)
+        measurements.append(m)
+        if on_result is not None:
+            on_result(m)
+    finite = [m for m in measurements if math.isfinite(m.ms)]
+    # min() keeps the first of equal keys, so ties go to the earlier candidate.
+    best = min(finite, key=lambda m: m.ms).candidate if finite else None
+    return TuneResult(best, tuple(measurements))
+
+
+def _evaluate(
+    candidate: Hashable,
+    bench: Callable[[Hashable], tuple[float, int]],
+    memory_budget: int | None,
+    estimate_bytes: Callable[[Hashable], int] | None,
+) -> Measurement:
+    oom = False
+    try:
+        if memory_budget is not None and estimate_bytes is not None:
+            estimate = estimate_bytes(candidate)
+            if estimate > memory_budget:
+                return Measurement(candidate, math.inf, 0, f"pruned: estimated {estimate} > memory budget {memory_budget}")
+        ms, peak = bench(candidate)
+    except Exception as exc:
+        oom = isinstance(exc, torch.OutOfMemoryError)
+        # A CUDA OOM message goes on with allocator advice; its first line says what failed.
+        first_line = str(exc).partition("\n")[0]
+        error = f"OOM: {first_line}" if oom else f"{type(exc).__name__}: {exc}"
+    else:
+        if memory_budget is not None and peak > memory_budget:
+            return Measurement(candidate, math.inf, int(peak), f"over memory budget: {peak} > {memory_budget}")
+        if not math.isfinite(ms):
+            return Measurement(candidate, math.inf, int(peak), f"non-finite time: {ms}")
+        return Measurement(candidate, float(ms), int(peak))
+    # Emptied outside the except block: by now the traceback, and the tensors its frames held, are freed.
+    if oom and torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return Measurement(candidate, math.inf, 0, error)

@@ -1,0 +1,412 @@
+"""The chunked fused-linear distillation loss.
+
+Rows are the flattened leading dims of the hidden states, N = B*T. For each chunk of rows the
+student logits (and the teacher's, when it is given as hidden states + weight) are computed with
+one matmul each, the divergence, the hard cross-entropy and their gradient w.r.t. the student
+logits are computed by one compiled function (``torch.func.grad`` of the per-row loss, so any
+user divergence works), and the logit gradient is folded back into ``grad_hidden`` and a float32
+``grad_weight`` accumulator right away. The full ``(N, V)`` logits never exist.
+
+When the result is a scalar (``reduction="mean"`` or ``"sum"``) the gradients are computed in the
+forward pass and the backward only multiplies them by ``grad_output`` (a device tensor: no host
+sync). With ``reduction="none"`` the per-row weights are only known in backward, so the backward
+recomputes the chunks.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, replace
+from typing import Callable, Literal, NamedTuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import divergences as D
+from .tuning import resolve_chunk_size
+from .validate import check_inputs
+
+__all__ = ["fused_linear_distill", "DistillOutput", "Reduction", "Impl"]
+
+Reduction = Literal["mean", "sum", "none"]
+Impl = Literal["compile", "eager"]
+DivergenceLike = Union[str, D.Divergence]
+
+
+class DistillOutput(NamedTuple):
+    """``return_parts=True`` result: the loss and its two unweighted, detached parts."""
+
+    loss: Tensor
+    soft_loss: Tensor
+    hard_loss: Tensor
+
+
+# --------------------------------------------------------------------------------------------
+# The per-chunk function: pure, compiled once per _Spec.
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Spec:
+    """What the compiled chunk function is specialised on. Everything numeric that may change
+    between calls (temperature, weights, softcap, divergence parameters) travels as tensors."""
+
+    kernel: Callable[..., Tensor]
+    n_params: int
+    has_ce: bool
+    softcap: bool
+    ignore_index: int
+    compute_dtype: torch.dtype
+    with_grad: bool
+    compiled: bool
+
+
+# Layout of the per-call scalar tensor handed to the chunk function.
+_INV_T, _SOFT_W, _HARD_W, _CAP, _N_FIXED = 0, 1, 2, 3, 4
+
+
+def _cap(logits: Tensor, scalars: Tensor, spec: _Spec) -> Tensor:
+    if not spec.softcap:
+        return logits
+    cap = scalars[_CAP]
+    return cap * torch.tanh(logits / cap)
+
+
+def _row_losses(
+    spec: _Spec,
+    student: Tensor,  # (C, V) raw student logits, any float dtype
+    teacher: Tensor,  # (C, V) raw teacher logits, any float dtype
+    labels: Tensor,  # (C,) int64; only read when spec.has_ce
+    valid: Tensor,  # (C,) bool
+    scalars: Tensor,  # (_N_FIXED + n_params,) compute dtype
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-row (loss, soft, hard), each (C,), zero on invalid rows."""
+    s = _cap(student.to(spec.compute_dtype), scalars, spec)
+    t = _cap(teacher.to(spec.compute_dtype), scalars, spec)
+    params = tuple(scalars[_N_FIXED + i] for i in range(spec.n_params))
+    soft = spec.kernel(s * scalars[_INV_T], t * scalars[_INV_T], *params)
+    soft = torch.where(valid, soft, 0)
+    if spec.has_ce:
+        hard = F.cross_entropy(s, labels, ignore_index=spec.ignore_index, reduction="none")
+    else:
+        hard = torch.zeros_like(soft)
+    return scalars[_SOFT_W] * soft + scalars[_HARD_W] * hard, soft, hard
+
+
+def _loss_and_grad(
+    spec: _Spec,
+    student: Tensor,  # (C, V)
+    teacher: Tensor,  # (C, V)
+    labels: Tensor,  # (C,)
+    valid: Tensor,  # (C,)
+    row_weight: Tensor,  # (C,) compute dtype: d(result)/d(row loss), up to a global scale
+    scalars: Tensor,
+) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor]]:
+    """(d Σ_r w_r·loss_r / d student  (C, V) in student's dtype, (loss, soft, hard))."""
+
+    def weighted_total(s: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor]]:
+        parts = _row_losses(spec, s, teacher, labels, valid, scalars)
+        return (parts[0] * row_weight).sum(), parts
+
+    return torch.func.grad(weighted_total, has_aux=True)(student)
+
+
+@functools.lru_cache(maxsize=None)
+def _chunk_fn(spec: _Spec) -> Callable:
+    fn = functools.partial(_loss_and_grad if spec.with_grad else _row_losses, spec)
+    # dynamic=False: the vocabulary stays static (it shapes the reductions); the row dim is
+    # marked dynamic per call (see _mark_rows_dynamic), so every chunk length shares one graph.
+    return torch.compile(fn, dynamic=False) if spec.compiled else fn
+
+
+def _mark_rows_dynamic(*tensors: Tensor) -> None:
+    for t in tensors:
+        torch._dynamo.maybe_mark_dynamic(t, 0)
+
+
+# --------------------------------------------------------------------------------------------
+# Inputs, flattened and checked once per call.
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Problem:
+    student_hidden: Tensor  # (N, Hs)
+    student_weight: Tensor  # (V, Hs)
+    student_bias: Tensor | None  # (V,)
+    teacher_hidden: Tensor | None  # (N, Ht)
+    teacher_weight: Tensor | None  # (V, Ht) — already cut to the student's vocabulary
+    teacher_bias: Tensor | None  # (V,)
+    teacher_logits: Tensor | None  # (N, V) — already cut to the student's vocabulary
+    labels: Tensor  # (N,) int64, ignore_index where missing
+    valid: Tensor  # (N,) bool
+    scalars: Tensor  # see _row_losses
+    spec: _Spec
+    chunk_size: int
+
+    @property
+    def rows(self) -> int:
+        return self.student_hidden.shape[0]
+
+    def chunks(self):
+        """Row slices of ``chunk_size`` rows; a 1-row tail joins the chunk before it, because a
+        dim of size 1 is specialised by torch.compile and would cost a recompile."""
+        starts = list(range(0, self.rows, self.chunk_size))
+        if len(starts) > 1 and self.rows - starts[-1] == 1:
+            starts.pop()
+        for start, stop in zip(starts, [*starts[1:], self.rows]):
+            yield slice(start, stop)
+
+    def logits(self, rows: slice) -> tuple[Tensor, Tensor]:
+        """(student (C, V), teacher (C, V)) raw logits for ``rows``; the teacher's without grad."""
+        student = F.linear(self.student_hidden[rows], self.student_weight, self.student_bias)
+        with torch.no_grad():
+            if self.teacher_logits is not None:
+                teacher = self.teacher_logits[rows]
+            else:
+                teacher = F.linear(self.teacher_hidden[rows], self.teacher_weight, self.teacher_bias)
+        return student, teacher
+
+
+def _accumulate_mm(acc: Tensor, a: Tensor, b: Tensor) -> None:
+    """acc += a @ b with acc in float32/float64 and a, b possibly half precision.
+
+    On CUDA the product is written by cuBLAS straight into the wide accumulator (no rounding of
+    each chunk's contribution to bf16, which is where Liger's 2e-3 grad_weight error comes from).
+    """
+    if a.dtype == acc.dtype:
+        acc.addmm_(a, b)
+    elif a.is_cuda:
+        torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
+    else:
+        acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
+
+
+class _Grads(NamedTuple):
+    hidden: Tensor | None
+    weight: Tensor | None
+    bias: Tensor | None
+
+
+def _run(
+    p: _Problem,
+    row_weight: Tensor | None,  # (N,) compute dtype, or None for loss only
+    need: tuple[bool, bool, bool],  # grads for (hidden, weight, bias)
+) -> tuple[Tensor, Tensor, Tensor, _Grads]:
+    """One pass over the chunks: per-row (loss, soft, hard) (N,) and unscaled gradients."""
+    n, cdt = p.rows, p.spec.compute_dtype
+    device = p.student_hidden.device
+    loss, soft, hard = (torch.zeros(n, dtype=cdt, device=device) for _ in range(3))
+    want_hidden, want_weight, want_bias = need
+    grad_h = torch.empty_like(p.student_hidden) if want_hidden else None
+    grad_w = torch.zeros(p.student_weight.shape, dtype=cdt, device=device) if want_weight else None
+    grad_b = torch.zeros(p.student_weight.shape[0], dtype=cdt, device=device) if want_bias else None
+    fn = _chunk_fn(p.spec if row_weight is None else replace(p.spec, with_grad=True))
+    for rows in p.chunks():
+        with torch.no_grad():
+            student, teacher = p.logits(rows)
+            args = [student, teacher, p.labels[rows], p.valid[rows]]
+            if row_weight is not None:
+                args.append(row_weight[rows])
+            if p.spec.compiled:
+                _mark_rows_dynamic(*args)
+            out = fn(*args, p.scalars)
+            if row_weight is not None:
+                dlogits, out = out
+                if grad_h is not None:
+                    torch.mm(dlogits, p.student_weight, out=grad_h[rows])
+                if grad_w is not None:
+                    _accumulate_mm(grad_w, dlogits.t(), p.student_hidden[rows])
+                if grad_b is not None:
+                    grad_b += dlogits.sum(0, dtype=cdt)
+            loss[rows], soft[rows], hard[rows] = out
+    return loss, soft, hard, _Grads(grad_h, grad_w, grad_b)
+
+
+def _scaled(grads: _Grads, scale: Tensor, p: _Problem) -> _Grads:
+    """Gradients times a device scalar, cast back to the parameters' dtypes."""
+    h = None if grads.hidden is None else (grads.hidden * scale).to(p.student_hidden.dtype)
+    w = None if grads.weight is None else (grads.weight * scale).to(p.student_weight.dtype)
+    b = None if grads.bias is None else (grads.bias * scale).to(p.student_bias.dtype)
+    return _Grads(h, w, b)
+
+
+class _FusedDistill(torch.autograd.Function):
+    """Inputs are (problem, student_hidden, student_weight, student_bias, reduction, normalizer);
+    the tensors are passed explicitly only so autograd tracks them."""
+
+    @staticmethod
+    def forward(ctx, p: _Problem, hidden, weight, bias, reduction: str, normalizer):
+        need = ctx.needs_input_grad[1:4]
+        ctx.p, ctx.reduction, ctx.need = p, reduction, need
+        if reduction == "none":
+            loss, soft, hard, _ = _run(p, None, (False, False, False))
+            ctx.mark_non_differentiable(soft, hard)
+            return loss, soft, hard
+        # Gradients of the weighted total with unit row weights; the 1/normalizer (and later
+        # grad_output) is applied once at the end so half-precision logit gradients never
+        # underflow.
+        loss, soft, hard, grads = _run(p, p.valid.to(p.spec.compute_dtype), need)
+        scale = 1.0 if normalizer is None else 1.0 / normalizer
+        ctx.grads, ctx.scale = grads, scale
+        out = tuple(x.sum() * scale for x in (loss, soft, hard))
+        ctx.mark_non_differentiable(out[1], out[2])
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_soft, _grad_hard):
+        p = ctx.p
+        if ctx.reduction == "none":
+            # Normalise the incoming per-row weights so half-precision dlogits stay in range.
+            weights = grad_loss.to(p.spec.compute_dtype) * p.valid
+            scale = weights.abs().amax().clamp_min(torch.finfo(weights.dtype).tiny)
+            grads = _run(p, weights / scale, ctx.need)[3]
+        else:
+            grads, scale = ctx.grads, ctx.scale * grad_loss
+        del ctx.p
+        return (None, *_scaled(grads, scale, p), None, None)
+
+
+# --------------------------------------------------------------------------------------------
+# Public entry point.
+# --------------------------------------------------------------------------------------------
+
+
+def _kernel_of(divergence: DivergenceLike) -> tuple[Callable[..., Tensor], tuple[float, ...]]:
+    fn = D.get(divergence) if isinstance(divergence, str) else divergence
+    if not callable(fn):
+        raise TypeError(f"divergence must be a name or a callable, got {type(divergence).__name__}")
+    return getattr(fn, "__kdfuse_kernel__", fn), tuple(getattr(fn, "__kdfuse_params__", ()))
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _flatten(x: Tensor | None, width: int | None) -> Tensor | None:
+    if x is None:
+        return None
+    return x.reshape(-1) if width is None else x.reshape(-1, width)
+
+
+def fused_linear_distill(
+    student_hidden: Tensor,  # (..., Hs)
+    student_weight: Tensor,  # (V, Hs)
+    teacher_hidden: Tensor | None = None,  # (..., Ht)
+    teacher_weight: Tensor | None = None,  # (Vt, Ht), Vt >= V
+    *,
+    teacher_logits: Tensor | None = None,  # (..., Vt), Vt >= V
+    labels: Tensor | None = None,  # (...) int
+    divergence: DivergenceLike = "forward_kl",
+    temperature: float = 1.0,
+    soft_weight: float = 1.0,
+    hard_weight: float = 0.0,
+    ignore_index: int = -100,
+    reduction: Reduction = "mean",
+    normalizer: float | Tensor | None = None,
+    chunk_size: int | Literal["auto"] = "auto",
+    student_bias: Tensor | None = None,  # (V,)
+    teacher_bias: Tensor | None = None,  # (Vt,)
+    softcap: float | None = None,
+    return_parts: bool = False,
+    impl: Impl = "compile",
+) -> Tensor | DistillOutput:
+    """Knowledge-distillation loss from hidden states, never materialising the full logits.
+
+    Computes exactly what :func:`kdfuse.fused_linear_distill_ref` computes (see there for the
+    semantics), chunk by chunk over the N = prod(leading dims) rows.
+
+    Args:
+        student_hidden, student_weight: student final hidden states and lm_head weight.
+        teacher_hidden, teacher_weight: the teacher's; its logits are computed per chunk with no
+            gradient. Give these *or* ``teacher_logits`` (dense, precomputed, any float dtype).
+            Teacher columns beyond the student's vocabulary V are dropped (padded embeddings).
+        labels: token ids for the hard cross-entropy; rows equal to ``ignore_index`` contribute
+            nothing to either term. ``None``: every row counts (then ``hard_weight`` must be 0).
+        divergence: a :data:`kdfuse.divergences.Divergence`, or a built-in's name.
+        temperature: divides both models' logits inside the divergence (not the hard CE).
+        soft_weight, hard_weight: ``loss = soft_weight·D + hard_weight·CE`` per row.
+        reduction: ``"mean"`` (sum over valid rows / number of valid rows, at least 1),
+            ``"sum"``, or ``"none"`` (per-row losses shaped like the leading dims).
+        normalizer: with ``"mean"``/``"sum"``, divide the summed loss by this instead (e.g. the
+            global number of tokens across gradient-accumulation steps and ranks).
+        chunk_size: rows per chunk, or ``"auto"`` (autotuned or heuristic, see kdfuse.tuning).
+        student_bias, teacher_bias: lm_head biases; the student's gets a gradient.
+        softcap: Gemma-2 style ``softcap·tanh(logits/softcap)`` on both models' logits, first.
+        return_parts: return ``DistillOutput(loss, soft_loss, hard_loss)``; the parts are the
+            unweighted terms reduced like the loss, detached.
+        impl: ``"compile"`` (torch.compile the per-chunk work) or ``"eager"``.
+
+    Returns:
+        The loss in the compute dtype (float32; float64 for float64 inputs).
+    """
+    leading = student_hidden.shape[:-1]
+    check_inputs(
+        student_hidden, student_weight, teacher_hidden, teacher_weight, teacher_logits, labels,
+        student_bias=student_bias, teacher_bias=teacher_bias, temperature=temperature,
+        soft_weight=soft_weight, hard_weight=hard_weight, reduction=reduction, chunk_size=chunk_size,
+        softcap=softcap, impl=impl,
+    )  # fmt: skip
+    vocab, width = student_weight.shape
+    cdt = _compute_dtype(student_hidden.dtype)
+    device = student_hidden.device
+    hidden = student_hidden.reshape(-1, width)
+    n = hidden.shape[0]
+    if labels is None:
+        flat_labels = torch.full((n,), ignore_index, dtype=torch.long, device=device)
+        valid = torch.ones(n, dtype=torch.bool, device=device)
+    else:
+        flat_labels = labels.reshape(-1).long()
+        valid = flat_labels != ignore_index
+    kernel, params = _kernel_of(divergence)
+    spec = _Spec(
+        kernel=kernel,
+        n_params=len(params),
+        has_ce=hard_weight != 0,
+        softcap=softcap is not None,
+        ignore_index=ignore_index,
+        compute_dtype=cdt,
+        with_grad=False,
+        compiled=impl == "compile",
+    )
+    scalars = torch.tensor(
+        [1.0 / temperature, soft_weight, hard_weight, softcap or 1.0, *params], dtype=cdt, device=device
+    )
+    t_weight = None if teacher_weight is None else teacher_weight[:vocab]
+    t_bias = None if teacher_bias is None else teacher_bias[:vocab]
+    t_hidden = _flatten(teacher_hidden, None if teacher_hidden is None else teacher_hidden.shape[-1])
+    t_logits = None if teacher_logits is None else teacher_logits.reshape(n, -1)[:, :vocab]
+    size = resolve_chunk_size(
+        chunk_size, rows=n, vocab=vocab, student_hidden=width,
+        teacher_hidden=None if t_hidden is None else t_hidden.shape[-1],
+        dtype=student_hidden.dtype, device=device, divergence=getattr(divergence, "__name__", str(divergence)),
+        with_ce=spec.has_ce, with_grad=True,
+    )  # fmt: skip
+
+    tensors = (hidden, student_weight, student_bias)
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    problem = _Problem(
+        hidden, student_weight, student_bias, t_hidden, t_weight, t_bias, t_logits,
+        flat_labels, valid, scalars, spec, size,
+    )  # fmt: skip
+
+    if reduction != "none" and normalizer is None:
+        norm = valid.sum().clamp_min(1).to(cdt) if reduction == "mean" else None
+    elif reduction != "none":
+        norm = torch.as_tensor(normalizer, dtype=cdt, device=device)
+    else:
+        norm = None
+
+    if needs_grad:
+        loss, soft, hard = _FusedDistill.apply(problem, *tensors, reduction, norm)
+    else:
+        with torch.no_grad():
+            loss, soft, hard, _ = _run(problem, None, (False, False, False))
+        if reduction != "none":
+            scale = 1.0 if norm is None else 1.0 / norm
+            loss, soft, hard = (x.sum() * scale for x in (loss, soft, hard))
+    if reduction == "none":
+        loss, soft, hard = (x.reshape(leading) for x in (loss, soft, hard))
+    return DistillOutput(loss, soft, hard) if return_parts else loss
+

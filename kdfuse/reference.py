@@ -1,0 +1,110 @@
+"""The plain reference: full logits, plain autograd. It states the semantics kdfuse computes."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .fused import DistillOutput, DivergenceLike, Impl, Reduction, _kernel_of
+from .validate import check_inputs
+
+__all__ = ["fused_linear_distill_ref"]
+
+
+def fused_linear_distill_ref(
+    student_hidden: Tensor,  # (..., Hs)
+    student_weight: Tensor,  # (V, Hs)
+    teacher_hidden: Tensor | None = None,  # (..., Ht)
+    teacher_weight: Tensor | None = None,  # (Vt, Ht)
+    *,
+    teacher_logits: Tensor | None = None,  # (..., Vt)
+    labels: Tensor | None = None,  # (...)
+    divergence: DivergenceLike = "forward_kl",
+    temperature: float = 1.0,
+    soft_weight: float = 1.0,
+    hard_weight: float = 0.0,
+    ignore_index: int = -100,
+    reduction: Reduction = "mean",
+    normalizer: float | Tensor | None = None,
+    chunk_size: int | Literal["auto"] = "auto",
+    student_bias: Tensor | None = None,
+    teacher_bias: Tensor | None = None,
+    softcap: float | None = None,
+    return_parts: bool = False,
+    impl: Impl = "eager",
+    precision: torch.dtype = torch.float64,
+) -> Tensor | DistillOutput:
+    """What :func:`kdfuse.fused_linear_distill` computes, with the full logits materialised.
+
+    Same arguments (``chunk_size`` and ``impl`` are accepted and ignored), plus ``precision``:
+    every input is cast to it first (float64 by default) and all math runs in it. With
+    V the student's vocabulary, for every row r of the flattened leading dims::
+
+        s_r = cap(h_r @ W_s.T + b_s)                          # (V,) student logits
+        t_r = cap(h'_r @ W_t[:V].T + b_t[:V])  or  cap(teacher_logits_r[:V])
+        cap(x) = softcap * tanh(x / softcap)   (identity when softcap is None)
+        soft_r = divergence(s_r / T, t_r / T)
+        hard_r = cross_entropy(s_r, labels_r)  (temperature 1; 0 when hard_weight == 0)
+        loss_r = soft_weight * soft_r + hard_weight * hard_r, and 0 where labels_r == ignore_index
+
+    ``"mean"`` is Σ_r loss_r / max(#valid rows, 1), ``"sum"`` is Σ_r loss_r, either divided by
+    ``normalizer`` instead when one is given; ``"none"`` returns loss_r shaped like the leading
+    dims. ``return_parts`` also returns soft and hard, reduced the same way and detached.
+    The teacher never receives gradients.
+    """
+    check_inputs(
+        student_hidden, student_weight, teacher_hidden, teacher_weight, teacher_logits, labels,
+        student_bias=student_bias, teacher_bias=teacher_bias, temperature=temperature,
+        soft_weight=soft_weight, hard_weight=hard_weight, reduction=reduction, chunk_size=chunk_size,
+        softcap=softcap, impl=impl,
+    )  # fmt: skip
+    leading = student_hidden.shape[:-1]
+    vocab, width = student_weight.shape
+    n = student_hidden[..., 0].numel()
+
+    def cap(x: Tensor) -> Tensor:
+        return x if softcap is None else softcap * torch.tanh(x / softcap)
+
+    hidden = student_hidden.reshape(n, width).to(precision)
+    bias = None if student_bias is None else student_bias.to(precision)
+    student = cap(F.linear(hidden, student_weight.to(precision), bias))
+    with torch.no_grad():
+        if teacher_logits is not None:
+            teacher = teacher_logits.reshape(n, -1)[:, :vocab].to(precision)
+        else:
+            t_bias = None if teacher_bias is None else teacher_bias[:vocab].to(precision)
+            t_hidden = teacher_hidden.reshape(n, -1).to(precision)
+            teacher = F.linear(t_hidden, teacher_weight[:vocab].to(precision), t_bias)
+        teacher = cap(teacher)
+
+    kernel, params = _kernel_of(divergence)
+    scalars = (torch.tensor(v, dtype=precision, device=hidden.device) for v in params)
+    soft = kernel(student / temperature, teacher / temperature, *scalars)
+    if labels is None:
+        valid = torch.ones(n, dtype=torch.bool, device=hidden.device)
+        hard = torch.zeros_like(soft)
+    else:
+        flat = labels.reshape(n).long()
+        valid = flat != ignore_index
+        hard = F.cross_entropy(student, flat, ignore_index=ignore_index, reduction="none")
+        if hard_weight == 0:
+            hard = hard.detach()
+    soft = torch.where(valid, soft, 0)
+    hard = torch.where(valid, hard, 0)
+    loss = soft_weight * soft + hard_weight * hard
+
+    if reduction == "none":
+        parts = (loss.reshape(leading), soft.reshape(leading), hard.reshape(leading))
+    else:
+        if normalizer is not None:
+            denom = torch.as_tensor(normalizer, dtype=precision, device=hidden.device)
+        elif reduction == "mean":
+            denom = valid.sum().clamp_min(1).to(precision)
+        else:
+            denom = torch.ones((), dtype=precision, device=hidden.device)
+        parts = tuple(x.sum() / denom for x in (loss, soft, hard))
+    loss, soft, hard = parts[0], parts[1].detach(), parts[2].detach()
+    return DistillOutput(loss, soft, hard) if return_parts else loss

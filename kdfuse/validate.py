@@ -1,0 +1,158 @@
+"""Argument checks for the public entry points: clear errors that name the argument and shapes.
+
+Everything here reads only shapes, dtypes, devices and Python numbers, so it costs no device
+sync.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+__all__ = ["check_inputs"]
+
+_REDUCTIONS = ("mean", "sum", "none")
+_IMPLS = ("compile", "eager")
+
+
+def _shape(t: Tensor) -> str:
+    return "(" + ", ".join(str(d) for d in t.shape) + ")"
+
+
+def _rows(t: Tensor, name: str) -> int:
+    if t.dim() < 1:
+        raise ValueError(f"{name} must have at least 1 dim, got shape {_shape(t)}")
+    return math.prod(t.shape[:-1])
+
+
+def _check_float(t: Tensor, name: str) -> None:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a Tensor, got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
+
+
+def _check_positive(value: float, name: str) -> None:
+    if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+
+
+def check_inputs(
+    student_hidden: Tensor,
+    student_weight: Tensor,
+    teacher_hidden: Tensor | None,
+    teacher_weight: Tensor | None,
+    teacher_logits: Tensor | None,
+    labels: Tensor | None,
+    *,
+    student_bias: Tensor | None,
+    teacher_bias: Tensor | None,
+    temperature: float,
+    soft_weight: float,
+    hard_weight: float,
+    reduction: str,
+    chunk_size: int | str,
+    softcap: float | None,
+    impl: str,
+) -> None:
+    """Raise ``ValueError``/``TypeError`` for anything fused_linear_distill cannot compute."""
+    _check_float(student_hidden, "student_hidden")
+    _check_float(student_weight, "student_weight")
+    if student_weight.dim() != 2:
+        raise ValueError(f"student_weight must be (V, Hs), got shape {_shape(student_weight)}")
+    vocab, width = student_weight.shape
+    if student_hidden.dim() < 1 or student_hidden.shape[-1] != width:
+        raise ValueError(
+            f"student_hidden's last dim must equal student_weight's Hs={width}: "
+            f"student_hidden {_shape(student_hidden)}, student_weight {_shape(student_weight)}"
+        )
+    rows = _rows(student_hidden, "student_hidden")
+    tensors = {"student_hidden": student_hidden, "student_weight": student_weight}
+
+    dense = teacher_logits is not None
+    linear = teacher_hidden is not None or teacher_weight is not None
+    if dense == linear:
+        raise ValueError(
+            "give exactly one teacher: teacher_hidden + teacher_weight, or teacher_logits "
+            f"(got teacher_hidden={'set' if teacher_hidden is not None else None}, "
+            f"teacher_weight={'set' if teacher_weight is not None else None}, "
+            f"teacher_logits={'set' if dense else None})"
+        )
+    if linear:
+        if teacher_hidden is None or teacher_weight is None:
+            raise ValueError("teacher_hidden and teacher_weight must be given together")
+        _check_float(teacher_hidden, "teacher_hidden")
+        _check_float(teacher_weight, "teacher_weight")
+        if teacher_weight.dim() != 2 or teacher_hidden.shape[-1] != teacher_weight.shape[1]:
+            raise ValueError(
+                "teacher_hidden's last dim must equal teacher_weight's Ht: "
+                f"teacher_hidden {_shape(teacher_hidden)}, teacher_weight {_shape(teacher_weight)}"
+            )
+        if _rows(teacher_hidden, "teacher_hidden") != rows:
+            raise ValueError(
+                f"teacher_hidden has {_rows(teacher_hidden, 'teacher_hidden')} rows, student_hidden "
+                f"{rows}: shapes {_shape(teacher_hidden)} vs {_shape(student_hidden)}"
+            )
+        if teacher_weight.shape[0] < vocab:
+            raise ValueError(
+                f"teacher vocabulary {teacher_weight.shape[0]} is smaller than the student's {vocab}: "
+                f"teacher_weight {_shape(teacher_weight)}, student_weight {_shape(student_weight)}"
+            )
+        tensors.update(teacher_hidden=teacher_hidden, teacher_weight=teacher_weight)
+        teacher_vocab = teacher_weight.shape[0]
+    else:
+        _check_float(teacher_logits, "teacher_logits")
+        if _rows(teacher_logits, "teacher_logits") != rows:
+            raise ValueError(
+                f"teacher_logits has {_rows(teacher_logits, 'teacher_logits')} rows, student_hidden "
+                f"{rows}: shapes {_shape(teacher_logits)} vs {_shape(student_hidden)}"
+            )
+        if teacher_logits.shape[-1] < vocab:
+            raise ValueError(
+                f"teacher_logits' vocabulary {teacher_logits.shape[-1]} is smaller than the student's "
+                f"{vocab}: teacher_logits {_shape(teacher_logits)}, student_weight {_shape(student_weight)}"
+            )
+        tensors["teacher_logits"] = teacher_logits
+        teacher_vocab = teacher_logits.shape[-1]
+
+    for bias, name, size in ((student_bias, "student_bias", vocab), (teacher_bias, "teacher_bias", None)):
+        if bias is None:
+            continue
+        _check_float(bias, name)
+        expected = size if size is not None else (teacher_vocab if linear else None)
+        if expected is None:
+            raise ValueError("teacher_bias goes with teacher_weight, not with teacher_logits")
+        if tuple(bias.shape) != (expected,):
+            raise ValueError(f"{name} must have shape ({expected},), got {_shape(bias)}")
+        tensors[name] = bias
+
+    if labels is not None:
+        if not isinstance(labels, Tensor) or labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+            raise TypeError(f"labels must be an integer tensor, got {getattr(labels, 'dtype', type(labels).__name__)}")
+        if labels.numel() != rows:
+            raise ValueError(
+                f"labels has {labels.numel()} elements, student_hidden {rows} rows: "
+                f"shapes {_shape(labels)} vs {_shape(student_hidden)}"
+            )
+        tensors["labels"] = labels
+    elif hard_weight != 0:
+        raise ValueError(f"hard_weight={hard_weight} needs labels for the cross-entropy")
+
+    devices = {name: t.device for name, t in tensors.items()}
+    if len(set(devices.values())) > 1:
+        raise ValueError("all tensors must be on one device, got " + ", ".join(f"{k}={v}" for k, v in devices.items()))
+
+    _check_positive(temperature, "temperature")
+    for value, name in ((soft_weight, "soft_weight"), (hard_weight, "hard_weight")):
+        if not (isinstance(value, (int, float)) and math.isfinite(value)):
+            raise ValueError(f"{name} must be a finite number, got {value!r}")
+    if softcap is not None:
+        _check_positive(softcap, "softcap")
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+    if impl not in _IMPLS:
+        raise ValueError(f"impl must be one of {_IMPLS}, got {impl!r}")
+    if chunk_size != "auto" and not (isinstance(chunk_size, int) and not isinstance(chunk_size, bool) and chunk_size > 0):
+        raise ValueError(f"chunk_size must be a positive int or 'auto', got {chunk_size!r}")
