@@ -119,9 +119,10 @@ class TuningCache:
 
     def put(self, key: Key, value: object) -> None:
         """Store ``value`` under ``key`` for the current versions, replacing any previous entry."""
-        # The round trip rejects unserialisable values up front and makes memory mode return what a file would.
-        entry = json.loads(json.dumps({"versions": self.versions, "value": value}))
-        self._update(lambda entries: entries.update({_canonical(key): entry}))
+        # The JSON round trip rejects unserialisable values before any I/O, and makes memory mode
+        # return exactly what the file would (tuples as lists).
+        name, entry = _canonical(key), json.loads(json.dumps({"versions": self.versions, "value": value}))
+        self._update(lambda entries: entries.update({name: entry}))
 
     def entries(self) -> dict[str, object]:
         """Every ``{key: value}`` stored with the current versions."""
@@ -138,10 +139,10 @@ class TuningCache:
         try:
             with open(self._path, encoding="utf-8") as f:
                 doc = json.load(f)
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):  # nothing stored yet
             return {}
         except (OSError, ValueError) as exc:  # ValueError covers JSONDecodeError and UnicodeDecodeError
-            _warn_once("corrupt", self._path, f"ignoring unreadable tuning cache {self._path} ({exc}); it will be rebuilt")
+            _warn_once("corrupt", self._path, f"ignoring unreadable tuning cache {self._path} ({exc}); rebuilding it")
             return {}
         valid = (
             isinstance(doc, dict)
@@ -150,7 +151,7 @@ class TuningCache:
             and all(isinstance(e, dict) for e in doc["entries"].values())
         )
         if not valid:
-            _warn_once("corrupt", self._path, f"ignoring malformed tuning cache {self._path}; it will be rebuilt")
+            _warn_once("corrupt", self._path, f"ignoring malformed tuning cache {self._path}; rebuilding it")
             return {}
         return doc["entries"]
 
@@ -165,9 +166,8 @@ class TuningCache:
                     self._write({"device": self.identity, "entries": entries})
                 return
             except OSError as exc:
-                _warn_once(
-                    "unwritable", self._path, f"cannot write tuning cache {self._path} ({exc}); keeping results in memory"
-                )
+                message = f"cannot write tuning cache {self._path} ({exc}); keeping results in memory"
+                _warn_once("unwritable", self._path, message)
                 self._memory = self._read()
         change(self._memory)
 

@@ -79,12 +79,12 @@ def _evaluate(
     memory_budget: int | None,
     estimate_bytes: Callable[[Hashable], int] | None,
 ) -> Measurement:
-    oom = False
     try:
         if memory_budget is not None and estimate_bytes is not None:
             estimate = estimate_bytes(candidate)
             if estimate > memory_budget:
-                return Measurement(candidate, math.inf, 0, f"pruned: estimated {estimate} > memory budget {memory_budget}")
+                error = f"pruned: estimated {estimate} > memory budget {memory_budget}"
+                return Measurement(candidate, math.inf, 0, error)
         ms, peak = bench(candidate)
     except Exception as exc:
         oom = isinstance(exc, torch.OutOfMemoryError)

@@ -1,0 +1,324 @@
+"""Tests for the KD-agnostic ``autotune`` package (CPU only, no real timing in the search tests)."""
+
+from __future__ import annotations
+
+import json
+import math
+import multiprocessing
+import os
+import types
+
+import pytest
+import torch
+
+import autotune
+import autotune.timing
+import autotune.tuner
+from autotune import Measurement, TuningCache, TuningCacheWarning, measure, tune
+
+VERSIONS = {"torch": "1.0", "triton": "none", "python": "3.11", "app": "0.1"}
+
+
+def _bench_from(times: dict, peaks: dict | None = None, calls: list | None = None):
+    """A bench returning canned (ms, peak) per candidate; an Exception value is raised instead."""
+
+    def bench(candidate):
+        if calls is not None:
+            calls.append(candidate)
+        result = times[candidate]
+        if isinstance(result, Exception):
+            raise result
+        return result, (peaks or {}).get(candidate, 0)
+
+    return bench
+
+
+# --- tune ---------------------------------------------------------------------------------------
+
+
+def test_tune_picks_fastest_and_reports_every_candidate():
+    seen = []
+    result = tune(["a", "b", "c"], _bench_from({"a": 3.0, "b": 1.0, "c": 2.0}, {"b": 7}), on_result=seen.append)
+    assert result.best == "b"
+    assert result.measurements == (
+        Measurement("a", 3.0, 0),
+        Measurement("b", 1.0, 7),
+        Measurement("c", 2.0, 0),
+    )
+    assert list(result.measurements) == seen
+    assert result.by_candidate["c"].ms == 2.0
+
+
+def test_tune_ties_go_to_earlier_candidate():
+    assert tune([1, 2, 3], _bench_from({1: 2.0, 2: 1.0, 3: 1.0})).best == 2
+    assert tune([3, 2, 1], _bench_from({1: 2.0, 2: 1.0, 3: 1.0})).best == 3
+
+
+def test_tune_prunes_by_estimate_without_running():
+    calls = []
+    result = tune(
+        ["a", "b", "c"],
+        _bench_from({"a": 3.0, "b": 1.0, "c": 2.0}, calls=calls),
+        memory_budget=100,
+        estimate_bytes={"a": 50, "b": 101, "c": 100}.__getitem__,
+    )
+    assert calls == ["a", "c"]
+    assert result.best == "c"
+    pruned = result.by_candidate["b"]
+    assert pruned.ms == math.inf and pruned.peak_bytes == 0
+    assert pruned.error == "pruned: estimated 101 > memory budget 100"
+
+
+def test_tune_estimate_ignored_without_budget():
+    calls = []
+    tune(["a"], _bench_from({"a": 1.0}, calls=calls), estimate_bytes=lambda c: 10**30)
+    assert calls == ["a"]
+
+
+def test_tune_scores_measured_peak_over_budget_inf():
+    bench = _bench_from({"a": 3.0, "b": 1.0}, {"a": 100, "b": 150})
+    result = tune(["a", "b"], bench, memory_budget=100)
+    assert result.best == "a"
+    assert result.by_candidate["b"] == Measurement("b", math.inf, 150, "over memory budget: 150 > 100")
+
+
+def test_tune_catches_exceptions_and_empties_cuda_cache_after_oom(monkeypatch):
+    emptied = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: emptied.append(True))
+    times = {
+        "oom": torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB\nIf reserved but unallocated..."),
+        "compile": RuntimeError("triton compilation failed"),
+        "shape": ValueError("bad tile"),
+        "ok": 5.0,
+    }
+    result = tune(list(times), _bench_from(times))
+    assert result.best == "ok"
+    errors = {m.candidate: m.error for m in result.measurements}
+    assert errors == {
+        "oom": "OOM: CUDA out of memory. Tried to allocate 2.00 GiB",
+        "compile": "RuntimeError: triton compilation failed",
+        "shape": "ValueError: bad tile",
+        "ok": None,
+    }
+    assert all(result.by_candidate[c].ms == math.inf for c in ("oom", "compile", "shape"))
+    assert emptied == [True]  # once, for the one OOM
+
+
+def test_tune_catches_estimate_errors_and_non_finite_times():
+    def estimate(c):
+        raise KeyError(c)
+
+    result = tune(["a"], _bench_from({"a": 1.0}), memory_budget=10, estimate_bytes=estimate)
+    assert result.best is None and result.measurements[0].error == "KeyError: 'a'"
+    result = tune(["a", "b"], _bench_from({"a": math.nan, "b": 4.0}))
+    assert result.best == "b" and result.by_candidate["a"].error == "non-finite time: nan"
+
+
+def test_tune_all_failing_gives_no_best():
+    result = tune(["a", "b"], _bench_from({"a": RuntimeError("x"), "b": torch.OutOfMemoryError("y")}))
+    assert result.best is None
+    assert [m.ms for m in result.measurements] == [math.inf, math.inf]
+    assert tune([], _bench_from({})) == autotune.TuneResult(None, ())
+
+
+def test_tune_time_budget_skips_the_rest(monkeypatch):
+    clock = [0.0]
+    monkeypatch.setattr(autotune.tuner, "time", types.SimpleNamespace(monotonic=lambda: clock[0]))
+
+    def bench(candidate):
+        clock[0] += 1.0  # each measurement takes one fake second
+        return float(10 - candidate), 0
+
+    seen = []
+    result = tune(range(5), bench, time_budget_s=2.5, on_result=seen.append)
+    assert [m.ms for m in result.measurements] == [10.0, 9.0, 8.0, math.inf, math.inf]
+    assert result.measurements[3].error == "skipped: time budget of 2.5s exhausted"
+    assert result.best == 2
+    assert len(seen) == 5
+
+
+def test_tune_rejects_duplicate_candidates():
+    with pytest.raises(ValueError):
+        tune(["a", "a"], _bench_from({"a": 1.0}))
+
+
+# --- measure ------------------------------------------------------------------------------------
+
+
+def test_measure_cpu_counts_calls_and_returns_positive_median():
+    calls = []
+
+    def fn():
+        calls.append(None)
+        return sum(range(1000))
+
+    ms, peak = measure(fn, warmup=2, repeat=5, device="cpu")
+    assert len(calls) == 7
+    assert 0 < ms < 1000 and peak == 0
+
+
+def test_measure_cpu_median_excludes_warmup(monkeypatch):
+    clock = [0.0]
+    monkeypatch.setattr(autotune.timing, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+    durations = iter([9.0, 9.0, 0.004, 0.001, 0.003, 0.002, 0.005])  # seconds; two warm-ups first
+
+    def fn():
+        clock[0] += next(durations)
+
+    ms, _ = measure(fn, warmup=2, repeat=5, device="cpu")
+    assert ms == pytest.approx(3.0)
+
+
+def test_measure_rejects_bad_arguments():
+    with pytest.raises(ValueError):
+        measure(lambda: None, repeat=0, device="cpu")
+    with pytest.raises(ValueError):
+        measure(lambda: None, device="meta")
+
+
+# --- cache --------------------------------------------------------------------------------------
+
+
+def test_device_identity_cpu_and_cuda(monkeypatch, tmp_path):
+    assert autotune.device_identity("cpu").startswith("cpu:")
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    assert autotune.device_identity("cuda:0") == "NVIDIA H100 80GB HBM3 (sm_90)"
+    cache = TuningCache(tmp_path, device="cuda:0", versions=VERSIONS)
+    assert cache.path == tmp_path / "NVIDIA_H100_80GB_HBM3_sm_90.json"
+
+
+def test_software_versions_and_default_cache_dir(monkeypatch, tmp_path):
+    versions = autotune.software_versions({"kdfuse": "0.1.0"})
+    assert versions["torch"] == torch.__version__ and versions["kdfuse"] == "0.1.0"
+    assert set(versions) == {"torch", "triton", "python", "kdfuse"}
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert autotune.default_cache_dir("kdfuse") == tmp_path / "xdg" / "kdfuse"
+    monkeypatch.setenv("XDG_CACHE_HOME", "relative/ignored")
+    assert autotune.default_cache_dir("kdfuse") == tmp_path / "home" / ".cache" / "kdfuse"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    assert autotune.default_cache_dir("kdfuse") == tmp_path / "home" / ".cache" / "kdfuse"
+
+
+def test_cache_round_trip_and_file_contents(tmp_path):
+    cache = TuningCache(tmp_path / "sub", device="cpu", versions=VERSIONS)
+    assert cache.get("missing") is None
+    cache.put({"n": 4096, "dtype": "bf16"}, {"chunk": 1024})
+    cache.put("plain", (1, 2))
+    assert cache.get({"dtype": "bf16", "n": 4096}) == {"chunk": 1024}  # key order does not matter
+    assert cache.get({"dtype": "bf16", "n": 8192}) is None
+    assert cache.get("plain") == [1, 2]
+
+    doc = json.loads(cache.path.read_text())
+    assert doc["device"] == autotune.device_identity("cpu") == cache.identity
+    assert doc["entries"]['{"dtype":"bf16","n":4096}'] == {"versions": VERSIONS, "value": {"chunk": 1024}}
+
+    again = TuningCache(tmp_path / "sub", device="cpu", versions=dict(VERSIONS))
+    assert again.entries() == {'{"dtype":"bf16","n":4096}': {"chunk": 1024}, "plain": [1, 2]}
+
+
+def test_cache_version_change_misses(tmp_path):
+    TuningCache(tmp_path, device="cpu", versions=VERSIONS).put("k", 1)
+    newer = TuningCache(tmp_path, device="cpu", versions={**VERSIONS, "torch": "1.1"})
+    assert newer.get("k") is None and newer.entries() == {}
+    newer.put("k", 2)
+    assert newer.get("k") == 2
+    assert TuningCache(tmp_path, device="cpu", versions=VERSIONS).get("k") is None
+
+
+def test_cache_clear(tmp_path):
+    cache = TuningCache(tmp_path, device="cpu", versions=VERSIONS)
+    cache.put("a", 1)
+    cache.clear()
+    assert cache.get("a") is None
+    assert json.loads(cache.path.read_text())["entries"] == {}
+
+
+def test_cache_rejects_unserialisable_value(tmp_path):
+    cache = TuningCache(tmp_path, device="cpu", versions=VERSIONS)
+    with pytest.raises(TypeError):
+        cache.put("k", object())
+    assert not cache.path.exists()
+
+
+def test_cache_write_is_atomic(tmp_path, monkeypatch):
+    cache = TuningCache(tmp_path, device="cpu", versions=VERSIONS)
+    cache.put("old", 1)
+    before = cache.path.read_bytes()
+
+    def failing_replace(src, dst):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", failing_replace)
+    with pytest.warns(TuningCacheWarning, match="disk full"):
+        cache.put("new", 2)
+    assert cache.path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([cache.path.name, cache.path.name + ".lock"])
+    assert cache.get("new") == 2 and cache.get("old") == 1  # carries on in memory
+
+
+@pytest.mark.parametrize(
+    "content", [b"{not json", b"\xff\xfe\x00", b"[1, 2]", b'{"device": "elsewhere", "entries": {}}', b""]
+)
+def test_cache_corrupt_file_warns_once_and_is_rebuilt(tmp_path, recwarn, content):
+    cache = TuningCache(tmp_path, device="cpu", versions=VERSIONS)
+    cache.path.write_bytes(content)
+    assert cache.get("k") is None
+    assert cache.entries() == {}
+    cache.put("k", 3)
+    assert cache.get("k") == 3
+    assert len([w for w in recwarn if issubclass(w.category, TuningCacheWarning)]) == 1
+    assert json.loads(cache.path.read_text())["entries"]["k"]["value"] == 3
+
+
+def _assert_falls_back_to_memory(cache: TuningCache, recwarn) -> None:
+    cache.put("a", 1)
+    cache.put("b", 2)
+    assert cache.get("a") == 1 and cache.get("b") == 2
+    assert len([w for w in recwarn if issubclass(w.category, TuningCacheWarning)]) == 1
+
+
+def test_cache_uncreatable_dir_falls_back_to_memory(tmp_path, recwarn):
+    (tmp_path / "a_file").write_text("")
+    cache = TuningCache(tmp_path / "a_file" / "cache", device="cpu", versions=VERSIONS)
+    _assert_falls_back_to_memory(cache, recwarn)
+    assert cache.entries() == {"a": 1, "b": 2}
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0, reason="root ignores permissions")
+def test_cache_read_only_dir_keeps_existing_entries(tmp_path, recwarn):
+    TuningCache(tmp_path, device="cpu", versions=VERSIONS).put("old", 0)
+    tmp_path.chmod(0o500)
+    try:
+        cache = TuningCache(tmp_path, device="cpu", versions=VERSIONS)
+        _assert_falls_back_to_memory(cache, recwarn)
+        assert cache.entries() == {"old": 0, "a": 1, "b": 2}
+    finally:
+        tmp_path.chmod(0o700)
+
+
+def _concurrent_writer(cache_dir: str, rank: int, barrier) -> None:
+    cache = TuningCache(cache_dir, device="cpu", versions=VERSIONS)
+    barrier.wait()  # start together so the read-merge-writes overlap
+    for i in range(10):
+        cache.put(f"rank{rank}-{i}", rank)
+        cache.put("shared", rank)
+
+
+def test_cache_concurrent_writers_lose_nothing(tmp_path):
+    ctx = multiprocessing.get_context("spawn")
+    barrier = ctx.Barrier(8)
+    procs = [ctx.Process(target=_concurrent_writer, args=(str(tmp_path), r, barrier)) for r in range(8)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=60)
+    assert [p.exitcode for p in procs] == [0] * 8
+
+    cache = TuningCache(tmp_path, device="cpu", versions=VERSIONS)
+    entries = json.loads(cache.path.read_text())["entries"]  # valid JSON
+    assert set(entries) == {f"rank{r}-{i}" for r in range(8) for i in range(10)} | {"shared"}
+    assert all(entries[f"rank{r}-{i}"]["value"] == r for r in range(8) for i in range(10))
+    assert cache.get("shared") in range(8)

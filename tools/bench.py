@@ -1,0 +1,287 @@
+"""Side-by-side KD loss benchmark: kdfuse vs the matmul floor and the losses people use today.
+
+Every contender runs forward + backward (gradients for the student hidden states and lm_head
+weight) on the same inputs in one process; we report the median time after warm-up, the peak
+device memory above the inputs (``torch.cuda.max_memory_allocated``), the ratio to the floor,
+and the gradient error against a reference.
+
+    python tools/bench.py                                   # every shape and config
+    python tools/bench.py --shapes 8b-1b:8192 --configs fkl_ce --json out.json --png out.png
+
+Contenders:
+  floor          the four bf16 GEMMs alone: student logits, teacher logits, grad_hidden, grad_weight
+  eager          full logits, fp32 loss math, plain autograd (also the error reference, see below)
+  compile        the same function under torch.compile
+  liger-c<k>     Liger-Kernel's chunked LigerFusedLinearJSDLoss with chunk_size k (if installed)
+  liger-triton   Liger-Kernel's Triton LigerFusedLinearJSD (soft loss only: no CE term)
+  kdfuse-auto    kdfuse.fused_linear_distill(chunk_size="auto"); kdfuse-c<k>: fixed chunk sizes
+
+Gradient error: ‖g − g_ref‖ / ‖g_ref‖, the worse of grad_hidden and grad_weight, where g_ref is
+the full-logits computation a bf16 model does (bf16 logits, fp32 loss math, bf16 logit gradient)
+with every GEMM accumulating in fp32 (cuBLAS reduced-precision reductions off), rounded to the
+parameters' dtype once at the end. That is the most accurate a bf16 training step gets; a
+contender that differs only in fp32 summation order lands near 1e-5.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import kdfuse  # noqa: E402
+from autotune import measure  # noqa: E402
+from kdfuse import divergences as D  # noqa: E402
+
+GiB = 2**30
+
+
+@dataclass(frozen=True)
+class Shape:
+    name: str
+    student_hidden: int
+    teacher_hidden: int
+    vocab: int
+
+
+SHAPES = {
+    "8b-1b": Shape("llama3.1-8b→3.2-1b", 2048, 4096, 128256),
+    "qwen7b-0.5b": Shape("qwen2.5-7b→0.5b", 896, 3584, 151936),
+    "same-4096": Shape("same-size 4096", 4096, 4096, 128256),
+}
+DEFAULT_CASES = ["8b-1b:4096", "8b-1b:8192", "8b-1b:32768", "qwen7b-0.5b:8192", "same-4096:8192"]
+
+
+@dataclass(frozen=True)
+class Config:
+    name: str
+    divergence: str
+    beta: float  # Liger's JSD beta giving the same soft loss
+    temperature: float = 2.0
+    soft_weight: float = 0.5
+    hard_weight: float = 0.5
+
+
+CONFIGS = {
+    "fkl_ce": Config("forward KL + CE", "forward_kl", 0.0),
+    "jsd": Config("JSD β=0.5 + CE", "jsd_beta0.5", 0.5),
+}
+
+
+@dataclass
+class Row:
+    case: str
+    config: str
+    contender: str
+    ms: float = math.nan
+    peak_gib: float = math.nan
+    ratio: float = math.nan
+    grad_err: float = math.nan
+    loss_err: float = math.nan
+    first_call_s: float = math.nan
+    note: str = ""
+    extra: dict = field(default_factory=dict)
+
+
+Step = Callable[[], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+
+
+def make_inputs(shape: Shape, n: int, seed: int = 0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    dt, dev = torch.bfloat16, "cuda"
+
+    def randn(*size, scale=1.0):
+        return (torch.randn(*size, generator=g, device=dev, dtype=torch.float32) * scale).to(dt)
+
+    h = randn(n, shape.student_hidden).requires_grad_()
+    ws = randn(shape.vocab, shape.student_hidden, scale=shape.student_hidden**-0.5).requires_grad_()
+    th = randn(n, shape.teacher_hidden)
+    wt = randn(shape.vocab, shape.teacher_hidden, scale=shape.teacher_hidden**-0.5)
+    y = torch.randint(0, shape.vocab, (n,), generator=g, device=dev)
+    y[torch.rand(n, generator=g, device=dev) < 0.1] = -100  # some ignored rows, as in real batches
+    return h, ws, th, wt, y
+
+
+def full_logits_loss(cfg: Config) -> Callable:
+    div = D.get(cfg.divergence)
+
+    def loss_fn(h, ws, th, wt, y):
+        s = (h @ ws.t()).float()
+        with torch.no_grad():
+            t = (th @ wt.t()).float()
+        valid = y != -100
+        soft = torch.where(valid, div(s / cfg.temperature, t / cfg.temperature), 0).sum()
+        hard = F.cross_entropy(s, y, ignore_index=-100, reduction="sum")
+        return (cfg.soft_weight * soft + cfg.hard_weight * hard) / valid.sum().clamp_min(1)
+
+    return loss_fn
+
+
+def grads_of(loss_fn: Callable, h, ws, th, wt, y) -> Step:
+    def step():
+        loss = loss_fn(h, ws, th, wt, y)
+        gh, gw = torch.autograd.grad(loss, (h, ws))
+        return loss, gh, gw
+
+    return step
+
+
+def contenders(cfg: Config, chunks: list[int], liger_chunks: list[int], inputs) -> dict[str, Step]:
+    h, ws, th, wt, y = inputs
+    out: dict[str, Step] = {}
+
+    def floor():
+        s = h @ ws.t()
+        t = th @ wt.t()
+        return t, s @ ws, s.t() @ h  # s stands in for the logit gradient
+
+    out["floor"] = floor
+    out["eager"] = grads_of(full_logits_loss(cfg), *inputs)
+    out["compile"] = grads_of(torch.compile(full_logits_loss(cfg)), *inputs)
+    try:
+        from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss
+        from liger_kernel.transformers import LigerFusedLinearJSD
+    except ImportError:
+        pass
+    else:
+        for c in liger_chunks:
+            mod = LigerFusedLinearJSDLoss(
+                weight_hard_loss=cfg.hard_weight, weight_soft_loss=cfg.soft_weight, beta=cfg.beta,
+                temperature=cfg.temperature, chunk_size=c,
+            )  # fmt: skip
+            out[f"liger-c{c}"] = grads_of(lambda h, ws, th, wt, y, mod=mod: mod(h, ws, th, wt, y), *inputs)
+        triton_jsd = LigerFusedLinearJSD(jsd_beta=cfg.beta, temperature=cfg.temperature)
+        out["liger-triton"] = grads_of(lambda h, ws, th, wt, y: triton_jsd(h, ws, th, wt, y), *inputs)
+    for c in ["auto", *chunks]:
+        kw = dict(
+            labels=y, divergence=cfg.divergence, temperature=cfg.temperature,
+            soft_weight=cfg.soft_weight, hard_weight=cfg.hard_weight, chunk_size=c,
+        )  # fmt: skip
+        name = "kdfuse-auto" if c == "auto" else f"kdfuse-c{c}"
+        out[name] = grads_of(lambda h, ws, th, wt, y, kw=kw: kdfuse.fused_linear_distill(h, ws, th, wt, **kw), *inputs)
+    return out
+
+
+def reference(cfg: Config, inputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    flag = torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction
+    torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = False
+    try:
+        loss, gh, gw = grads_of(full_logits_loss(cfg), *inputs)()
+    finally:
+        torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = flag
+    return loss.detach().double(), gh.double(), gw.double()
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def run_case(case: str, cfg_key: str, args) -> list[Row]:
+    shape_key, n = case.split(":")
+    shape, n = SHAPES[shape_key], int(n)
+    cfg = CONFIGS[cfg_key]
+    inputs = make_inputs(shape, n)
+    ref = reference(cfg, inputs)
+    rows: list[Row] = []
+    steps = contenders(cfg, args.chunks, args.liger_chunks, inputs)
+    for name, step in steps.items():
+        if args.contenders and not any(name.startswith(c) for c in args.contenders):
+            continue
+        row = Row(case, cfg_key, name)
+        try:
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            out = step()
+            torch.cuda.synchronize()
+            row.first_call_s = time.perf_counter() - t0
+            if name != "floor":
+                loss, gh, gw = out
+                row.grad_err = max(rel(gh, ref[1]), rel(gw, ref[2]))
+                row.loss_err = abs(float(loss) - float(ref[0])) / abs(float(ref[0]))
+            del out
+            row.ms, peak = measure(step, warmup=args.warmup, repeat=args.repeat)
+            row.peak_gib = peak / GiB
+        except torch.OutOfMemoryError:
+            row.note = "OOM"
+        except Exception as exc:  # a peer crashing is a result, not the end of the run
+            row.note = f"{type(exc).__name__}: {str(exc).splitlines()[0][:80]}"
+        torch.cuda.empty_cache()
+        if name == "liger-triton":
+            row.note = (row.note + " soft loss only (no CE)").strip()
+        rows.append(row)
+        print(json.dumps(asdict(row)), flush=True)
+    floor = next((r.ms for r in rows if r.contender == "floor"), math.nan)
+    for r in rows:
+        r.ratio = r.ms / floor
+    return rows
+
+
+def print_table(rows: list[Row]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"KD loss fwd+bwd on {torch.cuda.get_device_name()} (bf16)")
+    for col in ("case", "config", "contender", "× floor", "ms", "peak GiB", "grad err", "loss err", "1st call s", "note"):
+        table.add_column(col, justify="left" if col in ("case", "config", "contender", "note") else "right")
+    for r in rows:
+        table.add_row(
+            r.case, r.config, r.contender, f"{r.ratio:.3f}", f"{r.ms:.2f}", f"{r.peak_gib:.2f}",
+            f"{r.grad_err:.1e}", f"{r.loss_err:.1e}", f"{r.first_call_s:.1f}", r.note,
+        )  # fmt: skip
+    Console(width=200).print(table)
+
+
+def plot(rows: list[Row], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = sorted({(r.case, r.config) for r in rows})
+    fig, axes = plt.subplots(len(groups), 1, figsize=(10, 2.8 * len(groups)), squeeze=False)
+    for ax, (case, cfg) in zip(axes[:, 0], groups):
+        sel = [r for r in rows if (r.case, r.config) == (case, cfg) and r.contender != "floor" and math.isfinite(r.ratio)]
+        ax.barh([r.contender for r in sel], [r.ratio for r in sel], color=["tab:green" if r.contender.startswith("kdfuse") else "tab:gray" for r in sel])
+        ax.axvline(1.0, color="k", lw=0.8)
+        ax.set_title(f"{case} {cfg}: time / floor", fontsize=9)
+        ax.tick_params(labelsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cases", nargs="+", default=DEFAULT_CASES, help="SHAPE:N, shapes: " + ", ".join(SHAPES))
+    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    parser.add_argument("--contenders", nargs="*", default=None, help="name prefixes to run (default: all)")
+    parser.add_argument("--chunks", type=int, nargs="*", default=[1024, 2048, 4096])
+    parser.add_argument("--liger-chunks", type=int, nargs="*", default=[1024, 4096])
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--repeat", type=int, default=10)
+    parser.add_argument("--json", help="write all rows here")
+    parser.add_argument("--png", help="draw time/floor per case here")
+    args = parser.parse_args(argv)
+    print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}", flush=True)
+    rows: list[Row] = []
+    for case in args.cases:
+        for cfg in args.configs:
+            rows += run_case(case, cfg, args)
+    if args.json:
+        Path(args.json).write_text(json.dumps([asdict(r) for r in rows], indent=1))
+    if args.png:
+        plot(rows, args.png)
+    print_table(rows)
+
+
+if __name__ == "__main__":
+    main()
