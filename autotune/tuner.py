@@ -11,6 +11,8 @@ import torch
 
 __all__ = ["Measurement", "TuneResult", "tune"]
 
+_SKIPPED = "skipped: "
+
 
 @dataclass(frozen=True)
 class Measurement:
@@ -24,6 +26,11 @@ class Measurement:
     ms: float
     peak_bytes: int
     error: str | None = None
+
+    @property
+    def skipped(self) -> bool:
+        """Whether the candidate never ran because the time budget ran out."""
+        return self.error is not None and self.error.startswith(_SKIPPED)
 
 
 @dataclass(frozen=True)
@@ -61,7 +68,7 @@ def tune(
     measurements = []
     for candidate in candidates:
         if time_budget_s is not None and time.monotonic() - start >= time_budget_s:
-            m = Measurement(candidate, math.inf, 0, f"skipped: time budget of {time_budget_s}s exhausted")
+            m = Measurement(candidate, math.inf, 0, f"{_SKIPPED}time budget of {time_budget_s}s exhausted")
         else:
             m = _evaluate(candidate, bench, memory_budget, estimate_bytes)
         measurements.append(m)

@@ -134,6 +134,7 @@ def test_tune_time_budget_skips_the_rest(monkeypatch):
     result = tune(range(5), bench, time_budget_s=2.5, on_result=seen.append)
     assert [m.ms for m in result.measurements] == [10.0, 9.0, 8.0, math.inf, math.inf]
     assert result.measurements[3].error == "skipped: time budget of 2.5s exhausted"
+    assert [m.skipped for m in result.measurements] == [False, False, False, True, True]
     assert result.best == 2
     assert len(seen) == 5
 
@@ -308,7 +309,10 @@ def _concurrent_writer(cache_dir: str, rank: int, barrier) -> None:
 
 
 def test_cache_concurrent_writers_lose_nothing(tmp_path):
-    ctx = multiprocessing.get_context("spawn")
+    # fork where there is one: the writers only do file I/O, and a spawned child would spend
+    # seconds importing torch (8 of them, on a small CI box, dominate the whole test file).
+    methods = multiprocessing.get_all_start_methods()
+    ctx = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
     barrier = ctx.Barrier(8)
     procs = [ctx.Process(target=_concurrent_writer, args=(str(tmp_path), r, barrier)) for r in range(8)]
     for p in procs:

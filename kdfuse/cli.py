@@ -1,0 +1,443 @@
+"""The ``kdfuse`` command: tune chunk sizes ahead of time and manage the tuning cache.
+
+    kdfuse tune                                   # the tiny preset: seconds, on any machine
+    kdfuse tune --preset llama3-8b-1b --tokens 8192,32768
+    kdfuse tune --vocab 32000 --student-hidden 2048 --teacher-hidden 4096 --tokens 8192
+    kdfuse tune --preset qwen2.5-7b-0.5b --memory-budget 0.5 --json
+    kdfuse tune --plot sweep.png                  # needs matplotlib: pip install 'kdfuse[plot]'
+    kdfuse cache show | clear | path
+
+``kdfuse tune`` measures every candidate chunk size for each token count's bucket (a full sweep,
+unlike the time-bounded tuning ``chunk_size="auto"`` does in-process), writes each winner to the
+cache ``chunk_size="auto"`` reads (``KDFUSE_CACHE_DIR``), and prints a table per shape: median
+time of forward + backward, its ratio to the GEMM floor, and the peak extra device memory. Shapes
+whose full sweep is already cached for this device and these software versions are reported
+without measuring, unless ``--force`` (or ``KDFUSE_FORCE_RETUNE=1``) is given.
+
+On a CPU the timing uses ``impl="eager"`` by default, because torch.compile's first CPU graph
+takes 10-20 s, longer than the whole ``tiny`` sweep; ``--impl compile`` times the compiled path.
+Peak memory is only measured on CUDA.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from autotune import TuningCache, resolve_device
+
+from . import divergences as D
+from .env import parse_memory_budget, settings
+from .tuning import (
+    Sweep,
+    TuningKey,
+    cached_sweep,
+    candidate_chunk_sizes,
+    describe,
+    format_bytes,
+    make_key,
+    open_cache,
+    resolve_memory_budget,
+    run_sweep,
+)
+
+__all__ = ["PRESETS", "Preset", "ShapeResult", "build_parser", "main"]
+
+_DTYPES = ("bfloat16", "float16", "float32", "float64")
+_CPU_NOTE = "timed with impl='eager' on CPU (torch.compile's first CPU graph takes 10-20 s); --impl compile to time it"
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A student/teacher pair's lm_head shapes and the token counts to tune for."""
+
+    student_hidden: int
+    teacher_hidden: int
+    vocab: int
+    tokens: tuple[int, ...]
+
+    def __str__(self) -> str:
+        tokens = ",".join(map(str, self.tokens))
+        return f"Hs={self.student_hidden} Ht={self.teacher_hidden} V={self.vocab} tokens {tokens}"
+
+
+PRESETS = {
+    "tiny": Preset(student_hidden=64, teacher_hidden=96, vocab=1000, tokens=(256, 1024)),
+    "llama3-8b-1b": Preset(student_hidden=2048, teacher_hidden=4096, vocab=128256, tokens=(4096, 8192, 16384)),
+    "qwen2.5-7b-0.5b": Preset(student_hidden=896, teacher_hidden=3584, vocab=151936, tokens=(4096, 8192, 16384)),
+}
+
+
+@dataclass(frozen=True)
+class ShapeResult:
+    """One shape's sweep, the requested token counts that fall in its bucket, and whether it
+    came from the cache."""
+
+    tokens: tuple[int, ...]
+    sweep: Sweep
+    cached: bool
+
+
+# --------------------------------------------------------------------------------------------
+# Arguments.
+# --------------------------------------------------------------------------------------------
+
+
+def _argument(parse: Callable[[str], object]) -> Callable[[str], object]:
+    """An argparse ``type`` whose ValueError message is shown as is."""
+
+    def convert(text: str) -> object:
+        try:
+            return parse(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    convert.__name__ = parse.__name__
+    return convert
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise ValueError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _positive_list(text: str) -> tuple[int, ...]:
+    """``"4096,8192"`` -> ``(4096, 8192)``, duplicates dropped."""
+    return tuple(dict.fromkeys(_positive(part) for part in text.split(",") if part.strip()))
+
+
+def _divergence(name: str) -> str:
+    D.get(name)  # raises ValueError naming the built-ins
+    return name
+
+
+def _device(text: str) -> torch.device:
+    device = resolve_device(text)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError("CUDA is not available on this machine")
+        if device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``kdfuse`` argument parser."""
+    parser = argparse.ArgumentParser(prog="kdfuse", description="kdfuse: fused knowledge-distillation losses.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    tune = commands.add_parser(
+        "tune",
+        help="measure chunk sizes and cache the fastest",
+        description="Sweep the candidate chunk sizes for each shape and cache the fastest for chunk_size='auto'. "
+        "Explicit shape options override the preset's.",
+        epilog="presets: " + "; ".join(f"{name}: {preset}" for name, preset in PRESETS.items()),
+    )
+    tune.add_argument(
+        "--preset", default="tiny", choices=list(PRESETS), help="model pair and token counts (default: tiny)"
+    )
+    tune.add_argument("--tokens", type=_argument(_positive_list), metavar="N[,N...]", help="rows (batch*seq) per call")
+    tune.add_argument("--student-hidden", type=_argument(_positive), metavar="HS", help="student hidden size")
+    teacher = tune.add_mutually_exclusive_group()
+    teacher.add_argument("--teacher-hidden", type=_argument(_positive), metavar="HT", help="teacher hidden size")
+    teacher.add_argument("--teacher-logits", action="store_true", help="the teacher is given as dense logits")
+    tune.add_argument("--vocab", type=_argument(_positive), metavar="V", help="student vocabulary size")
+    tune.add_argument("--dtype", choices=_DTYPES, help="default: bfloat16 on CUDA, float32 on CPU")
+    tune.add_argument(
+        "--divergence", type=_argument(_divergence), default="forward_kl", metavar="NAME",
+        help=f"a built-in, e.g. jsd_beta0.3 (default: forward_kl; one of {', '.join(D.names())})",
+    )  # fmt: skip
+    tune.add_argument("--no-ce", dest="with_ce", action="store_false", help="no hard cross-entropy term")
+    tune.add_argument(
+        "--chunks", type=_argument(_positive_list), metavar="C[,C...]",
+        help="candidate chunk sizes (default: powers of two from 256, or 64 for V < 32768, to min(8192, N bucket))",
+    )  # fmt: skip
+    tune.add_argument(
+        "--memory-budget", type=_argument(parse_memory_budget), metavar="BUDGET",
+        help="bytes (16GiB, 8e9) or a fraction of free device memory (0.5); default: KDFUSE_MEMORY_BUDGET",
+    )  # fmt: skip
+    tune.add_argument("--device", type=_argument(_device), help="default: the current CUDA device, else cpu")
+    tune.add_argument("--impl", choices=("compile", "eager"), help="default: compile on CUDA, eager on CPU")
+    tune.add_argument("--warmup", type=_argument(_positive), default=3, help="untimed calls per candidate (3)")
+    tune.add_argument("--repeat", type=_argument(_positive), default=10, help="timed calls per candidate (10)")
+    tune.add_argument("--force", action="store_true", help="measure even when the cache has the result")
+    tune.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    tune.add_argument("--plot", metavar="FILE.png", help="draw time and memory vs chunk size (needs matplotlib)")
+
+    cache = commands.add_parser("cache", help="show, clear or locate this device's tuning cache")
+    cache.add_argument("action", choices=("show", "clear", "path"))
+    cache.add_argument("--device", type=_argument(_device), help="default: the current CUDA device, else cpu")
+    return parser
+
+
+# --------------------------------------------------------------------------------------------
+# kdfuse tune
+# --------------------------------------------------------------------------------------------
+
+
+def _shape_keys(
+    args: argparse.Namespace, device: torch.device, budget: int | None
+) -> list[tuple[tuple[int, ...], TuningKey]]:
+    """(requested token counts, key) per distinct N bucket, in the order first requested."""
+    preset = PRESETS[args.preset]
+    dtype = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
+    by_key: dict[TuningKey, tuple[int, ...]] = {}
+    for tokens in args.tokens or preset.tokens:
+        key = make_key(
+            rows=tokens, vocab=args.vocab or preset.vocab, student_hidden=args.student_hidden or preset.student_hidden,
+            teacher_hidden=None if args.teacher_logits else args.teacher_hidden or preset.teacher_hidden,
+            dtype=getattr(torch, dtype), divergence=args.divergence, with_ce=args.with_ce, with_grad=True,
+            memory_budget=budget,
+        )  # fmt: skip
+        by_key[key] = (*by_key.get(key, ()), tokens)
+    return [(tokens, key) for key, tokens in by_key.items()]
+
+
+def _cache_hit(cache: TuningCache, key: TuningKey, candidates: tuple[int, ...]) -> Sweep | None:
+    """A stored full sweep of exactly these candidates (an in-process, time-bounded one is not)."""
+    hit = cached_sweep(cache, key)
+    if hit is None or not hit.complete or {m.candidate for m in hit.measurements} != set(candidates):
+        return None
+    return hit
+
+
+def _tune(
+    shapes: list[tuple[tuple[int, ...], TuningKey]],
+    args: argparse.Namespace,
+    device: torch.device,
+    cache: TuningCache,
+    *,
+    impl: str,
+    force: bool,
+) -> list[ShapeResult]:
+    """Cached sweeps as they are; every other shape measured, with a progress bar on stderr."""
+    candidates = {key: args.chunks or candidate_chunk_sizes(key) for _, key in shapes}
+    hits = {key: hit for key in candidates if not force and (hit := _cache_hit(cache, key, candidates[key]))}
+    steps = sum(len(c) + 1 for key, c in candidates.items() if key not in hits)  # + 1: the GEMM floor
+    progress = Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        console=Console(stderr=True), transient=True,
+    )  # fmt: skip
+    results = []
+    with progress:
+        task = progress.add_task("measuring", total=steps)
+        for tokens, key in shapes:
+            if key in hits:
+                results.append(ShapeResult(tokens, hits[key], cached=True))
+                continue
+            progress.update(task, description=describe(key))
+            sweep = run_sweep(
+                key, device, candidates[key], impl=impl, warmup=args.warmup, repeat=args.repeat,
+                on_step=lambda: progress.advance(task),
+            )  # fmt: skip
+            if sweep.best is not None:
+                cache.put(key.as_dict(), sweep.to_entry())
+            results.append(ShapeResult(tokens, sweep, cached=False))
+    return results
+
+
+def _ratio(ms: float, floor_ms: float | None) -> float | None:
+    return ms / floor_ms if floor_ms and math.isfinite(ms) else None
+
+
+def _summary(result: ShapeResult) -> str:
+    sweep = result.sweep
+    if sweep.best is None:
+        return f"{describe(sweep.key)}: no candidate succeeded; chunk_size='auto' keeps the heuristic"
+    best = next(m for m in sweep.measurements if m.candidate == sweep.best)
+    ratio = _ratio(best.ms, sweep.floor_ms)
+    detail = f"{best.ms:.3f} ms" + ("" if ratio is None else f", {ratio:.2f}x floor")
+    return f"{describe(sweep.key)}: chunk_size={sweep.best} ({detail}{', cached' if result.cached else ''})"
+
+
+def _table(result: ShapeResult, device: torch.device) -> Table:
+    sweep = result.sweep
+    floor = "not measured" if sweep.floor_ms is None else f"{sweep.floor_ms:.3f} ms"
+    caption = f"tokens {','.join(map(str, result.tokens))}; GEMM floor {floor}; ★ winner"
+    caption += "; from the cache (--force measures again)" if result.cached else ""
+    table = Table(title=describe(sweep.key), caption=caption)
+    for name in ("", "chunk", "median ms", "× floor", "peak extra", "note"):
+        table.add_column(name, justify="left" if name in ("", "note") else "right")
+    for m in sweep.measurements:
+        ratio = _ratio(m.ms, sweep.floor_ms)
+        peak = format_bytes(m.peak_bytes) if device.type == "cuda" and math.isfinite(m.ms) else "-"
+        won = m.candidate == sweep.best
+        table.add_row(
+            "★" if won else "", str(m.candidate), f"{m.ms:.3f}" if math.isfinite(m.ms) else "-",
+            "-" if ratio is None else f"{ratio:.2f}", peak, m.error or "", style="bold green" if won else None,
+        )  # fmt: skip
+    return table
+
+
+def _finite(x: float) -> float | None:
+    return x if math.isfinite(x) else None
+
+
+def _json(results: list[ShapeResult], cache: TuningCache, impl: str, device: torch.device) -> str:
+    doc = {
+        "device": cache.identity,
+        "cache_path": str(cache.path),
+        "impl": impl,
+        "peak_memory_measured": device.type == "cuda",
+        "shapes": [
+            {
+                "tokens": list(r.tokens),
+                "key": r.sweep.key.as_dict(),
+                "cached": r.cached,
+                "complete": r.sweep.complete,
+                "chunk_size": r.sweep.best,
+                "floor_ms": r.sweep.floor_ms,
+                "measurements": [
+                    {
+                        "chunk_size": m.candidate,
+                        "ms": _finite(m.ms),
+                        "x_floor": _ratio(m.ms, r.sweep.floor_ms),
+                        "peak_bytes": m.peak_bytes,
+                        "error": m.error,
+                    }
+                    for m in r.sweep.measurements
+                ],
+            }
+            for r in results
+        ],
+    }
+    return json.dumps(doc, indent=1, allow_nan=False)
+
+
+def _plot(results: list[ShapeResult], path: str, device: torch.device) -> None:
+    """Median time and peak extra memory vs chunk size, one line per shape, winners starred."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_time, ax_mem) = plt.subplots(1, 2, figsize=(11, 4))
+    for r in results:
+        done = [m for m in r.sweep.measurements if math.isfinite(m.ms)]
+        chunks = [m.candidate for m in done]
+        label = f"N≤{r.sweep.key.rows_bucket}"
+        (line,) = ax_time.plot(chunks, [m.ms for m in done], marker="o", label=label)
+        ax_mem.plot(chunks, [m.peak_bytes / 2**20 for m in done], marker="o", label=label, color=line.get_color())
+        best = [m for m in done if m.candidate == r.sweep.best]
+        ax_time.plot(
+            [m.candidate for m in best], [m.ms for m in best], marker="*", markersize=16, color=line.get_color()
+        )
+    key = results[0].sweep.key
+    fig.suptitle(f"V={key.vocab} Hs={key.student_hidden} Ht={key.teacher_hidden} {key.dtype} {key.divergence}")
+    ax_time.set(xlabel="chunk size", ylabel="median ms (fwd+bwd)", title="time (★ winner)")
+    mem_title = "peak extra memory" if device.type == "cuda" else "peak extra memory (not measured on CPU)"
+    ax_mem.set(xlabel="chunk size", ylabel="MiB", title=mem_title)
+    for ax in (ax_time, ax_mem):
+        ax.set_xscale("log", base=2)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _run_tune(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            parser.error("--plot needs matplotlib: pip install 'kdfuse[plot]'")
+    cfg = settings()
+    device = args.device or _device("cuda" if torch.cuda.is_available() else "cpu")
+    impl = args.impl or ("compile" if device.type == "cuda" else "eager")
+    budget = resolve_memory_budget(cfg.memory_budget if args.memory_budget is None else args.memory_budget, device)
+    cache = open_cache(cfg.cache_dir, device)
+    shapes = _shape_keys(args, device, budget)
+    results = _tune(shapes, args, device, cache, impl=impl, force=args.force or cfg.force_retune)
+    if args.plot:
+        _plot(results, args.plot, device)
+    if args.json:
+        print(_json(results, cache, impl, device))
+        return 0
+    console = Console()
+    for result in results:
+        console.print(_table(result, device))
+    lines = [_summary(result) for result in results] + [f"cache: {cache.path}"]
+    lines += [f"note: {_CPU_NOTE}"] if device.type == "cpu" and impl == "eager" else []
+    lines += [f"plot: {args.plot}"] if args.plot else []
+    for line in lines:
+        console.print(line, highlight=False, soft_wrap=True)
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# kdfuse cache
+# --------------------------------------------------------------------------------------------
+
+
+def _stored_sweeps(cache: TuningCache) -> tuple[list[Sweep], int]:
+    """The readable entries as sweeps, and how many could not be read."""
+    sweeps, unreadable = [], 0
+    for name, value in cache.entries().items():
+        try:
+            key = TuningKey(**json.loads(name))
+        except (TypeError, ValueError):
+            key = None
+        sweep = None if key is None else Sweep.from_entry(key, value)
+        if sweep is None:
+            unreadable += 1
+        else:
+            sweeps.append(sweep)
+    return sweeps, unreadable
+
+
+def _cache_table(cache: TuningCache, sweeps: list[Sweep]) -> Table:
+    table = Table(title=f"{cache.identity}: {len(sweeps)} entries", caption=str(cache.path))
+    for name in ("shape", "chunk", "ms", "× floor", "sweep"):
+        table.add_column(name, justify="left" if name in ("shape", "sweep") else "right")
+
+    def order(s: Sweep) -> tuple[str, int]:  # shapes together, then by N
+        return json.dumps({**s.key.as_dict(), "rows_bucket": None}, sort_keys=True), s.key.rows_bucket
+
+    for s in sorted(sweeps, key=order):
+        best = next((m for m in s.measurements if m.candidate == s.best), None)
+        ms = "-" if best is None or not math.isfinite(best.ms) else f"{best.ms:.3f}"
+        ratio = None if best is None else _ratio(best.ms, s.floor_ms)
+        sweep = "full" if s.complete else "partial"
+        table.add_row(describe(s.key), str(s.best), ms, "-" if ratio is None else f"{ratio:.2f}", sweep)
+    return table
+
+
+def _run_cache(args: argparse.Namespace) -> int:
+    device = args.device or _device("cuda" if torch.cuda.is_available() else "cpu")
+    cache = open_cache(settings().cache_dir, device)
+    if args.action == "path":
+        print(cache.path)
+    elif args.action == "clear":
+        existed = cache.path.exists()
+        cache.path.unlink(missing_ok=True)
+        print(f"removed {cache.path}" if existed else f"no cache file at {cache.path}")
+    else:
+        sweeps, unreadable = _stored_sweeps(cache)
+        if sweeps:
+            Console().print(_cache_table(cache, sweeps))
+        else:
+            print(f"no entries for {cache.identity} in {cache.path}")
+        if unreadable:
+            print(f"{unreadable} entries could not be read")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``kdfuse`` with ``argv`` (default: ``sys.argv[1:]``); returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    return _run_tune(args, parser) if args.command == "tune" else _run_cache(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

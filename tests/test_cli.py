@@ -1,0 +1,204 @@
+"""Tests for the ``kdfuse`` command (CPU). Measuring is stubbed except in one real run of ``tiny``."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+import torch
+
+from autotune import Measurement
+from kdfuse import cli, env, tuning
+from kdfuse.tuning import Sweep
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch, tmp_path):
+    for name in ("AUTOTUNE", "PRINT_AUTOTUNING", "FORCE_RETUNE", "MEMORY_BUDGET"):
+        monkeypatch.delenv(env.PREFIX + name, raising=False)
+    monkeypatch.setenv("KDFUSE_CACHE_DIR", str(tmp_path / "cache"))
+    tuning.clear_memo()
+    yield
+    tuning.clear_memo()
+
+
+class FakeBench:
+    """Canned timings: ``ms(chunk)`` per chunk size, floor 1 ms; the calls are recorded."""
+
+    def __init__(self, monkeypatch, best: int = 256):
+        self.best = best
+        self.chunks: list[int] = []
+        self.impls: set[str] = set()
+        monkeypatch.setattr(tuning, "bench_chunk_size", self.bench)
+        monkeypatch.setattr(tuning, "bench_floor", lambda problem, *, warmup, repeat: (1.0, 0))
+
+    def bench(self, problem, chunk_size, *, impl, warmup, repeat):
+        self.chunks.append(chunk_size)
+        self.impls.add(impl)
+        return 2.0 + abs(chunk_size - self.best) / 1000, 0
+
+
+def run(capsys, *argv: str) -> str:
+    assert cli.main(list(argv)) == 0
+    return capsys.readouterr().out
+
+
+def cache_file():
+    return tuning.open_cache(env.settings().cache_dir, CPU).path
+
+
+def test_tune_defaults_to_tiny_names_the_winner_and_writes_the_cache(monkeypatch, capsys):
+    bench = FakeBench(monkeypatch, best=128)
+    out = run(capsys, "tune")
+    assert bench.chunks == [64, 128, 256] + [64, 128, 256, 512, 1024]  # buckets 256 and 1024
+    assert bench.impls == {"eager"}  # CPU default
+    assert "N<=256 V=1000 Hs=64 Ht=96 float32 forward_kl+ce: chunk_size=128 (2.000 ms, 2.00x floor)" in out
+    assert "N<=1024 V=1000 Hs=64 Ht=96 float32 forward_kl+ce: chunk_size=128" in out
+    assert "★" in out and "impl='eager'" in out and str(cache_file()) in out
+    # chunk_size="auto" on this device now reads the CLI's winner.
+    auto = tuning.resolve_chunk_size(
+        "auto", rows=700, vocab=1000, student_hidden=64, teacher_hidden=96, dtype=torch.float32, device=CPU,
+        divergence="forward_kl", with_ce=True, with_grad=True,
+    )  # fmt: skip
+    assert auto == 128
+
+
+def test_second_run_hits_the_cache_unless_forced(monkeypatch, capsys):
+    bench = FakeBench(monkeypatch)
+    run(capsys, "tune")
+    measured = len(bench.chunks)
+    out = run(capsys, "tune")
+    assert len(bench.chunks) == measured
+    assert out.count("chunk_size=256") == 2 and out.count("cached)") == 2
+    run(capsys, "tune", "--force")
+    assert len(bench.chunks) == 2 * measured
+    monkeypatch.setenv("KDFUSE_FORCE_RETUNE", "1")
+    run(capsys, "tune")
+    assert len(bench.chunks) == 3 * measured
+
+
+def test_different_candidates_or_a_partial_entry_are_measured_again(monkeypatch, capsys):
+    bench = FakeBench(monkeypatch)
+    run(capsys, "tune", "--tokens", "256")
+    run(capsys, "tune", "--tokens", "256", "--chunks", "32,64")
+    assert bench.chunks == [64, 128, 256, 32, 64]
+    key = tuning.make_key(rows=256, vocab=1000, student_hidden=64, teacher_hidden=96, dtype=torch.float32,
+                          divergence="forward_kl", with_ce=True, with_grad=True, memory_budget=None)  # fmt: skip
+    partial = Sweep(key, 128, tuple(Measurement(c, 1.0, 0) for c in (64, 128, 256)), None, complete=False)
+    tuning.open_cache(env.settings().cache_dir, CPU).put(key.as_dict(), partial.to_entry())
+    run(capsys, "tune", "--tokens", "256")
+    assert bench.chunks[5:] == [64, 128, 256]
+
+
+def test_json_output_parses(monkeypatch, capsys):
+    FakeBench(monkeypatch, best=512)
+    doc = json.loads(run(capsys, "tune", "--json"))
+    assert doc["impl"] == "eager" and doc["peak_memory_measured"] is False
+    assert doc["cache_path"] == str(cache_file()) and doc["device"].startswith("cpu:")
+    first, second = doc["shapes"]
+    assert first["tokens"] == [256] and first["chunk_size"] == 256 and first["cached"] is False
+    assert second["key"]["rows_bucket"] == 1024 and second["chunk_size"] == 512 and second["floor_ms"] == 1.0
+    assert [m["chunk_size"] for m in second["measurements"]] == [64, 128, 256, 512, 1024]
+    assert second["measurements"][3] == {"chunk_size": 512, "ms": 2.0, "x_floor": 2.0, "peak_bytes": 0, "error": None}
+    again = json.loads(run(capsys, "tune", "--json"))
+    assert [s["cached"] for s in again["shapes"]] == [True, True]
+
+
+def test_explicit_shapes_override_the_preset(monkeypatch, capsys):
+    bench = FakeBench(monkeypatch, best=512)
+    doc = json.loads(run(
+        capsys, "tune", "--preset", "llama3-8b-1b", "--tokens", "300,500", "--vocab", "40000", "--student-hidden", "32",
+        "--teacher-logits", "--dtype", "bfloat16", "--divergence", "jsd", "--no-ce", "--json",
+    ))  # fmt: skip
+    (shape,) = doc["shapes"]  # 300 and 500 share the 512 bucket
+    assert shape["tokens"] == [300, 500]
+    assert shape["key"] == {
+        "rows_bucket": 512, "vocab": 40000, "student_hidden": 32, "teacher_hidden": "logits", "dtype": "bfloat16",
+        "divergence": "jsd_beta0.5", "with_ce": False, "with_grad": True, "memory_budget": None,
+    }  # fmt: skip
+    assert bench.chunks == [256, 512]  # V >= 32768: candidates start at 256
+
+
+def test_presets():
+    llama, qwen = cli.PRESETS["llama3-8b-1b"], cli.PRESETS["qwen2.5-7b-0.5b"]
+    assert (llama.student_hidden, llama.teacher_hidden, llama.vocab) == (2048, 4096, 128256)
+    assert (qwen.student_hidden, qwen.teacher_hidden, qwen.vocab) == (896, 3584, 151936)
+
+
+def test_memory_budget_prunes(monkeypatch, capsys):
+    bench = FakeBench(monkeypatch)
+    budget = tuning.estimate_bytes(128, 1000, 64, torch.float32, True)
+    doc = json.loads(run(capsys, "tune", "--tokens", "1024", "--memory-budget", str(budget), "--json"))
+    (shape,) = doc["shapes"]
+    assert shape["key"]["memory_budget"] == tuning.bucket_memory_budget(budget)
+    assert bench.chunks == [64]  # 128 is over the bucketed budget
+    assert shape["measurements"][1]["error"].startswith("pruned: estimated")
+    json.loads(run(capsys, "tune", "--tokens", "1024", "--memory-budget", "0.5", "--json"))  # no bound on CPU
+    assert bench.chunks[1:] == [64, 128, 256, 512, 1024]
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["tune", "--memory-budget", "lots"], ["tune", "--tokens", "0"], ["tune", "--divergence", "nope"],
+     ["tune", "--preset", "mystery-model"], ["tune", "--teacher-hidden", "8", "--teacher-logits"], ["cache"]],
+)  # fmt: skip
+def test_bad_arguments_exit_2(argv, capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(argv)
+    assert exc.value.code == 2
+    assert "error" in capsys.readouterr().err
+
+
+def test_plot(monkeypatch, capsys, tmp_path):
+    pytest.importorskip("matplotlib")
+    FakeBench(monkeypatch)
+    out = run(capsys, "tune", "--plot", str(tmp_path / "sweep.png"))
+    assert (tmp_path / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert f"plot: {tmp_path / 'sweep.png'}" in out
+
+
+def test_plot_without_matplotlib_is_a_clear_error(monkeypatch, capsys, tmp_path):
+    bench = FakeBench(monkeypatch)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import fails
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["tune", "--plot", str(tmp_path / "x.png")])
+    assert exc.value.code == 2
+    assert "pip install 'kdfuse[plot]'" in capsys.readouterr().err
+    assert bench.chunks == []  # before any measuring
+
+
+def test_cache_path_show_clear(monkeypatch, capsys):
+    assert run(capsys, "cache", "path").strip() == str(cache_file())
+    assert "no entries for cpu:" in run(capsys, "cache", "show")
+    FakeBench(monkeypatch)
+    run(capsys, "tune")
+    shown = run(capsys, "cache", "show")
+    assert "2 entries" in shown and "N<=256 V=1000" in shown and "N<=1024 V=1000" in shown and "full" in shown
+    cache = tuning.open_cache(env.settings().cache_dir, CPU)
+    cache.put("not a key", 1)
+    assert "1 entries could not be read" in run(capsys, "cache", "show")
+    assert run(capsys, "cache", "clear").strip() == f"removed {cache_file()}"
+    assert not cache_file().exists()
+    assert run(capsys, "cache", "clear").strip() == f"no cache file at {cache_file()}"
+
+
+@pytest.fixture
+def one_thread():
+    """Real CPU timing with one intra-op thread: on a busy machine, spinning OpenMP threads make
+    a tiny benchmark many times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_tiny_end_to_end_for_real(capsys, one_thread):
+    """The one unstubbed run: real timing of the tiny preset (few repeats), then a cache hit."""
+    out = run(capsys, "tune", "--warmup", "1", "--repeat", "2")
+    assert out.count("chunk_size=") == 2 and "cached" not in out
+    doc = json.loads(run(capsys, "tune", "--json"))
+    assert all(s["cached"] and s["chunk_size"] in (64, 128, 256, 512, 1024) for s in doc["shapes"])
+    assert all(m["ms"] > 0 for s in doc["shapes"] for m in s["measurements"])

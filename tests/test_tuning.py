@@ -1,0 +1,462 @@
+"""Tests for kdfuse.tuning and kdfuse.env: keys, the memo -> cache -> tune -> heuristic order, the
+environment knobs and memory budgets. CPU only; measuring is stubbed except in the few tests
+that run the real benchmark on tiny shapes."""
+
+from __future__ import annotations
+
+import json
+import math
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+import autotune
+import autotune.tuner
+from autotune import Measurement
+from kdfuse import env, tuning
+from kdfuse.tuning import Sweep, TuningKey
+
+GiB = 2**30
+CPU = torch.device("cpu")
+CUDA = torch.device("cuda", 0)
+# An LLM-sized call: V >= 32768, so candidates run 256 .. min(8192, bucket).
+CALL = {
+    "rows": 5000, "vocab": 128256, "student_hidden": 2048, "teacher_hidden": 4096, "dtype": torch.bfloat16,
+    "divergence": "forward_kl", "with_ce": True, "with_grad": True,
+}  # fmt: skip
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch, tmp_path):
+    """Every test gets its own cache dir, default knobs and an empty memo."""
+    for name in ("AUTOTUNE", "PRINT_AUTOTUNING", "FORCE_RETUNE", "MEMORY_BUDGET"):
+        monkeypatch.delenv(env.PREFIX + name, raising=False)
+    monkeypatch.setenv("KDFUSE_CACHE_DIR", str(tmp_path / "cache"))
+    tuning.clear_memo()
+    yield
+    tuning.clear_memo()
+
+
+def resolve(device: torch.device = CPU, **overrides) -> int:
+    return tuning.resolve_chunk_size("auto", device=device, **{**CALL, **overrides})
+
+
+def key_for(**overrides) -> TuningKey:
+    call = {**CALL, "memory_budget": None, **overrides}
+    return tuning.make_key(**call)
+
+
+class FakeBench:
+    """Replaces the measuring functions: canned ms (and peak bytes) per chunk size, calls recorded."""
+
+    def __init__(self, monkeypatch, times: dict[int, float] | None = None, peaks: dict[int, int] | None = None):
+        self.times, self.peaks = times or {}, peaks or {}
+        self.chunks: list[int] = []
+        self.floors = 0
+        self.problems: list[TuningKey] = []
+        monkeypatch.setattr(tuning, "bench_chunk_size", self.bench)
+        monkeypatch.setattr(tuning, "bench_floor", self.floor)
+
+    def bench(self, problem, chunk_size, *, impl, warmup, repeat):
+        self.chunks.append(chunk_size)
+        result = self.times.get(chunk_size, 10.0 + chunk_size / 1000)
+        if isinstance(result, Exception):
+            raise result
+        return result, self.peaks.get(chunk_size, 0)
+
+    def floor(self, problem, *, warmup, repeat):
+        self.floors += 1
+        return 1.0, 0
+
+
+@pytest.fixture
+def no_problem(monkeypatch):
+    """The benchmark's inputs are not built and its warm-up step does nothing (for stubbed benches
+    at LLM sizes); records the keys built and the chunk sizes warmed up."""
+    built, warmed = [], []
+    monkeypatch.setattr(
+        tuning, "build_problem", lambda key, device: built.append(key) or types.SimpleNamespace(key=key)
+    )
+    monkeypatch.setattr(tuning, "distill_step", lambda problem, chunk, impl: lambda: warmed.append(chunk))
+    return types.SimpleNamespace(built=built, warmed=warmed)
+
+
+@pytest.fixture
+def fake_cuda(monkeypatch, no_problem):
+    """Lets resolve_chunk_size take its real CUDA path on this CPU-only machine: the device
+    queries are stubbed (40 of 80 GiB free), and so is the benchmark problem."""
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Fake GPU")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (40 * GiB, 80 * GiB))
+    return no_problem
+
+
+def stored(device: torch.device = CPU) -> dict:
+    return tuning.open_cache(env.settings().cache_dir, device).entries()
+
+
+# --- env --------------------------------------------------------------------------------------
+
+
+def test_settings_defaults_and_knobs(monkeypatch, tmp_path):
+    cfg = env.settings()
+    assert cfg == env.Settings(True, tmp_path / "cache", False, False, None)
+    monkeypatch.delenv("KDFUSE_CACHE_DIR")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert env.settings().cache_dir == autotune.default_cache_dir("kdfuse") == tmp_path / "xdg" / "kdfuse"
+    monkeypatch.setenv("KDFUSE_AUTOTUNE", "0")
+    monkeypatch.setenv("KDFUSE_PRINT_AUTOTUNING", "yes")
+    monkeypatch.setenv("KDFUSE_FORCE_RETUNE", "On")
+    monkeypatch.setenv("KDFUSE_MEMORY_BUDGET", "0.5")
+    monkeypatch.setenv("KDFUSE_CACHE_DIR", "~/kd")
+    assert env.settings() == env.Settings(False, Path.home() / "kd", True, True, 0.5)
+
+
+@pytest.mark.parametrize(
+    ("name", "value"), [("AUTOTUNE", "maybe"), ("FORCE_RETUNE", "2"), ("MEMORY_BUDGET", "lots"), ("MEMORY_BUDGET", "0")]
+)
+def test_settings_bad_values_name_the_variable(monkeypatch, name, value):
+    monkeypatch.setenv(env.PREFIX + name, value)
+    with pytest.raises(ValueError, match=env.PREFIX + name):
+        env.settings()
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [("0.5", 0.5), ("1", 1.0), ("8000000000", 8 * 10**9), ("8e9", 8 * 10**9), ("16GiB", 16 * GiB),
+     ("512 MB", 512 * 10**6), ("0.5GiB", GiB // 2)],
+)  # fmt: skip
+def test_parse_memory_budget(text, expected):
+    value = env.parse_memory_budget(text)
+    assert value == expected and type(value) is type(expected)
+
+
+@pytest.mark.parametrize("text", ["", "-1", "0", "1.5", "inf", "nan", "12 parsecs", "1b", "GiB"])
+def test_parse_memory_budget_rejects(text):
+    with pytest.raises(ValueError):
+        env.parse_memory_budget(text)
+
+
+# --- keys, candidates, estimate, heuristic ------------------------------------------------------
+
+
+def test_key_contents_and_bucketing():
+    key = key_for()
+    assert key.as_dict() == {
+        "rows_bucket": 8192, "vocab": 128256, "student_hidden": 2048, "teacher_hidden": 4096,
+        "dtype": "bfloat16", "divergence": "forward_kl", "with_ce": True, "with_grad": True, "memory_budget": None,
+    }  # fmt: skip
+    assert [tuning.rows_bucket(n) for n in (1, 2, 3, 4096, 4097, 8192)] == [1, 2, 4, 4096, 8192, 8192]
+    assert key_for(rows=4097) == key_for(rows=8192) == key
+    assert key_for(rows=8193).rows_bucket == 16384
+    assert key_for(teacher_hidden=None).teacher_hidden == "logits"
+    assert key_for(divergence="jsd").divergence == "jsd_beta0.5"  # same key as D.jsd() passes
+    assert key_for(divergence="my_divergence").divergence == "my_divergence"
+    assert key_for(memory_budget=int(3.2 * GiB)).memory_budget == 3 * GiB
+
+
+@pytest.mark.parametrize(
+    ("budget", "bucket"),
+    [(GiB, GiB), (GiB + 1, GiB), (3 * GiB // 2 - 1, GiB), (3 * GiB // 2, 3 * GiB // 2), (2 * GiB - 1, 3 * GiB // 2)],
+)
+def test_bucket_memory_budget(budget, bucket):
+    assert tuning.bucket_memory_budget(budget) == bucket
+
+
+def test_candidates_are_powers_of_two_capped_at_the_bucket():
+    assert tuning.candidate_chunk_sizes(key_for()) == (256, 512, 1024, 2048, 4096, 8192)
+    assert tuning.candidate_chunk_sizes(key_for(rows=60000)) == (256, 512, 1024, 2048, 4096, 8192)
+    assert tuning.candidate_chunk_sizes(key_for(rows=300)) == (256, 512)
+    assert tuning.candidate_chunk_sizes(key_for(rows=100)) == (128,)
+    assert tuning.candidate_chunk_sizes(key_for(rows=1000, vocab=1000)) == (64, 128, 256, 512, 1024)
+
+
+def test_estimate_bytes():
+    # bf16: student + teacher logits + logit gradient (2 B each) + two fp32 copies, per element.
+    assert tuning.estimate_bytes(1024, 1000, 64, torch.bfloat16, True) == 1024 * 1000 * (3 * 2 + 2 * 4) + 1000 * 64 * 4
+    assert tuning.estimate_bytes(1024, 1000, 64, torch.bfloat16, False) == 1024 * 1000 * (2 * 2 + 2 * 4)
+    assert tuning.estimate_bytes(8, 10, 4, torch.float64, True) == 8 * 10 * (3 * 8 + 2 * 8) + 10 * 4 * 8
+
+
+def test_heuristic_is_a_function_of_the_bucket_and_fits_the_budget():
+    assert (
+        tuning.heuristic_chunk_size(5000, 128256, "cuda") == tuning.heuristic_chunk_size(8192, 128256, "cuda") == 2048
+    )
+    assert tuning.heuristic_chunk_size(100, 128256, "cuda") == 128
+    assert tuning.heuristic_choice(key_for(), "cuda") == 2048
+    estimate = lambda c: tuning.estimate_bytes(c, 128256, 2048, torch.bfloat16, True)
+    key = key_for(memory_budget=estimate(512))  # bucketed down, so 512 no longer fits
+    assert tuning.heuristic_choice(key, "cuda") == 256
+    assert tuning.heuristic_choice(key_for(memory_budget=10**6), "cuda") == 16  # nothing fits: the floor
+
+
+# --- resolve_chunk_size: the lookup order ------------------------------------------------------
+
+
+def test_int_chunk_size_passes_through(monkeypatch):
+    monkeypatch.setattr(tuning, "open_cache", lambda *a: pytest.fail("an int must not touch the cache"))
+    assert tuning.resolve_chunk_size(300, device=CPU, **CALL) == 300
+
+
+def test_cpu_uses_the_heuristic_without_measuring(monkeypatch, tmp_path):
+    bench = FakeBench(monkeypatch)
+    assert resolve() == tuning.heuristic_chunk_size(8192, 128256, "cpu")
+    assert bench.chunks == [] and stored() == {}
+
+
+def test_memo_then_cache_then_tune(monkeypatch, no_problem):
+    monkeypatch.setattr(tuning, "_can_tune", lambda device: True)  # the CPU takes the tuning path
+    bench = FakeBench(monkeypatch, {1024: 1.0})
+
+    assert resolve() == 1024  # miss: tuned in process
+    assert no_problem.built == [key_for()]
+    assert bench.chunks[0] == 256  # nearest the CPU heuristic's 32 first
+    assert sorted(bench.chunks) == [256, 512, 1024, 2048, 4096, 8192] and bench.floors == 0
+    assert no_problem.warmed == [256]  # one untimed step before the clock starts
+    entry = stored()[json.dumps(key_for().as_dict(), sort_keys=True, separators=(",", ":"))]
+    assert entry["chunk_size"] == 1024 and entry["complete"] is True and entry["floor_ms"] is None
+
+    opened = []
+    real_open = tuning.open_cache
+    monkeypatch.setattr(tuning, "open_cache", lambda *a: opened.append(a) or real_open(*a))
+    assert resolve(rows=4097) == resolve(rows=8000) == 1024  # same bucket: memo, no file, no bench
+    assert opened == [] and len(bench.chunks) == 6
+
+    tuning.clear_memo()
+    assert resolve() == 1024  # disk hit, no measuring
+    assert len(opened) == 1 and len(bench.chunks) == 6
+
+    assert resolve(rows=9000) in (256, 512, 1024, 2048, 4096, 8192)  # next bucket: tuned again
+    assert len(bench.chunks) == 12
+
+
+def test_tuning_orders_candidates_nearest_the_heuristic():
+    assert tuning._nearest_first((256, 512, 1024, 2048, 4096, 8192), 2048) == (2048, 1024, 4096, 512, 8192, 256)
+    assert tuning._nearest_first((256, 512), 16) == (256, 512)
+
+
+def test_cuda_miss_tunes_persists_and_prints(monkeypatch, capsys, fake_cuda):
+    monkeypatch.setenv("KDFUSE_PRINT_AUTOTUNING", "1")
+    bench = FakeBench(monkeypatch, {4096: 2.0})
+    assert resolve(CUDA) == 4096
+    assert fake_cuda.built == [key_for()] and fake_cuda.warmed == [2048]
+    assert bench.chunks[0] == 2048  # the CUDA heuristic's choice first
+    assert next(iter(stored(CUDA).values()))["chunk_size"] == 4096
+    err = capsys.readouterr().err
+    assert "kdfuse: chunk_size=4096 for N<=8192 V=128256" in err and "autotuned 6/6 candidates" in err
+    assert "Fake_GPU_sm_90.json" in err
+
+    tuning.clear_memo()
+    assert resolve(CUDA) == 4096
+    assert "cached in" in capsys.readouterr().err and len(bench.chunks) == 6
+
+
+def test_no_print_without_the_knob(monkeypatch, capsys, fake_cuda):
+    FakeBench(monkeypatch)
+    resolve(CUDA)
+    resolve()
+    assert capsys.readouterr() == ("", "")
+
+
+def test_time_budget_cuts_the_sweep_and_marks_it_partial(monkeypatch, fake_cuda):
+    clock = [0.0]
+    monkeypatch.setattr(autotune.tuner, "time", types.SimpleNamespace(monotonic=lambda: clock[0]))
+    bench = FakeBench(monkeypatch, {1024: 1.0, 2048: 3.0, 4096: 2.0})
+    real_bench = bench.bench
+
+    def slow_bench(*args, **kwargs):
+        clock[0] += 2.0  # each candidate takes two fake seconds
+        return real_bench(*args, **kwargs)
+
+    monkeypatch.setattr(tuning, "bench_chunk_size", slow_bench)
+    assert tuning.AUTO_TIME_BUDGET_S == 5.0
+    assert resolve(CUDA) == 1024
+    assert bench.chunks == [2048, 1024, 4096]  # three fit in 5 s
+    entry = next(iter(stored(CUDA).values()))
+    assert entry["complete"] is False
+    assert [m["error"] for m in entry["measurements"]][3:] == ["skipped: time budget of 5.0s exhausted"] * 3
+
+
+def test_a_single_candidate_is_not_measured(monkeypatch, fake_cuda):
+    bench = FakeBench(monkeypatch)
+    assert resolve(CUDA, rows=100) == 128 and resolve(CUDA, rows=0) == 1
+    assert bench.chunks == [] and fake_cuda.built == [] and stored(CUDA) == {}
+
+
+def test_all_candidates_failing_falls_back_to_the_heuristic_unsaved(monkeypatch, fake_cuda):
+    FakeBench(monkeypatch, {c: RuntimeError("boom") for c in (256, 512, 1024, 2048, 4096, 8192)})
+    assert resolve(CUDA) == 2048
+    assert stored(CUDA) == {}
+
+
+def test_oom_building_the_problem_falls_back_to_the_heuristic(monkeypatch, fake_cuda):
+    def oom(key, device):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(tuning, "build_problem", oom)
+    assert resolve(CUDA) == 2048 and stored(CUDA) == {}
+
+
+def test_malformed_cache_entry_is_a_miss(monkeypatch, fake_cuda):
+    bench = FakeBench(monkeypatch, {512: 1.0})
+    cache = tuning.open_cache(env.settings().cache_dir, CUDA)
+    cache.put(key_for().as_dict(), {"chunk_size": "big"})
+    assert resolve(CUDA) == 512 and len(bench.chunks) == 6
+
+
+def test_sweep_entry_round_trip():
+    sweep = Sweep(
+        key_for(),
+        512,
+        (Measurement(256, 2.0, 10), Measurement(512, 1.0, 20), Measurement(1024, math.inf, 0, "OOM: x")),
+        0.5,
+        True,
+    )
+    entry = json.loads(json.dumps(sweep.to_entry(), allow_nan=False))
+    assert entry["measurements"][2]["ms"] is None
+    assert Sweep.from_entry(key_for(), entry) == sweep
+    assert Sweep.from_entry(key_for(), None) is None
+    assert Sweep.from_entry(key_for(), {**entry, "chunk_size": None}) is None
+
+
+# --- environment knobs ------------------------------------------------------------------------
+
+
+def test_autotune_0_never_measures_but_reads_the_cache(monkeypatch, fake_cuda):
+    monkeypatch.setenv("KDFUSE_AUTOTUNE", "0")
+    bench = FakeBench(monkeypatch)
+    assert resolve(CUDA) == 2048  # the heuristic
+    assert bench.chunks == [] and fake_cuda.built == [] and stored(CUDA) == {}
+    # A result from `kdfuse tune` is still used: only measuring is off.
+    tuning.open_cache(env.settings().cache_dir, CUDA).put(
+        key_for().as_dict(), Sweep(key_for(), 512, (), 1.0, True).to_entry()
+    )
+    tuning.clear_memo()
+    assert resolve(CUDA) == 512 and bench.chunks == []
+
+
+def test_force_retune_measures_despite_a_hit(monkeypatch, fake_cuda):
+    bench = FakeBench(monkeypatch, {8192: 1.0})
+    tuning.open_cache(env.settings().cache_dir, CUDA).put(
+        key_for().as_dict(), Sweep(key_for(), 512, (), None, True).to_entry()
+    )
+    assert resolve(CUDA) == 512 and bench.chunks == []
+    monkeypatch.setenv("KDFUSE_FORCE_RETUNE", "1")
+    assert resolve(CUDA) == 8192 and len(bench.chunks) == 6  # the memo is per settings: re-resolved
+    assert resolve(CUDA) == 8192 and len(bench.chunks) == 6  # but tuned once per process
+    assert next(iter(stored(CUDA).values()))["chunk_size"] == 8192
+    assert resolve() == tuning.heuristic_chunk_size(8192, 128256, "cpu")  # CPU + force: heuristic
+
+
+def test_cache_dir_is_respected(monkeypatch, tmp_path, fake_cuda):
+    bench = FakeBench(monkeypatch)
+    monkeypatch.setenv("KDFUSE_CACHE_DIR", str(tmp_path / "elsewhere"))
+    resolve(CUDA)
+    assert [p.name for p in (tmp_path / "elsewhere").glob("*.json")] == ["Fake_GPU_sm_90.json"]
+    assert not (tmp_path / "cache").exists()
+    monkeypatch.setenv("KDFUSE_CACHE_DIR", str(tmp_path / "third"))
+    resolve(CUDA)  # new dir, new memo entry: a miss there
+    assert len(bench.chunks) == 12
+
+
+def test_cache_identity_carries_versions(fake_cuda):
+    import kdfuse
+
+    cache = tuning.open_cache(env.settings().cache_dir, CUDA)
+    assert cache.identity == "Fake GPU (sm_90)"
+    assert cache.versions == autotune.software_versions({"kdfuse": kdfuse.__version__})
+
+
+# --- memory budget ----------------------------------------------------------------------------
+
+
+def _estimate(chunk: int) -> int:
+    return tuning.estimate_bytes(chunk, CALL["vocab"], CALL["student_hidden"], torch.bfloat16, True)
+
+
+def test_memory_budget_in_bytes_prunes_and_scores_peaks(monkeypatch, fake_cuda):
+    budget = 6 * GiB  # a bucket boundary itself
+    assert _estimate(2048) <= budget < _estimate(4096)
+    bench = FakeBench(monkeypatch, {256: 9.0, 512: 5.0, 1024: 4.0, 2048: 1.0}, peaks={2048: budget * 2})
+    assert resolve(CUDA, memory_budget=budget) == 1024  # 2048 ran but went over; 4096+ pruned
+    assert sorted(bench.chunks) == [256, 512, 1024, 2048]
+    (entry,) = stored(CUDA).values()
+    errors = {m["chunk_size"]: m["error"] for m in entry["measurements"]}
+    assert errors[2048].startswith("over memory budget") and errors[8192].startswith("pruned: estimated")
+    (name,) = stored(CUDA)
+    assert json.loads(name)["memory_budget"] == tuning.bucket_memory_budget(budget)
+
+
+def test_memory_budget_from_the_environment_and_as_a_fraction(monkeypatch, fake_cuda):
+    bench = FakeBench(monkeypatch)
+    monkeypatch.setenv("KDFUSE_MEMORY_BUDGET", "0.25")  # of 40 GiB free: 10 GiB, bucketed to 8 GiB
+    resolve(CUDA)
+    (name,) = stored(CUDA)
+    assert json.loads(name)["memory_budget"] == 8 * GiB
+    assert max(bench.chunks) == max(c for c in (256, 512, 1024, 2048, 4096, 8192) if _estimate(c) <= 8 * GiB)
+    # The keyword overrides the environment.
+    assert tuning.resolve_memory_budget(0.5, CUDA) == 20 * GiB
+    assert tuning.resolve_memory_budget(12345, CUDA) == 12345
+    assert tuning.resolve_memory_budget(0.5, CPU) is None  # no free-memory query on CPU
+    resolve(CUDA, memory_budget=3 * GiB)
+    assert {json.loads(n)["memory_budget"] for n in stored(CUDA)} == {8 * GiB, 3 * GiB}
+
+
+def test_memory_budget_nothing_fits(monkeypatch, fake_cuda):
+    bench = FakeBench(monkeypatch)
+    assert resolve(CUDA, memory_budget=10**6) == 16  # everything pruned: the heuristic, shrunk
+    assert bench.chunks == [] and stored(CUDA) == {}
+
+
+# --- the real benchmark on tiny shapes (no stubs) ---------------------------------------------
+
+
+@pytest.fixture
+def one_thread():
+    """Real CPU work with one intra-op thread: on a busy machine, spinning OpenMP threads make
+    tiny problems many times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+TINY = {
+    "rows": 200, "vocab": 300, "student_hidden": 16, "teacher_hidden": 24, "dtype": torch.float32,
+    "divergence": "forward_kl", "with_ce": True, "with_grad": True, "memory_budget": None,
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("teacher_hidden", [24, None])
+def test_problem_and_steps(teacher_hidden, one_thread):
+    key = tuning.make_key(**{**TINY, "teacher_hidden": teacher_hidden})
+    rng = torch.get_rng_state()
+    problem = tuning.build_problem(key, CPU)
+    assert torch.equal(torch.get_rng_state(), rng)  # a private generator
+    assert problem.student_hidden.shape == (256, 16) and problem.student_hidden.requires_grad
+    assert (problem.teacher_logits is None) == (teacher_hidden is not None)
+    assert ((problem.labels == -100).float().mean() - 0.1).abs() < 0.07
+    grad_h, grad_w = tuning.distill_step(problem, 64, "eager")()
+    assert grad_h.shape == (256, 16) and grad_w.shape == (300, 16) and torch.isfinite(grad_w).all()
+    assert len(tuning.floor_step(problem)()) == (4 if teacher_hidden else 3)
+
+
+def test_problem_in_inference_mode_and_forward_only(one_thread):
+    key = tuning.make_key(**{**TINY, "with_grad": False, "with_ce": False})
+    with torch.inference_mode():
+        problem = tuning.build_problem(key, CPU)
+        loss = tuning.distill_step(problem, 64, "eager")()
+    assert loss.dim() == 0 and problem.labels is None
+    with torch.inference_mode():
+        grads = tuning.distill_step(tuning.build_problem(tuning.make_key(**TINY), CPU), 64, "eager")()
+    assert grads[1].shape == (300, 16)
+
+
+def test_run_sweep_for_real(one_thread):
+    key = tuning.make_key(**TINY)
+    steps = []
+    sweep = tuning.run_sweep(key, CPU, (64, 128), impl="eager", warmup=0, repeat=1, on_step=lambda: steps.append(1))
+    assert sweep.best in (64, 128) and sweep.complete and len(steps) == 3
+    assert sweep.floor_ms > 0 and all(m.ms > 0 and m.error is None for m in sweep.measurements)
