@@ -115,7 +115,10 @@ def _symmetric_kl(student: Tensor, teacher: Tensor, weight: Tensor) -> Tensor:
 
 
 def _mse_logits(student: Tensor, teacher: Tensor) -> Tensor:
-    return (student - teacher).square().mean(-1)
+    # A -inf teacher logit (outside the teacher's support) has no finite target: it contributes
+    # 0 (and no gradient) instead of inf, as the module contract promises.
+    diff = torch.where(teacher == float("-inf"), 0, student - teacher)
+    return diff.square().mean(-1)
 
 
 def _zero(student: Tensor, teacher: Tensor) -> Tensor:
@@ -150,7 +153,10 @@ def _check_unit(name: str, value: float) -> float:
 
 
 def _param_name(base: str, param: str, value: float) -> str:
-    return f"{base}_{param}{value:g}"
+    # ``:g`` (short: "jsd_beta0.3") when it round-trips through get(), else the exact repr: ``:g``
+    # keeps 6 digits, so jsd(0.1234567) would be named (and rebuilt by get) as jsd(0.123457).
+    text = f"{value:g}"
+    return f"{base}_{param}{text if float(text) == value else repr(value)}"
 
 
 forward_kl: Divergence = _named(
@@ -186,7 +192,8 @@ mse_logits: Divergence = _named(
     {},
     """Mean over the vocabulary of (s − t)² on the (temperature-scaled) logits, metaseq's
     vocab-parallel MSE. Only meaningful for raw logits, not log-probabilities: logits are defined up
-    to a per-row shift that MSE does not ignore, and log-probs squash the informative tail.""",
+    to a per-row shift that MSE does not ignore, and log-probs squash the informative tail.
+    Entries where the teacher logit is ``-inf`` (outside its support) contribute 0.""",
 )
 
 

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import divergences as D
+from . import topk as K
 from .tuning import resolve_chunk_size
 from .validate import check_inputs
 
@@ -31,7 +32,7 @@ __all__ = ["fused_linear_distill", "DistillOutput", "Reduction", "Impl"]
 
 Reduction = Literal["mean", "sum", "none"]
 Impl = Literal["compile", "eager"]
-DivergenceLike = Union[str, D.Divergence]
+DivergenceLike = Union[str, D.Divergence, K.SparseDivergence]
 
 
 class DistillOutput(NamedTuple):
@@ -60,6 +61,8 @@ class _Spec:
     compute_dtype: torch.dtype
     with_grad: bool
     compiled: bool
+    sparse: bool = False  # teacher given as top-k (ids, logprobs) instead of dense logits
+    triton: bool = False  # run the hand-written kernel (kdfuse.triton_chunk) instead
 
 
 # Layout of the per-call scalar tensor handed to the chunk function.
@@ -76,16 +79,20 @@ def _cap(logits: Tensor, scalars: Tensor, spec: _Spec) -> Tensor:
 def _row_losses(
     spec: _Spec,
     student: Tensor,  # (C, V) raw student logits, any float dtype
-    teacher: Tensor,  # (C, V) raw teacher logits, any float dtype
+    teacher: tuple[Tensor, ...],  # ((C, V) raw teacher logits,) or top-k ((C, k) ids, (C, k) logprobs)
     labels: Tensor,  # (C,) int64; only read when spec.has_ce
     valid: Tensor,  # (C,) bool
     scalars: Tensor,  # (_N_FIXED + n_params,) compute dtype
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Per-row (loss, soft, hard), each (C,), zero on invalid rows."""
     s = _cap(student.to(spec.compute_dtype), scalars, spec)
-    t = _cap(teacher.to(spec.compute_dtype), scalars, spec)
-    params = tuple(scalars[_N_FIXED + i] for i in range(spec.n_params))
-    soft = spec.kernel(s * scalars[_INV_T], t * scalars[_INV_T], *params)
+    if spec.sparse:  # the temperature and softcap apply to the student only (see kdfuse.topk)
+        ids, logprobs = teacher
+        soft = spec.kernel(s * scalars[_INV_T], ids, logprobs.to(spec.compute_dtype))
+    else:
+        t = _cap(teacher[0].to(spec.compute_dtype), scalars, spec)
+        params = tuple(scalars[_N_FIXED + i] for i in range(spec.n_params))
+        soft = spec.kernel(s * scalars[_INV_T], t * scalars[_INV_T], *params)
     soft = torch.where(valid, soft, 0)
     if spec.has_ce:
         hard = F.cross_entropy(s, labels, ignore_index=spec.ignore_index, reduction="none")
@@ -97,7 +104,7 @@ def _row_losses(
 def _loss_and_grad(
     spec: _Spec,
     student: Tensor,  # (C, V)
-    teacher: Tensor,  # (C, V)
+    teacher: tuple[Tensor, ...],  # see _row_losses
     labels: Tensor,  # (C,)
     valid: Tensor,  # (C,)
     row_weight: Tensor,  # (C,) compute dtype: d(result)/d(row loss), up to a global scale
@@ -112,8 +119,23 @@ def _loss_and_grad(
     return torch.func.grad(weighted_total, has_aux=True)(student)
 
 
+def _triton_step(spec: _Spec, student, teacher, labels, valid, *rest):
+    from . import triton_chunk  # imports Triton: only on the CUDA path
+
+    row_weight, scalars = (rest[0], rest[1]) if spec.with_grad else (None, rest[0])
+    # The student logits are this chunk's own temporary: the kernel overwrites them with their
+    # gradient, so a chunk holds two (C, V) blocks, not three.
+    dlogits, parts = triton_chunk.chunk_step(
+        spec.kernel, spec.has_ce, spec.softcap, spec.ignore_index, student, teacher[0], labels, valid,
+        row_weight, scalars, out=student if spec.with_grad else None,
+    )  # fmt: skip
+    return (dlogits, parts) if spec.with_grad else parts
+
+
 @functools.lru_cache(maxsize=None)
 def _chunk_fn(spec: _Spec) -> Callable:
+    if spec.triton:
+        return functools.partial(_triton_step, spec)
     fn = functools.partial(_loss_and_grad if spec.with_grad else _row_losses, spec)
     # dynamic=False: the vocabulary stays static (it shapes the reductions); the row dim is
     # marked dynamic per call (see _mark_rows_dynamic), so every chunk length shares one graph.
@@ -139,6 +161,8 @@ class _Problem:
     teacher_weight: Tensor | None  # (V, Ht) — already cut to the student's vocabulary
     teacher_bias: Tensor | None  # (V,)
     teacher_logits: Tensor | None  # (N, V) — already cut to the student's vocabulary
+    teacher_topk_ids: Tensor | None  # (N, k) int64
+    teacher_topk_logprobs: Tensor | None  # (N, k)
     labels: Tensor  # (N,) int64, ignore_index where missing
     valid: Tensor  # (N,) bool
     scalars: Tensor  # see _row_losses
@@ -158,29 +182,31 @@ class _Problem:
         for start, stop in zip(starts, [*starts[1:], self.rows]):
             yield slice(start, stop)
 
-    def logits(self, rows: slice) -> tuple[Tensor, Tensor]:
-        """(student (C, V), teacher (C, V)) raw logits for ``rows``; the teacher's without grad."""
+    def logits(self, rows: slice) -> tuple[Tensor, tuple[Tensor, ...]]:
+        """(student (C, V) raw logits, the teacher's chunk as _row_losses takes it) for ``rows``."""
         student = F.linear(self.student_hidden[rows], self.student_weight, self.student_bias)
-        with torch.no_grad():
-            if self.teacher_logits is not None:
-                teacher = self.teacher_logits[rows]
-            else:
-                teacher = F.linear(self.teacher_hidden[rows], self.teacher_weight, self.teacher_bias)
-        return student, teacher
+        if self.teacher_topk_ids is not None:
+            return student, (self.teacher_topk_ids[rows], self.teacher_topk_logprobs[rows])
+        if self.teacher_logits is not None:
+            return student, (self.teacher_logits[rows],)
+        return student, (F.linear(self.teacher_hidden[rows], self.teacher_weight, self.teacher_bias),)
 
 
-def _accumulate_mm(acc: Tensor, a: Tensor, b: Tensor) -> None:
-    """acc += a @ b with acc in float32/float64 and a, b possibly half precision.
+def _accumulate_mm(acc: Tensor, a: Tensor, b: Tensor, first: bool) -> None:
+    """acc = a @ b (first chunk) or acc += a @ b, acc float32/float64, a and b maybe half.
 
     On CUDA the product is written by cuBLAS straight into the wide accumulator (no rounding of
     each chunk's contribution to bf16, which is where Liger's 2e-3 grad_weight error comes from).
+    The first chunk overwrites instead of adding, which saves zero-filling and re-reading the
+    (V, H) float32 accumulator once.
     """
-    if a.dtype == acc.dtype:
-        acc.addmm_(a, b)
-    elif a.is_cuda:
-        torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
+    if a.dtype != acc.dtype and not a.is_cuda:
+        a, b = a.to(acc.dtype), b.to(acc.dtype)
+    wide = {"out_dtype": acc.dtype} if a.dtype != acc.dtype else {}
+    if first:
+        torch.mm(a, b, out=acc, **wide)
     else:
-        acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
+        torch.addmm(acc, a, b, out=acc, **wide)
 
 
 class _Grads(NamedTuple):
@@ -200,36 +226,44 @@ def _run(
     loss, soft, hard = (torch.zeros(n, dtype=cdt, device=device) for _ in range(3))
     want_hidden, want_weight, want_bias = need
     grad_h = torch.empty_like(p.student_hidden) if want_hidden else None
+    # zeros, not empty: with no rows there is no first chunk to overwrite them.
     grad_w = torch.zeros(p.student_weight.shape, dtype=cdt, device=device) if want_weight else None
     grad_b = torch.zeros(p.student_weight.shape[0], dtype=cdt, device=device) if want_bias else None
-    fn = _chunk_fn(p.spec if row_weight is None else replace(p.spec, with_grad=True))
-    for rows in p.chunks():
+    spec = p.spec if row_weight is None else replace(p.spec, with_grad=True)
+    fn = _chunk_fn(spec)
+    for i, rows in enumerate(p.chunks()):
         with torch.no_grad():
             student, teacher = p.logits(rows)
             args = [student, teacher, p.labels[rows], p.valid[rows]]
             if row_weight is not None:
                 args.append(row_weight[rows])
-            if p.spec.compiled:
-                _mark_rows_dynamic(*args)
+            if spec.compiled and not spec.triton:
+                _mark_rows_dynamic(student, *teacher, *args[2:])
             out = fn(*args, p.scalars)
             if row_weight is not None:
                 dlogits, out = out
                 if grad_h is not None:
                     torch.mm(dlogits, p.student_weight, out=grad_h[rows])
                 if grad_w is not None:
-                    _accumulate_mm(grad_w, dlogits.t(), p.student_hidden[rows])
+                    _accumulate_mm(grad_w, dlogits.t(), p.student_hidden[rows], first=i == 0)
                 if grad_b is not None:
                     grad_b += dlogits.sum(0, dtype=cdt)
             loss[rows], soft[rows], hard[rows] = out
     return loss, soft, hard, _Grads(grad_h, grad_w, grad_b)
 
 
-def _scaled(grads: _Grads, scale: Tensor, p: _Problem) -> _Grads:
-    """Gradients times a device scalar, cast back to the parameters' dtypes."""
-    h = None if grads.hidden is None else (grads.hidden * scale).to(p.student_hidden.dtype)
-    w = None if grads.weight is None else (grads.weight * scale).to(p.student_weight.dtype)
-    b = None if grads.bias is None else (grads.bias * scale).to(p.student_bias.dtype)
-    return _Grads(h, w, b)
+def _scaled(grads: _Grads, scale: Tensor, dtypes: tuple) -> _Grads:
+    """Gradients times a device scalar, cast back to the parameters' dtypes (hidden, weight, bias)."""
+    return _Grads(*(None if g is None else (g * scale).to(dtype) for g, dtype in zip(grads, dtypes)))
+
+
+# The tensors of a _Problem. They travel to backward through ``ctx.save_for_backward`` (not as
+# ctx attributes), so autograd frees them after a backward without ``retain_graph`` and a
+# ``retain_graph=True`` graph can be backpropagated through again.
+_PROBLEM_TENSORS = (
+    "student_hidden", "student_weight", "student_bias", "teacher_hidden", "teacher_weight",
+    "teacher_bias", "teacher_logits", "teacher_topk_ids", "teacher_topk_logprobs", "labels", "valid", "scalars",
+)  # fmt: skip
 
 
 class _FusedDistill(torch.autograd.Function):
@@ -239,33 +273,43 @@ class _FusedDistill(torch.autograd.Function):
     @staticmethod
     def forward(ctx, p: _Problem, hidden, weight, bias, reduction: str, normalizer):
         need = ctx.needs_input_grad[1:4]
-        ctx.p, ctx.reduction, ctx.need = p, reduction, need
+        ctx.reduction, ctx.need = reduction, need
+        ctx.dtypes = tuple(None if t is None else t.dtype for t in (p.student_hidden, p.student_weight, p.student_bias))
         if reduction == "none":
             loss, soft, hard, _ = _run(p, None, (False, False, False))
+            # Backward recomputes the chunks: it needs the whole problem.
+            ctx.save_for_backward(*(getattr(p, name) for name in _PROBLEM_TENSORS))
+            ctx.skeleton = replace(p, **{name: None for name in _PROBLEM_TENSORS})
             ctx.mark_non_differentiable(soft, hard)
             return loss, soft, hard
-        # Gradients of the weighted total with unit row weights; the 1/normalizer (and later
-        # grad_output) is applied once at the end so half-precision logit gradients never
-        # underflow.
-        loss, soft, hard, grads = _run(p, p.valid.to(p.spec.compute_dtype), need)
+        # The 1/normalizer is folded into the row weights, so the logit gradient is rounded to
+        # the input dtype exactly as autograd would round it for the normalised loss (bf16
+        # grads then match a full-logits bf16 step to fp32 summation order). float16 cannot hold
+        # those small values (~1e-9 at N=8192, V=128k), so there the gradient is taken with unit
+        # weights and scaled once at the end. grad_output is applied in backward either way.
         scale = 1.0 if normalizer is None else 1.0 / normalizer
-        ctx.grads, ctx.scale = grads, scale
+        weights = p.valid.to(p.spec.compute_dtype)
+        fold = p.student_hidden.dtype != torch.float16
+        loss, soft, hard, grads = _run(p, weights * scale if fold else weights, need)
+        ctx.save_for_backward(*grads)
+        ctx.scale = 1.0 if fold else scale
         out = tuple(x.sum() * scale for x in (loss, soft, hard))
         ctx.mark_non_differentiable(out[1], out[2])
         return out
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_soft, _grad_hard):
-        p = ctx.p
         if ctx.reduction == "none":
+            p = replace(ctx.skeleton, **dict(zip(_PROBLEM_TENSORS, ctx.saved_tensors)))
             # Normalise the incoming per-row weights so half-precision dlogits stay in range.
             weights = grad_loss.to(p.spec.compute_dtype) * p.valid
-            scale = weights.abs().amax().clamp_min(torch.finfo(weights.dtype).tiny)
+            # (amax of an empty tensor is an error: with no rows any scale will do.)
+            scale = weights.abs().amax() if weights.numel() else weights.new_ones(())
+            scale = scale.clamp_min(torch.finfo(weights.dtype).tiny)
             grads = _run(p, weights / scale, ctx.need)[3]
         else:
-            grads, scale = ctx.grads, ctx.scale * grad_loss
-        del ctx.p
-        return (None, *_scaled(grads, scale, p), None, None)
+            grads, scale = _Grads(*ctx.saved_tensors), ctx.scale * grad_loss
+        return (None, *_scaled(grads, scale, ctx.dtypes), None, None)
 
 
 # --------------------------------------------------------------------------------------------
@@ -273,11 +317,25 @@ class _FusedDistill(torch.autograd.Function):
 # --------------------------------------------------------------------------------------------
 
 
+def _resolve(divergence: DivergenceLike) -> Callable[..., Tensor]:
+    if isinstance(divergence, str):
+        return K.get(divergence) if divergence.startswith("topk_") else D.get(divergence)
+    return divergence
+
+
 def _kernel_of(divergence: DivergenceLike) -> tuple[Callable[..., Tensor], tuple[float, ...]]:
-    fn = D.get(divergence) if isinstance(divergence, str) else divergence
+    fn = _resolve(divergence)
     if not callable(fn):
         raise TypeError(f"divergence must be a name or a callable, got {type(divergence).__name__}")
     return getattr(fn, "__kdfuse_kernel__", fn), tuple(getattr(fn, "__kdfuse_params__", ()))
+
+
+def _triton_supports(kernel: Callable[..., Tensor], compute_dtype: torch.dtype, device: torch.device) -> bool:
+    if device.type != "cuda":
+        return False
+    from . import triton_chunk
+
+    return triton_chunk.supported(kernel, compute_dtype, device)
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -297,6 +355,7 @@ def fused_linear_distill(
     teacher_weight: Tensor | None = None,  # (Vt, Ht), Vt >= V
     *,
     teacher_logits: Tensor | None = None,  # (..., Vt), Vt >= V
+    teacher_topk: tuple[Tensor, Tensor] | None = None,  # ((..., k) int ids, (..., k) logprobs)
     labels: Tensor | None = None,  # (...) int
     divergence: DivergenceLike = "forward_kl",
     temperature: float = 1.0,
@@ -311,6 +370,7 @@ def fused_linear_distill(
     softcap: float | None = None,
     return_parts: bool = False,
     impl: Impl = "compile",
+    memory_budget: int | float | None = None,
 ) -> Tensor | DistillOutput:
     """Knowledge-distillation loss from hidden states, never materialising the full logits.
 
@@ -320,8 +380,12 @@ def fused_linear_distill(
     Args:
         student_hidden, student_weight: student final hidden states and lm_head weight.
         teacher_hidden, teacher_weight: the teacher's; its logits are computed per chunk with no
-            gradient. Give these *or* ``teacher_logits`` (dense, precomputed, any float dtype).
-            Teacher columns beyond the student's vocabulary V are dropped (padded embeddings).
+            gradient. Give these *or* ``teacher_logits`` (dense, precomputed, any float dtype,
+            e.g. bf16 logits stored offline) *or* ``teacher_topk``. Teacher columns beyond the
+            student's vocabulary V are dropped (padded embeddings).
+        teacher_topk: a sparse teacher ``(ids, logprobs)``, e.g. from :func:`kdfuse.teacher_topk`
+            or an API; needs a sparse divergence from :mod:`kdfuse.topk` (``"topk_..."`` names),
+            and the temperature and softcap then apply to the student only.
         labels: token ids for the hard cross-entropy; rows equal to ``ignore_index`` contribute
             nothing to either term. ``None``: every row counts (then ``hard_weight`` must be 0).
         divergence: a :data:`kdfuse.divergences.Divergence`, or a built-in's name.
@@ -336,7 +400,12 @@ def fused_linear_distill(
         softcap: Gemma-2 style ``softcap·tanh(logits/softcap)`` on both models' logits, first.
         return_parts: return ``DistillOutput(loss, soft_loss, hard_loss)``; the parts are the
             unweighted terms reduced like the loss, detached.
-        impl: ``"compile"`` (torch.compile the per-chunk work) or ``"eager"``.
+        impl: ``"compile"``: the fastest compiled per-chunk work (on CUDA, the hand-written
+            Triton kernel of :mod:`kdfuse.triton_chunk` for ``forward_kl``, ``soft_ce``,
+            ``reverse_kl`` and ``jsd``; ``torch.compile`` of the pure divergence otherwise), or
+            ``"eager"``: the same pure functions, uncompiled.
+        memory_budget: bounds ``chunk_size="auto"`` (bytes, or a fraction of free device memory;
+            default ``KDFUSE_MEMORY_BUDGET``).
 
     Returns:
         The loss in the compute dtype (float32; float64 for float64 inputs).
@@ -344,6 +413,7 @@ def fused_linear_distill(
     leading = student_hidden.shape[:-1]
     check_inputs(
         student_hidden, student_weight, teacher_hidden, teacher_weight, teacher_logits, labels,
+        teacher_topk=teacher_topk, divergence=_resolve(divergence),
         student_bias=student_bias, teacher_bias=teacher_bias, temperature=temperature,
         soft_weight=soft_weight, hard_weight=hard_weight, reduction=reduction, chunk_size=chunk_size,
         softcap=softcap, impl=impl,
@@ -369,6 +439,8 @@ def fused_linear_distill(
         compute_dtype=cdt,
         with_grad=False,
         compiled=impl == "compile",
+        sparse=teacher_topk is not None,
+        triton=impl == "compile" and teacher_topk is None and _triton_supports(kernel, cdt, device),
     )
     scalars = torch.tensor(
         [1.0 / temperature, soft_weight, hard_weight, softcap or 1.0, *params], dtype=cdt, device=device
@@ -376,19 +448,20 @@ def fused_linear_distill(
     t_weight = None if teacher_weight is None else teacher_weight[:vocab]
     t_bias = None if teacher_bias is None else teacher_bias[:vocab]
     t_hidden = _flatten(teacher_hidden, None if teacher_hidden is None else teacher_hidden.shape[-1])
-    t_logits = None if teacher_logits is None else teacher_logits.reshape(n, -1)[:, :vocab]
+    # An explicit last dim: reshape(n, -1) is ambiguous (an error) when n == 0.
+    t_logits = None if teacher_logits is None else teacher_logits.reshape(n, teacher_logits.shape[-1])[:, :vocab]
+    topk_ids, topk_lp = (None, None) if teacher_topk is None else (t.reshape(n, t.shape[-1]) for t in teacher_topk)
+    tensors = (hidden, student_weight, student_bias)
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
     size = resolve_chunk_size(
         chunk_size, rows=n, vocab=vocab, student_hidden=width,
         teacher_hidden=None if t_hidden is None else t_hidden.shape[-1],
         dtype=student_hidden.dtype, device=device, divergence=getattr(divergence, "__name__", str(divergence)),
-        with_ce=spec.has_ce, with_grad=True,
+        with_ce=spec.has_ce, with_grad=needs_grad, memory_budget=memory_budget,
     )  # fmt: skip
-
-    tensors = (hidden, student_weight, student_bias)
-    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
     problem = _Problem(
         hidden, student_weight, student_bias, t_hidden, t_weight, t_bias, t_logits,
-        flat_labels, valid, scalars, spec, size,
+        None if topk_ids is None else topk_ids.long(), topk_lp, flat_labels, valid, scalars, spec, size,
     )  # fmt: skip
 
     if reduction != "none" and normalizer is None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, fields
 from typing import Literal
 
 from torch import Tensor, nn
@@ -26,6 +26,7 @@ class DistillOptions:
     softcap: float | None = None
     return_parts: bool = False
     impl: Impl = "compile"
+    memory_budget: int | float | None = None
 
 
 class DistillLoss(nn.Module):
@@ -43,7 +44,10 @@ class DistillLoss(nn.Module):
         teacher_weight: Tensor | None = None,  # (Vt, Ht)
         **per_call,  # labels, teacher_logits, biases, normalizer, or any option to override
     ) -> Tensor | DistillOutput:
-        kwargs = {**asdict(self.options), **per_call}
+        # Not dataclasses.asdict: it deep-copies the values, so a callable-object divergence would
+        # be a new object (a new compile-cache key, a recompile) on every call.
+        options = {f.name: getattr(self.options, f.name) for f in fields(self.options)}
+        kwargs = {**options, **per_call}
         return fused_linear_distill(student_hidden, student_weight, teacher_hidden, teacher_weight, **kwargs)
 
     def extra_repr(self) -> str:

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .fused import DistillOutput, DivergenceLike, Impl, Reduction, _kernel_of
+from .fused import DistillOutput, DivergenceLike, Impl, Reduction, _kernel_of, _resolve
 from .validate import check_inputs
 
 __all__ = ["fused_linear_distill_ref"]
@@ -21,6 +21,7 @@ def fused_linear_distill_ref(
     teacher_weight: Tensor | None = None,  # (Vt, Ht)
     *,
     teacher_logits: Tensor | None = None,  # (..., Vt)
+    teacher_topk: tuple[Tensor, Tensor] | None = None,  # ((..., k) ids, (..., k) logprobs)
     labels: Tensor | None = None,  # (...)
     divergence: DivergenceLike = "forward_kl",
     temperature: float = 1.0,
@@ -35,18 +36,21 @@ def fused_linear_distill_ref(
     softcap: float | None = None,
     return_parts: bool = False,
     impl: Impl = "eager",
+    memory_budget: int | float | None = None,
     precision: torch.dtype = torch.float64,
 ) -> Tensor | DistillOutput:
     """What :func:`kdfuse.fused_linear_distill` computes, with the full logits materialised.
 
-    Same arguments (``chunk_size`` and ``impl`` are accepted and ignored), plus ``precision``:
+    Same arguments (``chunk_size``, ``impl`` and ``memory_budget`` are accepted and ignored),
+    plus ``precision``:
     every input is cast to it first (float64 by default) and all math runs in it. With
     V the student's vocabulary, for every row r of the flattened leading dims::
 
         s_r = cap(h_r @ W_s.T + b_s)                          # (V,) student logits
         t_r = cap(h'_r @ W_t[:V].T + b_t[:V])  or  cap(teacher_logits_r[:V])
         cap(x) = softcap * tanh(x / softcap)   (identity when softcap is None)
-        soft_r = divergence(s_r / T, t_r / T)
+        soft_r = divergence(s_r / T, t_r / T)    or, with teacher_topk = (ids, logprobs),
+        soft_r = divergence(s_r / T, ids_r, logprobs_r)   (a kdfuse.topk sparse divergence)
         hard_r = cross_entropy(s_r, labels_r)  (temperature 1; 0 when hard_weight == 0)
         loss_r = soft_weight * soft_r + hard_weight * hard_r, and 0 where labels_r == ignore_index
 
@@ -57,7 +61,8 @@ def fused_linear_distill_ref(
     """
     check_inputs(
         student_hidden, student_weight, teacher_hidden, teacher_weight, teacher_logits, labels,
-        student_bias=student_bias, teacher_bias=teacher_bias, temperature=temperature,
+        teacher_topk=teacher_topk, divergence=_resolve(divergence), student_bias=student_bias,
+        teacher_bias=teacher_bias, temperature=temperature,
         soft_weight=soft_weight, hard_weight=hard_weight, reduction=reduction, chunk_size=chunk_size,
         softcap=softcap, impl=impl,
     )  # fmt: skip
@@ -71,27 +76,30 @@ def fused_linear_distill_ref(
     hidden = student_hidden.reshape(n, width).to(precision)
     bias = None if student_bias is None else student_bias.to(precision)
     student = cap(F.linear(hidden, student_weight.to(precision), bias))
-    with torch.no_grad():
-        if teacher_logits is not None:
-            teacher = teacher_logits.reshape(n, -1)[:, :vocab].to(precision)
-        else:
-            t_bias = None if teacher_bias is None else teacher_bias[:vocab].to(precision)
-            t_hidden = teacher_hidden.reshape(n, -1).to(precision)
-            teacher = F.linear(t_hidden, teacher_weight[:vocab].to(precision), t_bias)
-        teacher = cap(teacher)
-
     kernel, params = _kernel_of(divergence)
-    scalars = (torch.tensor(v, dtype=precision, device=hidden.device) for v in params)
-    soft = kernel(student / temperature, teacher / temperature, *scalars)
+    if teacher_topk is not None:  # temperature and softcap on the student only
+        ids, logprobs = (t.reshape(n, t.shape[-1]) for t in teacher_topk)
+        soft = kernel(student / temperature, ids.long(), logprobs.to(precision))
+    else:
+        with torch.no_grad():
+            if teacher_logits is not None:
+                # Explicit last dims: reshape(n, -1) is ambiguous (an error) when n == 0.
+                teacher = teacher_logits.reshape(n, teacher_logits.shape[-1])[:, :vocab].to(precision)
+            else:
+                t_bias = None if teacher_bias is None else teacher_bias[:vocab].to(precision)
+                t_hidden = teacher_hidden.reshape(n, teacher_hidden.shape[-1]).to(precision)
+                teacher = F.linear(t_hidden, teacher_weight[:vocab].to(precision), t_bias)
+            teacher = cap(teacher)
+        scalars = (torch.tensor(v, dtype=precision, device=hidden.device) for v in params)
+        soft = kernel(student / temperature, teacher / temperature, *scalars)
     if labels is None:
         valid = torch.ones(n, dtype=torch.bool, device=hidden.device)
+    else:
+        valid = labels.reshape(n).long() != ignore_index
+    if hard_weight == 0:  # as documented above (and as fused computes): no cross-entropy at all
         hard = torch.zeros_like(soft)
     else:
-        flat = labels.reshape(n).long()
-        valid = flat != ignore_index
-        hard = F.cross_entropy(student, flat, ignore_index=ignore_index, reduction="none")
-        if hard_weight == 0:
-            hard = hard.detach()
+        hard = F.cross_entropy(student, labels.reshape(n).long(), ignore_index=ignore_index, reduction="none")
     soft = torch.where(valid, soft, 0)
     hard = torch.where(valid, hard, 0)
     loss = soft_weight * soft + hard_weight * hard

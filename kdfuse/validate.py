@@ -47,6 +47,8 @@ def check_inputs(
     teacher_logits: Tensor | None,
     labels: Tensor | None,
     *,
+    teacher_topk: tuple[Tensor, Tensor] | None = None,
+    divergence: object = None,
     student_bias: Tensor | None,
     teacher_bias: Tensor | None,
     temperature: float,
@@ -73,14 +75,38 @@ def check_inputs(
 
     dense = teacher_logits is not None
     linear = teacher_hidden is not None or teacher_weight is not None
-    if dense == linear:
+    sparse = teacher_topk is not None
+    if dense + linear + sparse != 1:
         raise ValueError(
-            "give exactly one teacher: teacher_hidden + teacher_weight, or teacher_logits "
+            "give exactly one teacher: teacher_hidden + teacher_weight, teacher_logits, or teacher_topk "
             f"(got teacher_hidden={'set' if teacher_hidden is not None else None}, "
             f"teacher_weight={'set' if teacher_weight is not None else None}, "
-            f"teacher_logits={'set' if dense else None})"
+            f"teacher_logits={'set' if dense else None}, teacher_topk={'set' if sparse else None})"
         )
-    if linear:
+    if divergence is not None and callable(divergence):
+        is_sparse = bool(getattr(divergence, "__kdfuse_sparse__", False))
+        name = getattr(divergence, "__name__", repr(divergence))
+        if sparse and not is_sparse:
+            raise ValueError(f"teacher_topk needs a sparse divergence from kdfuse.topk (e.g. 'topk_forward_kl_renormalize'), got {name}")
+        if not sparse and is_sparse:
+            raise ValueError(f"divergence {name} takes a top-k teacher: pass teacher_topk=(ids, logprobs)")
+    teacher_vocab = None
+    if sparse:
+        if not (isinstance(teacher_topk, (tuple, list)) and len(teacher_topk) == 2):
+            raise TypeError("teacher_topk must be a pair (ids, logprobs)")
+        ids, logprobs = teacher_topk
+        if not isinstance(ids, Tensor) or ids.is_floating_point() or ids.dtype == torch.bool:
+            raise TypeError(f"teacher_topk ids must be an integer tensor, got {getattr(ids, 'dtype', type(ids).__name__)}")
+        _check_float(logprobs, "teacher_topk logprobs")
+        if ids.shape != logprobs.shape or ids.dim() < 1 or _rows(ids, "teacher_topk ids") != rows:
+            raise ValueError(
+                f"teacher_topk ids and logprobs must both be (..., k) with {rows} rows: "
+                f"ids {_shape(ids)}, logprobs {_shape(logprobs)}, student_hidden {_shape(student_hidden)}"
+            )
+        if ids.shape[-1] > vocab:
+            raise ValueError(f"teacher_topk has k={ids.shape[-1]} > the student's vocabulary {vocab}")
+        tensors.update(teacher_topk_ids=ids, teacher_topk_logprobs=logprobs)
+    elif linear:
         if teacher_hidden is None or teacher_weight is None:
             raise ValueError("teacher_hidden and teacher_weight must be given together")
         _check_float(teacher_hidden, "teacher_hidden")
@@ -102,7 +128,7 @@ def check_inputs(
             )
         tensors.update(teacher_hidden=teacher_hidden, teacher_weight=teacher_weight)
         teacher_vocab = teacher_weight.shape[0]
-    else:
+    elif dense:
         _check_float(teacher_logits, "teacher_logits")
         if _rows(teacher_logits, "teacher_logits") != rows:
             raise ValueError(

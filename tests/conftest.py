@@ -1,0 +1,58 @@
+"""Shared test configuration: hypothesis profiles and the ``gpu`` marker.
+
+Hypothesis profiles (select with ``--hypothesis-profile NAME``, which hypothesis' own pytest plugin
+provides, or with the environment variable ``KDFUSE_HYPOTHESIS_PROFILE``; the command-line option
+wins):
+
+* ``ci``   (default): few examples, no deadline, failing examples printed with a reproduction blob.
+* ``dev``: a few hundred examples, for local work on the kernels.
+* ``long``: 10 000 examples, for fuzzing overnight.
+
+Tests marked ``@pytest.mark.gpu`` are skipped when CUDA is not available.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import HealthCheck, settings
+
+# Make ``import kdfuse`` work from a plain checkout (``pytest`` as well as ``python -m pytest``).
+_ROOT = str(Path(__file__).resolve().parents[1])
+if _ROOT not in sys.path:
+    sys.path.insert(0, _ROOT)
+
+# Example generation is cheap next to the tensor work each example does; on a loaded 2-core CI
+# box hypothesis would otherwise flag the slow (but correct) examples.
+_SLOW_OK = [HealthCheck.too_slow]
+
+settings.register_profile("ci", max_examples=20, deadline=None, print_blob=True, suppress_health_check=_SLOW_OK)
+settings.register_profile("dev", max_examples=300, deadline=None, print_blob=True, suppress_health_check=_SLOW_OK)
+settings.register_profile(
+    "long",
+    max_examples=10_000,
+    deadline=None,
+    print_blob=True,
+    suppress_health_check=[*_SLOW_OK, HealthCheck.data_too_large],
+)
+# hypothesis' pytest plugin loads ``--hypothesis-profile`` later (in pytest_configure), so the
+# command line overrides this default.
+settings.load_profile(os.environ.get("KDFUSE_HYPOTHESIS_PROFILE", "ci"))
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # Also declared in pyproject.toml; repeated so the marker is known when run without it.
+    config.addinivalue_line("markers", "gpu: needs a CUDA device (skipped without one)")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
