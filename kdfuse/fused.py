@@ -26,7 +26,7 @@ from torch import Tensor
 from . import divergences as D
 from . import topk as K
 from .tuning import resolve_chunk_size
-from .validate import check_inputs
+from .validate import check_inputs, check_values
 
 __all__ = ["fused_linear_distill", "DistillOutput", "Reduction", "Impl"]
 
@@ -93,6 +93,9 @@ def _row_losses(
         t = _cap(teacher[0].to(spec.compute_dtype), scalars, spec)
         params = tuple(scalars[_N_FIXED + i] for i in range(spec.n_params))
         soft = spec.kernel(s * scalars[_INV_T], t * scalars[_INV_T], *params)
+    if soft.shape != valid.shape:  # shapes are static: this costs nothing, even when traced
+        name = getattr(spec.kernel, "__name__", repr(spec.kernel))
+        raise ValueError(f"divergence {name} returned shape {tuple(soft.shape)}, expected per-row losses {tuple(valid.shape)}")
     soft = torch.where(valid, soft, 0)
     if spec.has_ce:
         hard = F.cross_entropy(s, labels, ignore_index=spec.ignore_index, reduction="none")
@@ -225,7 +228,10 @@ def _run(
     device = p.student_hidden.device
     loss, soft, hard = (torch.zeros(n, dtype=cdt, device=device) for _ in range(3))
     want_hidden, want_weight, want_bias = need
-    grad_h = torch.empty_like(p.student_hidden) if want_hidden else None
+    # On CUDA grad_hidden is written in float32 (cuBLAS may otherwise reduce a bf16 product's
+    # long V-dim split-K partials in bf16) and rounded once at the end.
+    h_dtype = cdt if device.type == "cuda" else p.student_hidden.dtype
+    grad_h = torch.empty(p.student_hidden.shape, dtype=h_dtype, device=device) if want_hidden else None
     # zeros, not empty: with no rows there is no first chunk to overwrite them.
     grad_w = torch.zeros(p.student_weight.shape, dtype=cdt, device=device) if want_weight else None
     grad_b = torch.zeros(p.student_weight.shape[0], dtype=cdt, device=device) if want_bias else None
@@ -243,7 +249,8 @@ def _run(
             if row_weight is not None:
                 dlogits, out = out
                 if grad_h is not None:
-                    torch.mm(dlogits, p.student_weight, out=grad_h[rows])
+                    wide = {"out_dtype": h_dtype} if dlogits.dtype != h_dtype else {}
+                    torch.mm(dlogits, p.student_weight, out=grad_h[rows], **wide)
                 if grad_w is not None:
                     _accumulate_mm(grad_w, dlogits.t(), p.student_hidden[rows], first=i == 0)
                 if grad_b is not None:
@@ -252,9 +259,10 @@ def _run(
     return loss, soft, hard, _Grads(grad_h, grad_w, grad_b)
 
 
-def _scaled(grads: _Grads, scale: Tensor, dtypes: tuple) -> _Grads:
-    """Gradients times a device scalar, cast back to the parameters' dtypes (hidden, weight, bias)."""
-    return _Grads(*(None if g is None else (g * scale).to(dtype) for g, dtype in zip(grads, dtypes)))
+def _scaled(grads: _Grads, scale: Tensor | float, dtypes: tuple) -> _Grads:
+    """Gradients times a device scalar, cast back to the parameters' dtypes (hidden, weight, bias)
+    in the same pass: one read of the wide accumulator, one write of the result."""
+    return _Grads(*(None if g is None else torch.mul(g, scale, out=torch.empty_like(g, dtype=dtype)) for g, dtype in zip(grads, dtypes)))
 
 
 # The tensors of a _Problem. They travel to backward through ``ctx.save_for_backward`` (not as
@@ -371,6 +379,7 @@ def fused_linear_distill(
     return_parts: bool = False,
     impl: Impl = "compile",
     memory_budget: int | float | None = None,
+    validate: bool = True,
 ) -> Tensor | DistillOutput:
     """Knowledge-distillation loss from hidden states, never materialising the full logits.
 
@@ -406,6 +415,9 @@ def fused_linear_distill(
             ``"eager"``: the same pure functions, uncompiled.
         memory_budget: bounds ``chunk_size="auto"`` (bytes, or a fraction of free device memory;
             default ``KDFUSE_MEMORY_BUDGET``).
+        validate: also check tensor *values* (labels and top-k ids inside the vocabulary),
+            which costs one device-to-host sync per call; shapes, dtypes and devices are always
+            checked, for free. Turn off in a hot loop whose data you trust.
 
     Returns:
         The loss in the compute dtype (float32; float64 for float64 inputs).
@@ -419,6 +431,8 @@ def fused_linear_distill(
         softcap=softcap, impl=impl,
     )  # fmt: skip
     vocab, width = student_weight.shape
+    if validate:
+        check_values(vocab, ignore_index, labels=labels, topk_ids=None if teacher_topk is None else teacher_topk[0])
     cdt = _compute_dtype(student_hidden.dtype)
     device = student_hidden.device
     hidden = student_hidden.reshape(-1, width)

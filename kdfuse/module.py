@@ -27,6 +27,7 @@ class DistillOptions:
     return_parts: bool = False
     impl: Impl = "compile"
     memory_budget: int | float | None = None
+    validate: bool = True
 
 
 class DistillLoss(nn.Module):

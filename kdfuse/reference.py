@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .fused import DistillOutput, DivergenceLike, Impl, Reduction, _kernel_of, _resolve
-from .validate import check_inputs
+from .validate import check_inputs, check_values
 
 __all__ = ["fused_linear_distill_ref"]
 
@@ -37,6 +37,7 @@ def fused_linear_distill_ref(
     return_parts: bool = False,
     impl: Impl = "eager",
     memory_budget: int | float | None = None,
+    validate: bool = True,
     precision: torch.dtype = torch.float64,
 ) -> Tensor | DistillOutput:
     """What :func:`kdfuse.fused_linear_distill` computes, with the full logits materialised.
@@ -68,6 +69,8 @@ def fused_linear_distill_ref(
     )  # fmt: skip
     leading = student_hidden.shape[:-1]
     vocab, width = student_weight.shape
+    if validate:
+        check_values(vocab, ignore_index, labels=labels, topk_ids=None if teacher_topk is None else teacher_topk[0])
     n = student_hidden[..., 0].numel()
 
     def cap(x: Tensor) -> Tensor:

@@ -54,18 +54,20 @@ def supported(kernel, compute_dtype: torch.dtype, device: torch.device) -> bool:
 
 @triton.jit
 def _online_lse(m, z, x):
-    """Fold the block ``x`` into per-lane running (max, sum of exp(x - max))."""
-    m_new = tl.maximum(m, x)
+    """Fold the block ``x`` into the running (max, sum of exp(x - max)) scalars.
+
+    Rescaling once per block (not per lane and element) keeps this at one exp per element:
+    the kernel is otherwise limited by the special-function unit, not by memory.
+    """
+    m_new = tl.maximum(m, tl.max(x, axis=0))
     safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    z = z * tl.exp(m - safe) + tl.exp(x - safe)
+    z = z * tl.exp(m - safe) + tl.sum(tl.exp(x - safe), axis=0)
     return m_new, z
 
 
 @triton.jit
 def _lse_finish(m, z):
-    big = tl.max(m, axis=0)
-    safe = tl.where(big == float("-inf"), 0.0, big)
-    return safe + tl.log(tl.sum(z * tl.exp(m - safe), axis=0))
+    return tl.where(m == float("-inf"), 0.0, m) + tl.log(z)
 
 
 @triton.jit
@@ -97,12 +99,12 @@ def _kd_chunk_kernel(
     valid = tl.load(VALID + row) != 0
 
     # Pass 1: online log-sum-exp of s = cap(x)·τ, t = cap(y)·τ and (for CE) a = cap(x).
-    m_s = tl.full([BLOCK], ninf, tl.float32)
-    z_s = tl.zeros([BLOCK], tl.float32)
-    m_t = tl.full([BLOCK], ninf, tl.float32)
-    z_t = tl.zeros([BLOCK], tl.float32)
-    m_a = tl.full([BLOCK], ninf, tl.float32)
-    z_a = tl.zeros([BLOCK], tl.float32)
+    m_s = ninf
+    z_s = 0.0
+    m_t = ninf
+    z_t = 0.0
+    m_a = ninf
+    z_a = 0.0
     picked = tl.zeros([BLOCK], tl.float32)
     for start in range(0, V, BLOCK):
         idx = start + offs

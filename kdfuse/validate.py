@@ -11,7 +11,7 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["check_inputs"]
+__all__ = ["check_inputs", "check_values"]
 
 _REDUCTIONS = ("mean", "sum", "none")
 _IMPLS = ("compile", "eager")
@@ -182,3 +182,23 @@ def check_inputs(
         raise ValueError(f"impl must be one of {_IMPLS}, got {impl!r}")
     if chunk_size != "auto" and not (isinstance(chunk_size, int) and not isinstance(chunk_size, bool) and chunk_size > 0):
         raise ValueError(f"chunk_size must be a positive int or 'auto', got {chunk_size!r}")
+
+
+def check_values(vocab: int, ignore_index: int, *, labels: Tensor | None, topk_ids: Tensor | None) -> None:
+    """Raise ``ValueError`` for labels outside ``[0, vocab)`` (other than ``ignore_index``) or
+    top-k ids outside ``[0, vocab)``. One device-to-host sync for all checks together."""
+    bad = []
+    if labels is not None and labels.numel():
+        flat = labels.reshape(-1)
+        bad.append(((flat != ignore_index) & ((flat < 0) | (flat >= vocab))).sum())
+    if topk_ids is not None and topk_ids.numel():
+        bad.append(((topk_ids < 0) | (topk_ids >= vocab)).sum())
+    if not bad:
+        return
+    counts = torch.stack(bad).tolist()  # the one sync
+    if labels is not None and labels.numel() and counts[0]:
+        raise ValueError(
+            f"labels has {counts[0]} value(s) outside [0, {vocab}) that are not ignore_index={ignore_index}"
+        )
+    if topk_ids is not None and topk_ids.numel() and counts[-1]:
+        raise ValueError(f"teacher_topk ids has {counts[-1]} value(s) outside [0, {vocab})")

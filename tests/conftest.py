@@ -21,6 +21,12 @@ import pytest
 import torch
 from hypothesis import HealthCheck, settings
 
+# Without a GPU, the hand-written Triton kernel runs under Triton's interpreter (numpy on the CPU),
+# so CI tests the kernel source the GPU runs. Triton reads this once, before its first kernel is
+# decorated: it has to be set here, ahead of any test module's imports.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 # Make ``import kdfuse`` work from a plain checkout (``pytest`` as well as ``python -m pytest``).
 _ROOT = str(Path(__file__).resolve().parents[1])
 if _ROOT not in sys.path:

@@ -9,7 +9,6 @@ mode, and vocabulary sizes that do not divide the block.
 from __future__ import annotations
 
 import importlib
-import os
 
 import pytest
 import torch
@@ -24,20 +23,8 @@ triton = pytest.importorskip("triton")
 
 @pytest.fixture(scope="module")
 def tc():
-    """kdfuse.triton_chunk, under the interpreter when there is no GPU (set before decoration)."""
-    if torch.cuda.is_available():
-        return importlib.import_module("kdfuse.triton_chunk")
-    old = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
-    try:
-        module = importlib.reload(importlib.import_module("kdfuse.triton_chunk"))
-    finally:
-        if old is None:
-            del os.environ["TRITON_INTERPRET"]
-        else:
-            os.environ["TRITON_INTERPRET"] = old
-    yield module
-    importlib.reload(module)  # leave a normally decorated module behind for later tests
+    """kdfuse.triton_chunk; without a GPU conftest.py has put Triton in interpreter mode."""
+    return importlib.import_module("kdfuse.triton_chunk")
 
 
 DIVERGENCES = [D.forward_kl, D.soft_ce, D.reverse_kl, D.jsd(0.3), D.jsd(1e-6), D.jsd(1 - 1e-6)]
