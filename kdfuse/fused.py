@@ -232,8 +232,10 @@ def _run(
     # long V-dim split-K partials in bf16) and rounded once at the end.
     h_dtype = cdt if device.type == "cuda" else p.student_hidden.dtype
     grad_h = torch.empty(p.student_hidden.shape, dtype=h_dtype, device=device) if want_hidden else None
-    # zeros, not empty: with no rows there is no first chunk to overwrite them.
-    grad_w = torch.zeros(p.student_weight.shape, dtype=cdt, device=device) if want_weight else None
+    # The first chunk overwrites grad_w, so it needs zeros (a 1 GiB fill at V=128k, H=2048) only
+    # when there is no chunk at all.
+    alloc = torch.empty if n else torch.zeros
+    grad_w = alloc(p.student_weight.shape, dtype=cdt, device=device) if want_weight else None
     grad_b = torch.zeros(p.student_weight.shape[0], dtype=cdt, device=device) if want_bias else None
     spec = p.spec if row_weight is None else replace(p.spec, with_grad=True)
     fn = _chunk_fn(spec)
