@@ -297,7 +297,6 @@ def main(argv: list[str] | None = None) -> None:
                 Path(args.json).write_text(json.dumps([asdict(r) for r in rows], indent=1))
     if args.png:
         plot(rows, args.png)
-    print_table(rows)
 
 
 if __name__ == "__main__":
