@@ -78,6 +78,36 @@ def _cap(x, cap, SOFTCAP: tl.constexpr):
 
 
 @triton.jit
+def _scaled_logprobs(s_ptr, t_ptr, idx, mask, cap, inv_t, lse_s, lse_t, SOFTCAP: tl.constexpr):
+    """One block: (capped student logits a, student log-probs ls, teacher log-probs lt) at T."""
+    a = _cap(tl.load(s_ptr + idx, mask=mask, other=0.0).to(tl.float32), cap, SOFTCAP)
+    b = _cap(tl.load(t_ptr + idx, mask=mask, other=float("-inf")).to(tl.float32), cap, SOFTCAP)
+    b = tl.where(mask, b, float("-inf"))
+    return a, a * inv_t - lse_s, b * inv_t - lse_t
+
+
+@triton.jit
+def _log_mix(lt, ls, log_beta, log_1m_beta):
+    """log(β·p_t + (1−β)·p_s), a two-term log-sum-exp."""
+    hi = tl.maximum(log_beta + lt, log_1m_beta + ls)
+    lo = tl.minimum(log_beta + lt, log_1m_beta + ls)
+    return hi + tl.log(1.0 + tl.exp(lo - hi))
+
+
+@triton.jit
+def _store_grad(dx_ptr, idx, mask, g, a, lse_a, label, w, soft_w, hard_w, inv_t, cap,
+                HAS_CE: tl.constexpr, SOFTCAP: tl.constexpr):  # fmt: skip
+    """Chain dD/ds (``g``) with the CE and softcap terms and store w·dL/dx."""
+    da = soft_w * inv_t * g
+    if HAS_CE:
+        da += hard_w * (tl.exp(a - lse_a) - tl.where(idx == label, 1.0, 0.0))
+    if SOFTCAP:
+        r = a / cap
+        da = da * (1.0 - r * r)
+    tl.store(dx_ptr + idx, (da * w).to(dx_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _kd_chunk_kernel(
     S, T, DX, LABELS, VALID, ROW_W, LOSS, SOFT, HARD, SCALARS,
     V, stride_s, stride_t, stride_dx, ignore_index,
@@ -141,15 +171,11 @@ def _kd_chunk_kernel(
     w = 0.0
     if WITH_GRAD:
         w = tl.load(ROW_W + row).to(tl.float32)
+    dx_ptr = DX + row * stride_dx
     for start in range(0, V, BLOCK):
         idx = start + offs
         mask = idx < V
-        x = tl.load(s_ptr + idx, mask=mask, other=0.0).to(tl.float32)
-        a = _cap(x, cap, SOFTCAP)
-        b = _cap(tl.load(t_ptr + idx, mask=mask, other=ninf).to(tl.float32), cap, SOFTCAP)
-        b = tl.where(mask, b, ninf)
-        ls = a * inv_t - lse_s
-        lt = b * inv_t - lse_t
+        a, ls, lt = _scaled_logprobs(s_ptr, t_ptr, idx, mask, cap, inv_t, lse_s, lse_t, SOFTCAP)
         ps = tl.where(mask, tl.exp(ls), 0.0)
         pt = tl.exp(lt)
         ls_c = tl.maximum(ls, FLOOR)
@@ -161,21 +187,12 @@ def _kd_chunk_kernel(
         elif DIV == 2:
             acc_a += tl.where(ps > 0, ps * (ls_c - lt_c), 0.0)
         else:
-            hi = tl.maximum(log_beta + lt, log_1m_beta + ls)
-            lo = tl.minimum(log_beta + lt, log_1m_beta + ls)
-            lm = hi + tl.log(1.0 + tl.exp(lo - hi))
-            lm_c = tl.maximum(lm, FLOOR)
+            lm_c = tl.maximum(_log_mix(lt, ls, log_beta, log_1m_beta), FLOOR)
             acc_a += tl.where(pt > 0, pt * (lt_c - lm_c), 0.0)
             acc_b += tl.where(ps > 0, ps * (ls_c - lm_c), 0.0)
         if WITH_GRAD:
             if DIV <= 1:
-                da = soft_w * inv_t * (ps - pt)
-                if HAS_CE:
-                    da += hard_w * (tl.exp(a - lse_a) - tl.where(idx == label, 1.0, 0.0))
-                if SOFTCAP:
-                    r = a / cap
-                    da = da * (1.0 - r * r)
-                tl.store(DX + row * stride_dx + idx, (da * w).to(DX.dtype.element_ty), mask=mask)
+                _store_grad(dx_ptr, idx, mask, ps - pt, a, lse_a, label, w, soft_w, hard_w, inv_t, cap, HAS_CE, SOFTCAP)
     kl_a = tl.sum(acc_a, axis=0)
     kl_b = tl.sum(acc_b, axis=0)
     if DIV == 3:
@@ -193,27 +210,15 @@ def _kd_chunk_kernel(
             for start in range(0, V, BLOCK):
                 idx = start + offs
                 mask = idx < V
-                x = tl.load(s_ptr + idx, mask=mask, other=0.0).to(tl.float32)
-                a = _cap(x, cap, SOFTCAP)
-                b = _cap(tl.load(t_ptr + idx, mask=mask, other=ninf).to(tl.float32), cap, SOFTCAP)
-                ls = a * inv_t - lse_s
-                lt = b * inv_t - lse_t
+                a, ls, lt = _scaled_logprobs(s_ptr, t_ptr, idx, mask, cap, inv_t, lse_s, lse_t, SOFTCAP)
                 ps = tl.exp(ls)
                 ls_c = tl.maximum(ls, FLOOR)
                 if DIV == 2:
                     g = ps * (ls_c - tl.maximum(lt, FLOOR) - kl_a)
                 else:
-                    hi = tl.maximum(log_beta + lt, log_1m_beta + ls)
-                    lo = tl.minimum(log_beta + lt, log_1m_beta + ls)
-                    lm = hi + tl.log(1.0 + tl.exp(lo - hi))
-                    g = (1.0 - beta) * ps * (ls_c - tl.maximum(lm, FLOOR) - kl_b)
-                da = soft_w * inv_t * g
-                if HAS_CE:
-                    da += hard_w * (tl.exp(a - lse_a) - tl.where(idx == label, 1.0, 0.0))
-                if SOFTCAP:
-                    r = a / cap
-                    da = da * (1.0 - r * r)
-                tl.store(DX + row * stride_dx + idx, (da * w).to(DX.dtype.element_ty), mask=mask)
+                    lm_c = tl.maximum(_log_mix(lt, ls, log_beta, log_1m_beta), FLOOR)
+                    g = (1.0 - beta) * ps * (ls_c - lm_c - kl_b)
+                _store_grad(dx_ptr, idx, mask, g, a, lse_a, label, w, soft_w, hard_w, inv_t, cap, HAS_CE, SOFTCAP)
 
 
 def chunk_step(

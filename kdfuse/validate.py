@@ -34,9 +34,38 @@ def _check_float(t: Tensor, name: str) -> None:
         raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
 
 
+def _is_number(value: object) -> bool:
+    """A Python int or float, not a bool (``temperature=True`` is a mistake, not 1.0)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def _check_positive(value: float, name: str) -> None:
-    if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+    if not (_is_number(value) and math.isfinite(value) and value > 0):
         raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+
+
+def _check_same_dtype(tensors: dict, what: str) -> None:
+    """``tensors`` (name -> Tensor or None) all of one dtype: the matmul would otherwise fail
+    with a bare "expected m1 and m2 to have the same dtype"."""
+    given = {name: t.dtype for name, t in tensors.items() if t is not None}
+    if len(set(given.values())) > 1:
+        listed = ", ".join(f"{name}={str(dtype).removeprefix('torch.')}" for name, dtype in given.items())
+        raise TypeError(f"{what} must share one dtype, got {listed}")
+
+
+def _check_layout(t: Tensor, name: str, leading: tuple, student_hidden: Tensor, trailing: int = 1) -> None:
+    """Row-aligned tensors must have student_hidden's leading dims, or be flattened to N rows.
+
+    Equal row counts alone would accept e.g. labels of shape (T, B) for hidden states (B, T, H):
+    the rows would silently pair up wrongly. A flattened side (at most one leading dim) is fine.
+    """
+    own = tuple(t.shape[: t.dim() - trailing]) if trailing else tuple(t.shape)
+    if own != leading and len(own) > 1 and len(leading) > 1:
+        raise ValueError(
+            f"{name}'s leading dims {tuple(own)} do not match student_hidden's {tuple(leading)} "
+            f"(same number of rows, different layout: give the same leading dims, or flatten them): "
+            f"{name} {_shape(t)}, student_hidden {_shape(student_hidden)}"
+        )
 
 
 def check_inputs(
@@ -65,12 +94,15 @@ def check_inputs(
     if student_weight.dim() != 2:
         raise ValueError(f"student_weight must be (V, Hs), got shape {_shape(student_weight)}")
     vocab, width = student_weight.shape
+    if width == 0:
+        raise ValueError(f"student_weight has Hs=0 (no hidden features): student_weight {_shape(student_weight)}")
     if student_hidden.dim() < 1 or student_hidden.shape[-1] != width:
         raise ValueError(
             f"student_hidden's last dim must equal student_weight's Hs={width}: "
             f"student_hidden {_shape(student_hidden)}, student_weight {_shape(student_weight)}"
         )
     rows = _rows(student_hidden, "student_hidden")
+    leading = tuple(student_hidden.shape[:-1])
     tensors = {"student_hidden": student_hidden, "student_weight": student_weight}
 
     dense = teacher_logits is not None
@@ -105,12 +137,15 @@ def check_inputs(
             )
         if ids.shape[-1] > vocab:
             raise ValueError(f"teacher_topk has k={ids.shape[-1]} > the student's vocabulary {vocab}")
+        _check_layout(ids, "teacher_topk ids", leading, student_hidden)
         tensors.update(teacher_topk_ids=ids, teacher_topk_logprobs=logprobs)
     elif linear:
         if teacher_hidden is None or teacher_weight is None:
             raise ValueError("teacher_hidden and teacher_weight must be given together")
         _check_float(teacher_hidden, "teacher_hidden")
         _check_float(teacher_weight, "teacher_weight")
+        if teacher_weight.dim() == 2 and teacher_weight.shape[1] == 0:
+            raise ValueError(f"teacher_weight has Ht=0 (no hidden features): teacher_weight {_shape(teacher_weight)}")
         if teacher_weight.dim() != 2 or teacher_hidden.shape[-1] != teacher_weight.shape[1]:
             raise ValueError(
                 "teacher_hidden's last dim must equal teacher_weight's Ht: "
@@ -126,6 +161,7 @@ def check_inputs(
                 f"teacher vocabulary {teacher_weight.shape[0]} is smaller than the student's {vocab}: "
                 f"teacher_weight {_shape(teacher_weight)}, student_weight {_shape(student_weight)}"
             )
+        _check_layout(teacher_hidden, "teacher_hidden", leading, student_hidden)
         tensors.update(teacher_hidden=teacher_hidden, teacher_weight=teacher_weight)
         teacher_vocab = teacher_weight.shape[0]
     elif dense:
@@ -140,6 +176,7 @@ def check_inputs(
                 f"teacher_logits' vocabulary {teacher_logits.shape[-1]} is smaller than the student's "
                 f"{vocab}: teacher_logits {_shape(teacher_logits)}, student_weight {_shape(student_weight)}"
             )
+        _check_layout(teacher_logits, "teacher_logits", leading, student_hidden)
         tensors["teacher_logits"] = teacher_logits
         teacher_vocab = teacher_logits.shape[-1]
 
@@ -154,6 +191,16 @@ def check_inputs(
             raise ValueError(f"{name} must have shape ({expected},), got {_shape(bias)}")
         tensors[name] = bias
 
+    _check_same_dtype(
+        {"student_hidden": student_hidden, "student_weight": student_weight, "student_bias": student_bias},
+        "the student's hidden states, weight and bias",
+    )
+    if linear:
+        _check_same_dtype(
+            {"teacher_hidden": teacher_hidden, "teacher_weight": teacher_weight, "teacher_bias": teacher_bias},
+            "the teacher's hidden states, weight and bias",
+        )
+
     if labels is not None:
         if not isinstance(labels, Tensor) or labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
             raise TypeError(f"labels must be an integer tensor, got {getattr(labels, 'dtype', type(labels).__name__)}")
@@ -162,6 +209,7 @@ def check_inputs(
                 f"labels has {labels.numel()} elements, student_hidden {rows} rows: "
                 f"shapes {_shape(labels)} vs {_shape(student_hidden)}"
             )
+        _check_layout(labels, "labels", leading, student_hidden, trailing=0)
         tensors["labels"] = labels
     elif hard_weight != 0:
         raise ValueError(f"hard_weight={hard_weight} needs labels for the cross-entropy")
@@ -172,7 +220,7 @@ def check_inputs(
 
     _check_positive(temperature, "temperature")
     for value, name in ((soft_weight, "soft_weight"), (hard_weight, "hard_weight")):
-        if not (isinstance(value, (int, float)) and math.isfinite(value)):
+        if not (_is_number(value) and math.isfinite(value)):
             raise ValueError(f"{name} must be a finite number, got {value!r}")
     if softcap is not None:
         _check_positive(softcap, "softcap")
@@ -187,6 +235,8 @@ def check_inputs(
 def check_values(vocab: int, ignore_index: int, *, labels: Tensor | None, topk_ids: Tensor | None) -> None:
     """Raise ``ValueError`` for labels outside ``[0, vocab)`` (other than ``ignore_index``) or
     top-k ids outside ``[0, vocab)``. One device-to-host sync for all checks together."""
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
     bad = []
     if labels is not None and labels.numel():
         flat = labels.reshape(-1)

@@ -62,3 +62,16 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def tuning_env(monkeypatch, tmp_path):
+    """A private autotuning cache dir, default KDFUSE_* knobs and an empty in-process memo."""
+    from kdfuse import env, tuning
+
+    for name in ("AUTOTUNE", "PRINT_AUTOTUNING", "FORCE_RETUNE", "MEMORY_BUDGET"):
+        monkeypatch.delenv(env.PREFIX + name, raising=False)
+    monkeypatch.setenv("KDFUSE_CACHE_DIR", str(tmp_path / "cache"))
+    tuning.clear_memo()
+    yield
+    tuning.clear_memo()

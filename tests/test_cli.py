@@ -15,14 +15,7 @@ from kdfuse.tuning import Sweep
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(autouse=True)
-def clean_env(monkeypatch, tmp_path):
-    for name in ("AUTOTUNE", "PRINT_AUTOTUNING", "FORCE_RETUNE", "MEMORY_BUDGET"):
-        monkeypatch.delenv(env.PREFIX + name, raising=False)
-    monkeypatch.setenv("KDFUSE_CACHE_DIR", str(tmp_path / "cache"))
-    tuning.clear_memo()
-    yield
-    tuning.clear_memo()
+pytestmark = pytest.mark.usefixtures("tuning_env")
 
 
 class FakeBench:

@@ -61,9 +61,12 @@ def test_kernel_matches_torch_func(tc, div, rows, vocab, has_ce, softcap, inv_t,
     )
     if with_grad:
         want_grad, want = fused._loss_and_grad(spec, student, (teacher,), labels, valid, weights, scalars)
-        # float32 throughout on both sides; the kernel sums in a different order (per-lane
-        # partial sums), so agreement is to float32 rounding of O(1) quantities.
-        torch.testing.assert_close(got_grad, want_grad, rtol=1e-4, atol=1e-6)
+        # float32 throughout on both sides, summed in different orders. Reverse KL / JSD gradients
+        # are p_s·(log p_s − log p_t − KL): a difference of O(|log p|) terms that cancels near its
+        # zero crossing, so an element's error is float32 rounding of the row's largest gradient,
+        # not of the element itself.
+        scale = want_grad.abs().amax().item()
+        torch.testing.assert_close(got_grad, want_grad, rtol=1e-4, atol=1e-6 + 4e-6 * scale)
     else:
         assert got_grad is None
         want = fused._row_losses(spec, student, (teacher,), labels, valid, scalars)

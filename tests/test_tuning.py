@@ -28,15 +28,7 @@ CALL = {
 }  # fmt: skip
 
 
-@pytest.fixture(autouse=True)
-def clean_env(monkeypatch, tmp_path):
-    """Every test gets its own cache dir, default knobs and an empty memo."""
-    for name in ("AUTOTUNE", "PRINT_AUTOTUNING", "FORCE_RETUNE", "MEMORY_BUDGET"):
-        monkeypatch.delenv(env.PREFIX + name, raising=False)
-    monkeypatch.setenv("KDFUSE_CACHE_DIR", str(tmp_path / "cache"))
-    tuning.clear_memo()
-    yield
-    tuning.clear_memo()
+pytestmark = pytest.mark.usefixtures("tuning_env")
 
 
 def resolve(device: torch.device = CPU, **overrides) -> int:

@@ -16,7 +16,6 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import kdfuse  # noqa: E402
 from kdfuse import tuning  # noqa: E402
 
 
