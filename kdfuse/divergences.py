@@ -146,6 +146,8 @@ def _named(name: str, kernel: _Kernel, params: dict[str, float], doc: str | None
 
 
 def _check_unit(name: str, value: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number in [0, 1], got {value!r}")
     value = float(value)
     if not (0.0 <= value <= 1.0):
         raise ValueError(f"{name} must be in [0, 1], got {value!r}")

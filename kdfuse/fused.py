@@ -26,7 +26,7 @@ from torch import Tensor
 from . import divergences as D
 from . import topk as K
 from .tuning import resolve_chunk_size
-from .validate import check_inputs, check_values
+from .validate import check_inputs, check_normalizer, check_values
 
 __all__ = ["fused_linear_distill", "DistillOutput", "Reduction", "Impl"]
 
@@ -90,7 +90,10 @@ def _row_losses(
         ids, logprobs = teacher
         soft = spec.kernel(s * scalars[_INV_T], ids, logprobs.to(spec.compute_dtype))
     else:
-        t = _cap(teacher[0].to(spec.compute_dtype), scalars, spec)
+        # Ignored rows may hold anything (padding stored as an all -inf teacher row): give the
+        # divergence a neutral row there, or its nan gradient times a 0 row weight is still nan.
+        t = torch.where(valid[:, None], teacher[0].to(spec.compute_dtype), 0)
+        t = _cap(t, scalars, spec)
         params = tuple(scalars[_N_FIXED + i] for i in range(spec.n_params))
         soft = spec.kernel(s * scalars[_INV_T], t * scalars[_INV_T], *params)
     if soft.shape != valid.shape:  # shapes are static: this costs nothing, even when traced
@@ -228,10 +231,10 @@ def _run(
     device = p.student_hidden.device
     loss, soft, hard = (torch.zeros(n, dtype=cdt, device=device) for _ in range(3))
     want_hidden, want_weight, want_bias = need
-    # On CUDA grad_hidden is written in float32 (cuBLAS may otherwise reduce a bf16 product's
-    # long V-dim split-K partials in bf16) and rounded once at the end.
-    h_dtype = cdt if device.type == "cuda" else p.student_hidden.dtype
-    grad_h = torch.empty(p.student_hidden.shape, dtype=h_dtype, device=device) if want_hidden else None
+    # grad_hidden is written in the compute dtype and rounded once at the end: cuBLAS may otherwise
+    # reduce a bf16 product's long V-dim split-K partials in bf16, and float16's unscaled
+    # (1/normalizer applied later) per-row gradients can exceed its range.
+    grad_h = torch.empty(p.student_hidden.shape, dtype=cdt, device=device) if want_hidden else None
     # The first chunk overwrites grad_w, so it needs zeros (a 1 GiB fill at V=128k, H=2048) only
     # when there is no chunk at all.
     alloc = torch.empty if n else torch.zeros
@@ -251,8 +254,7 @@ def _run(
             if row_weight is not None:
                 dlogits, out = out
                 if grad_h is not None:
-                    wide = {"out_dtype": h_dtype} if dlogits.dtype != h_dtype else {}
-                    torch.mm(dlogits, p.student_weight, out=grad_h[rows], **wide)
+                    _accumulate_mm(grad_h[rows], dlogits, p.student_weight, first=True)
                 if grad_w is not None:
                     _accumulate_mm(grad_w, dlogits.t(), p.student_hidden[rows], first=i == 0)
                 if grad_b is not None:
@@ -435,6 +437,7 @@ def fused_linear_distill(
     vocab, width = student_weight.shape
     if validate:
         check_values(vocab, ignore_index, labels=labels, topk_ids=None if teacher_topk is None else teacher_topk[0])
+    check_normalizer(normalizer, reduction)
     cdt = _compute_dtype(student_hidden.dtype)
     device = student_hidden.device
     hidden = student_hidden.reshape(-1, width)
@@ -483,7 +486,7 @@ def fused_linear_distill(
     if reduction != "none" and normalizer is None:
         norm = valid.sum().clamp_min(1).to(cdt) if reduction == "mean" else None
     elif reduction != "none":
-        norm = torch.as_tensor(normalizer, dtype=cdt, device=device)
+        norm = torch.as_tensor(normalizer, dtype=cdt, device=device).reshape(())
     else:
         norm = None
 

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .fused import DistillOutput, DivergenceLike, Impl, Reduction, _kernel_of, _resolve
-from .validate import check_inputs, check_values
+from .validate import check_inputs, check_normalizer, check_values
 
 __all__ = ["fused_linear_distill_ref"]
 
@@ -71,6 +71,7 @@ def fused_linear_distill_ref(
     vocab, width = student_weight.shape
     if validate:
         check_values(vocab, ignore_index, labels=labels, topk_ids=None if teacher_topk is None else teacher_topk[0])
+    check_normalizer(normalizer, reduction)
     n = student_hidden[..., 0].numel()
 
     def cap(x: Tensor) -> Tensor:
@@ -79,6 +80,10 @@ def fused_linear_distill_ref(
     hidden = student_hidden.reshape(n, width).to(precision)
     bias = None if student_bias is None else student_bias.to(precision)
     student = cap(F.linear(hidden, student_weight.to(precision), bias))
+    if labels is None:
+        valid = torch.ones(n, dtype=torch.bool, device=hidden.device)
+    else:
+        valid = labels.reshape(n).long() != ignore_index
     kernel, params = _kernel_of(divergence)
     if teacher_topk is not None:  # temperature and softcap on the student only
         ids, logprobs = (t.reshape(n, t.shape[-1]) for t in teacher_topk)
@@ -92,13 +97,12 @@ def fused_linear_distill_ref(
                 t_bias = None if teacher_bias is None else teacher_bias[:vocab].to(precision)
                 t_hidden = teacher_hidden.reshape(n, teacher_hidden.shape[-1]).to(precision)
                 teacher = F.linear(t_hidden, teacher_weight[:vocab].to(precision), t_bias)
-            teacher = cap(teacher)
+            teacher = cap(torch.where(valid[:, None], teacher, 0))  # ignored rows: see fused._row_losses
         scalars = (torch.tensor(v, dtype=precision, device=hidden.device) for v in params)
         soft = kernel(student / temperature, teacher / temperature, *scalars)
-    if labels is None:
-        valid = torch.ones(n, dtype=torch.bool, device=hidden.device)
-    else:
-        valid = labels.reshape(n).long() != ignore_index
+    if soft.shape != (n,):
+        name = getattr(kernel, "__name__", repr(kernel))
+        raise ValueError(f"divergence {name} returned shape {tuple(soft.shape)}, expected per-row losses ({n},)")
     if hard_weight == 0:  # as documented above (and as fused computes): no cross-entropy at all
         hard = torch.zeros_like(soft)
     else:
@@ -111,7 +115,7 @@ def fused_linear_distill_ref(
         parts = (loss.reshape(leading), soft.reshape(leading), hard.reshape(leading))
     else:
         if normalizer is not None:
-            denom = torch.as_tensor(normalizer, dtype=precision, device=hidden.device)
+            denom = torch.as_tensor(normalizer, dtype=precision, device=hidden.device).reshape(())
         elif reduction == "mean":
             denom = valid.sum().clamp_min(1).to(precision)
         else:

@@ -104,7 +104,8 @@ def _store_grad(dx_ptr, idx, mask, g, a, lse_a, label, w, soft_w, hard_w, inv_t,
     if SOFTCAP:
         r = a / cap
         da = da * (1.0 - r * r)
-    tl.store(dx_ptr + idx, (da * w).to(dx_ptr.dtype.element_ty), mask=mask)
+    # An ignored row (w = 0) may hold garbage, e.g. an all -inf teacher row: 0 · nan is nan.
+    tl.store(dx_ptr + idx, tl.where(w != 0, da * w, 0.0).to(dx_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit

@@ -11,7 +11,7 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["check_inputs", "check_values"]
+__all__ = ["check_inputs", "check_normalizer", "check_values"]
 
 _REDUCTIONS = ("mean", "sum", "none")
 _IMPLS = ("compile", "eager")
@@ -252,3 +252,21 @@ def check_values(vocab: int, ignore_index: int, *, labels: Tensor | None, topk_i
         )
     if topk_ids is not None and topk_ids.numel() and counts[-1]:
         raise ValueError(f"teacher_topk ids has {counts[-1]} value(s) outside [0, {vocab})")
+
+
+def check_normalizer(normalizer: float | Tensor | None, reduction: str) -> None:
+    """A normalizer is a finite number > 0 or a one-element tensor, and only with "mean"/"sum".
+
+    A tensor's value is not read (that would be a host sync); its shape is checked."""
+    if normalizer is None:
+        return
+    if reduction == "none":
+        raise ValueError("normalizer has no effect with reduction='none': pass it with 'mean' or 'sum'")
+    if isinstance(normalizer, Tensor):
+        if normalizer.numel() != 1:
+            raise ValueError(f"normalizer must be a number or a one-element tensor, got shape {_shape(normalizer)}")
+        return
+    if isinstance(normalizer, bool) or not isinstance(normalizer, (int, float)):
+        raise TypeError(f"normalizer must be a number or a tensor, got {type(normalizer).__name__}")
+    if not (math.isfinite(normalizer) and normalizer > 0):
+        raise ValueError(f"normalizer must be a finite number > 0, got {normalizer!r}")
