@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import pytest
 import torch
+from torch import Tensor
 from hypothesis import given, note
 from hypothesis import strategies as st
 
@@ -86,6 +87,19 @@ def rel_err(actual, expected) -> float:
     return diff / ref if ref > 0 else diff
 
 
+def draw_labels(draw, gen: torch.Generator, leading: tuple, vocab: int, ignore_index: int) -> Tensor | None:
+    """Labels (or None) with none, some, all or no rows ignored, as int64 or int32."""
+    label_mode = draw(st.sampled_from(["none", "some ignored", "all ignored", "no ignored"]), label="labels")
+    if label_mode == "none":
+        return None
+    labels = torch.randint(0, vocab, leading, generator=gen)
+    if label_mode == "some ignored":
+        labels = labels.masked_fill(torch.rand(leading, generator=gen) < 0.4, ignore_index)
+    elif label_mode == "all ignored":
+        labels = torch.full(leading, ignore_index)
+    return labels.to(draw(st.sampled_from([torch.int64, torch.int32]), label="label dtype"))
+
+
 @st.composite
 def problems(draw, max_rows: int = 40, allow_empty: bool = True):
     rank = draw(st.integers(1, 3), label="rank")
@@ -124,21 +138,16 @@ def problems(draw, max_rows: int = 40, allow_empty: bool = True):
             t["teacher_bias"] = randn(vocab + extra)
 
     ignore_index = draw(st.sampled_from([-100, -1]), label="ignore_index")
-    label_mode = draw(st.sampled_from(["none", "some ignored", "all ignored", "no ignored"]), label="labels")
-    if label_mode != "none":
-        labels = torch.randint(0, vocab, leading, generator=gen)
-        if label_mode == "some ignored":
-            labels = labels.masked_fill(torch.rand(leading, generator=gen) < 0.4, ignore_index)
-        elif label_mode == "all ignored":
-            labels = torch.full(leading, ignore_index)
-        t["labels"] = labels.to(draw(st.sampled_from([torch.int64, torch.int32]), label="label dtype"))
+    labels = draw_labels(draw, gen, leading, vocab, ignore_index)
+    if labels is not None:
+        t["labels"] = labels
 
     reduction = draw(st.sampled_from(["mean", "sum", "none"]), label="reduction")
     kwargs = dict(
         divergence=draw(DIVERGENCES, label="divergence"),
         temperature=draw(st.floats(0.5, 4.0), label="temperature"),
         soft_weight=draw(st.sampled_from([1.0, 0.0, 0.3, 2.5]), label="soft_weight"),
-        hard_weight=0.0 if label_mode == "none" else draw(st.sampled_from([0.0, 0.5, 1.0, 2.0]), label="hard_weight"),
+        hard_weight=0.0 if labels is None else draw(st.sampled_from([0.0, 0.5, 1.0, 2.0]), label="hard_weight"),
         ignore_index=ignore_index,
         reduction=reduction,
         chunk_size=draw(st.one_of(st.just("auto"), st.integers(1, max(n, 1) + 3)), label="chunk_size"),
