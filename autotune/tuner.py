@@ -53,8 +53,11 @@ def tune(
     estimate_bytes: Callable[[Hashable], int] | None = None,
     on_result: Callable[[Measurement], None] | None = None,
     time_budget_s: float | None = None,
+    time_slack: float = 0.0,
 ) -> TuneResult:
-    """Benchmark each candidate with ``bench(candidate) -> (ms, peak_bytes)`` and pick the fastest.
+    """Benchmark each candidate with ``bench(candidate) -> (ms, peak_bytes)`` and pick the fastest,
+    or with ``time_slack`` > 0 the leanest: the smallest measured peak among the candidates within
+    ``(1 + time_slack)`` times the fastest time (timing noise makes near-ties arbitrary anyway).
 
     With ``memory_budget`` set, a candidate whose ``estimate_bytes`` exceeds it is pruned without running,
     and one whose measured peak exceeds it is scored ``inf``. Any ``Exception`` raised by ``bench`` or
@@ -64,6 +67,8 @@ def tune(
     """
     if len(set(candidates)) != len(candidates):
         raise ValueError("candidates must be distinct")
+    if not time_slack >= 0:
+        raise ValueError(f"time_slack must be >= 0, got {time_slack}")
     start = time.monotonic()
     measurements = []
     for candidate in candidates:
@@ -74,10 +79,17 @@ def tune(
         measurements.append(m)
         if on_result is not None:
             on_result(m)
+    return TuneResult(_pick(measurements, time_slack), tuple(measurements))
+
+
+def _pick(measurements: list[Measurement], time_slack: float) -> Hashable | None:
     finite = [m for m in measurements if math.isfinite(m.ms)]
+    if not finite:
+        return None
+    fastest = min(m.ms for m in finite)
+    near = [m for m in finite if m.ms <= fastest * (1 + time_slack)]
     # min() keeps the first of equal keys, so ties go to the earlier candidate.
-    best = min(finite, key=lambda m: m.ms).candidate if finite else None
-    return TuneResult(best, tuple(measurements))
+    return min(near, key=lambda m: (m.peak_bytes, m.ms) if time_slack else m.ms).candidate
 
 
 def _evaluate(

@@ -37,6 +37,7 @@ from autotune import TuningCache, resolve_device
 from . import divergences as D
 from .env import parse_memory_budget, settings
 from .tuning import (
+    TIME_SLACK,
     Sweep,
     TuningKey,
     cached_sweep,
@@ -138,8 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     tune = commands.add_parser(
         "tune",
-        help="measure chunk sizes and cache the fastest",
-        description="Sweep the candidate chunk sizes for each shape and cache the fastest for chunk_size='auto'. "
+        help="measure chunk sizes and cache the winner",
+        description="Sweep the candidate chunk sizes for each shape and cache the winner (the leanest within "
+        f"{TIME_SLACK:.0%} of the fastest) for chunk_size='auto'. "
         "Explicit shape options override the preset's.",
         epilog="presets: " + "; ".join(f"{name}: {preset}" for name, preset in PRESETS.items()),
     )

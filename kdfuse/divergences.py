@@ -71,9 +71,9 @@ def _kl(logp: Tensor, logq: Tensor) -> Tensor:
     return (p * (logp.clamp_min(LOGPROB_FLOOR) - logq.clamp_min(LOGPROB_FLOOR))).sum(-1)
 
 
-def _log_mix(log_a: Tensor, log_b: Tensor, w_a: Tensor) -> Tensor:
-    """log(w_a · a + (1 - w_a) · b) in log space; ``0 < w_a < 1``."""
-    return torch.logaddexp(log_a + torch.log(w_a), log_b + torch.log1p(-w_a))
+def _log_mix(log_a: Tensor, log_b: Tensor, log_w: Tensor, log_1mw: Tensor) -> Tensor:
+    """log(w · a + (1 − w) · b) in log space, from log w and log(1 − w); ``0 < w < 1``."""
+    return torch.logaddexp(log_a + log_w, log_b + log_1mw)
 
 
 def _forward_kl(student: Tensor, teacher: Tensor) -> Tensor:
@@ -84,10 +84,12 @@ def _reverse_kl(student: Tensor, teacher: Tensor) -> Tensor:
     return _kl(student.log_softmax(-1), teacher.log_softmax(-1))
 
 
-def _jsd_mixture(student: Tensor, teacher: Tensor, beta: Tensor) -> Tensor:
+def _jsd_mixture(student: Tensor, teacher: Tensor, *mixing: Tensor) -> Tensor:
+    """``mixing``: (β, 1 − β, log β, log(1 − β)), see _mixing."""
+    beta, one_minus, log_beta, log_1m = mixing
     log_s, log_t = student.log_softmax(-1), teacher.log_softmax(-1)
-    log_m = _log_mix(log_t, log_s, beta)
-    return beta * _kl(log_t, log_m) + (1 - beta) * _kl(log_s, log_m)
+    log_m = _log_mix(log_t, log_s, log_beta, log_1m)
+    return beta * _kl(log_t, log_m) + one_minus * _kl(log_s, log_m)
 
 
 def _soft_ce(student: Tensor, teacher: Tensor) -> Tensor:
@@ -99,19 +101,21 @@ def _tvd(student: Tensor, teacher: Tensor) -> Tensor:
     return 0.5 * (student.softmax(-1) - teacher.softmax(-1)).abs().sum(-1)
 
 
-def _skew_kl(student: Tensor, teacher: Tensor, alpha: Tensor) -> Tensor:
+def _skew_kl(student: Tensor, teacher: Tensor, *mixing: Tensor) -> Tensor:
+    """``mixing``: (α, 1 − α, log α, log(1 − α)), see _mixing; only the logs are needed."""
     log_s, log_t = student.log_softmax(-1), teacher.log_softmax(-1)
-    return _kl(log_t, _log_mix(log_t, log_s, alpha))
+    return _kl(log_t, _log_mix(log_t, log_s, *mixing[2:]))
 
 
-def _skew_reverse_kl(student: Tensor, teacher: Tensor, alpha: Tensor) -> Tensor:
+def _skew_reverse_kl(student: Tensor, teacher: Tensor, *mixing: Tensor) -> Tensor:
+    """``mixing`` as for _skew_kl."""
     log_s, log_t = student.log_softmax(-1), teacher.log_softmax(-1)
-    return _kl(log_s, _log_mix(log_s, log_t, alpha))
+    return _kl(log_s, _log_mix(log_s, log_t, *mixing[2:]))
 
 
-def _symmetric_kl(student: Tensor, teacher: Tensor, weight: Tensor) -> Tensor:
+def _symmetric_kl(student: Tensor, teacher: Tensor, weight: Tensor, one_minus: Tensor) -> Tensor:
     log_s, log_t = student.log_softmax(-1), teacher.log_softmax(-1)
-    return weight * _kl(log_t, log_s) + (1 - weight) * _kl(log_s, log_t)
+    return weight * _kl(log_t, log_s) + one_minus * _kl(log_s, log_t)
 
 
 def _mse_logits(student: Tensor, teacher: Tensor) -> Tensor:
@@ -126,14 +130,24 @@ def _zero(student: Tensor, teacher: Tensor) -> Tensor:
     return student.sum(-1) * 0
 
 
-def _named(name: str, kernel: _Kernel, params: dict[str, float], doc: str | None) -> Divergence:
+def _mixing(w: float) -> tuple[float, ...]:
+    """A mixing weight's kernel parameters (w, 1 − w, log w, log(1 − w)), computed here in float64.
+
+    Kernels run in float32, where w = 1 − 1e-9 rounds to 1 and w = 1e-50 to 0: 1 − w and the logs
+    taken there would be 0 and −inf (a NaN gradient next to a masked teacher entry, a wrong value
+    for a tiny w). Each of the four is representable, so each is passed as its own value.
+    """
+    return (w, 1.0 - w, math.log(w), math.log1p(-w))
+
+
+def _named(name: str, kernel: _Kernel, params: tuple[float, ...], doc: str | None) -> Divergence:
     """A plain ``(student, teacher) -> loss`` function with a stable name.
 
     ``__kdfuse_kernel__`` and ``__kdfuse_params__`` let the combinator call the kernel with the
     parameters as tensors, so that a new ``beta`` reuses the compiled code instead of
     recompiling (a closure over a Python float would be baked into the graph).
     """
-    values = tuple(params.values())
+    values = tuple(params)
 
     def divergence(student: Tensor, teacher: Tensor) -> Tensor:
         return kernel(student, teacher, *(torch.tensor(v, dtype=student.dtype, device=student.device) for v in values))
@@ -164,14 +178,14 @@ def _param_name(base: str, param: str, value: float) -> str:
 forward_kl: Divergence = _named(
     "forward_kl",
     _forward_kl,
-    {},
+    (),
     """KL(P_teacher ‖ P_student) = Σ p_t (log p_t − log p_s), teacher entropy included.""",
 )
 
 reverse_kl: Divergence = _named(
     "reverse_kl",
     _reverse_kl,
-    {},
+    (),
     """KL(P_student ‖ P_teacher) = Σ p_s (log p_s − log p_t); masked teacher entries are floored
     at :data:`LOGPROB_FLOOR`.""",
 )
@@ -179,19 +193,19 @@ reverse_kl: Divergence = _named(
 soft_ce: Divergence = _named(
     "soft_ce",
     _soft_ce,
-    {},
+    (),
     """Soft cross-entropy −Σ p_t log p_s. What torchtune, DistiLLM and OpenRLHF call "forward KL":
     it equals forward KL plus the teacher's entropy, so same gradient, different value.""",
 )
 
 tvd: Divergence = _named(
-    "tvd", _tvd, {}, """Total variation distance ½ Σ |p_s − p_t| (in [0, 1])."""
+    "tvd", _tvd, (), """Total variation distance ½ Σ |p_s − p_t| (in [0, 1])."""
 )
 
 mse_logits: Divergence = _named(
     "mse_logits",
     _mse_logits,
-    {},
+    (),
     """Mean over the vocabulary of (s − t)² on the (temperature-scaled) logits, metaseq's
     vocab-parallel MSE. Only meaningful for raw logits, not log-probabilities: logits are defined up
     to a per-row shift that MSE does not ignore, and log-probs squash the informative tail.
@@ -212,10 +226,10 @@ def jsd(beta: float = 0.5) -> Divergence:
     beta = _check_unit("beta", beta)
     name = _param_name("jsd", "beta", beta)
     if beta == 0.0:
-        return _named(name, _forward_kl, {}, jsd.__doc__)
+        return _named(name, _forward_kl, (), jsd.__doc__)
     if beta == 1.0:
-        return _named(name, _reverse_kl, {}, jsd.__doc__)
-    return _named(name, _jsd_mixture, {"beta": beta}, jsd.__doc__)
+        return _named(name, _reverse_kl, (), jsd.__doc__)
+    return _named(name, _jsd_mixture, _mixing(beta), jsd.__doc__)
 
 
 def skew_kl(alpha: float = 0.1) -> Divergence:
@@ -223,10 +237,10 @@ def skew_kl(alpha: float = 0.1) -> Divergence:
     alpha = _check_unit("alpha", alpha)
     name = _param_name("skew_kl", "alpha", alpha)
     if alpha == 0.0:
-        return _named(name, _forward_kl, {}, skew_kl.__doc__)
+        return _named(name, _forward_kl, (), skew_kl.__doc__)
     if alpha == 1.0:  # the mixture is P_t itself: identically 0
-        return _named(name, _zero, {}, skew_kl.__doc__)
-    return _named(name, _skew_kl, {"alpha": alpha}, skew_kl.__doc__)
+        return _named(name, _zero, (), skew_kl.__doc__)
+    return _named(name, _skew_kl, _mixing(alpha), skew_kl.__doc__)
 
 
 def skew_reverse_kl(alpha: float = 0.1) -> Divergence:
@@ -234,17 +248,17 @@ def skew_reverse_kl(alpha: float = 0.1) -> Divergence:
     alpha = _check_unit("alpha", alpha)
     name = _param_name("skew_reverse_kl", "alpha", alpha)
     if alpha == 0.0:
-        return _named(name, _reverse_kl, {}, skew_reverse_kl.__doc__)
+        return _named(name, _reverse_kl, (), skew_reverse_kl.__doc__)
     if alpha == 1.0:
-        return _named(name, _zero, {}, skew_reverse_kl.__doc__)
-    return _named(name, _skew_reverse_kl, {"alpha": alpha}, skew_reverse_kl.__doc__)
+        return _named(name, _zero, (), skew_reverse_kl.__doc__)
+    return _named(name, _skew_reverse_kl, _mixing(alpha), skew_reverse_kl.__doc__)
 
 
 def symmetric_kl(weight: float = 0.5) -> Divergence:
     """w·KL(P_t‖P_s) + (1−w)·KL(P_s‖P_t): ``weight=1`` is forward KL, ``0`` reverse KL."""
     weight = _check_unit("weight", weight)
     name = _param_name("symmetric_kl", "weight", weight)
-    return _named(name, _symmetric_kl, {"weight": weight}, symmetric_kl.__doc__)
+    return _named(name, _symmetric_kl, (weight, 1.0 - weight), symmetric_kl.__doc__)
 
 
 _PLAIN: dict[str, Divergence] = {f.__name__: f for f in (forward_kl, reverse_kl, soft_ce, tvd, mse_logits)}

@@ -16,6 +16,7 @@ recomputes the chunks.
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass, replace
 from typing import Callable, Literal, NamedTuple, Union
 
@@ -63,6 +64,7 @@ class _Spec:
     compiled: bool
     sparse: bool = False  # teacher given as top-k (ids, logprobs) instead of dense logits
     triton: bool = False  # run the hand-written kernel (kdfuse.triton_chunk) instead
+    wide_grad: bool = False  # return the logit gradient in the compute dtype (float16 inputs)
 
 
 # Layout of the per-call scalar tensor handed to the chunk function.
@@ -116,26 +118,39 @@ def _loss_and_grad(
     row_weight: Tensor,  # (C,) compute dtype: d(result)/d(row loss), up to a global scale
     scalars: Tensor,
 ) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor]]:
-    """(d Σ_r w_r·loss_r / d student  (C, V) in student's dtype, (loss, soft, hard))."""
+    """(d Σ_r w_r·loss_r / d student  (C, V) in student's dtype (the compute dtype with
+    ``spec.wide_grad``), (loss, soft, hard))."""
 
     def weighted_total(s: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor]]:
         parts = _row_losses(spec, s, teacher, labels, valid, scalars)
         return (parts[0] * row_weight).sum(), parts
 
-    return torch.func.grad(weighted_total, has_aux=True)(student)
+    return torch.func.grad(weighted_total, has_aux=True)(student.to(spec.compute_dtype) if spec.wide_grad else student)
 
 
 def _triton_step(spec: _Spec, student, teacher, labels, valid, *rest):
-    from . import triton_chunk  # imports Triton: only on the CUDA path
+    # Imports Triton: only on the CUDA path.
+    from . import triton_chunk, triton_topk
 
     row_weight, scalars = (rest[0], rest[1]) if spec.with_grad else (None, rest[0])
-    # The student logits are this chunk's own temporary: the kernel overwrites them with their
-    # gradient, so a chunk holds two (C, V) blocks, not three.
-    dlogits, parts = triton_chunk.chunk_step(
-        spec.kernel, spec.has_ce, spec.softcap, spec.ignore_index, student, teacher[0], labels, valid,
-        row_weight, scalars, out=student if spec.with_grad else None,
-    )  # fmt: skip
+    # The student logits are this chunk's own temporary: the kernels overwrite them with their
+    # gradient, so a chunk holds two (C, V) blocks (one for a top-k teacher), not three.
+    if spec.sparse:
+        dlogits, parts = triton_topk.chunk_step(
+            spec.kernel, spec.has_ce, student, *teacher, labels, valid, row_weight, scalars, compiled=spec.compiled
+        )
+    else:
+        dlogits, parts = triton_chunk.chunk_step(
+            spec.kernel, spec.has_ce, spec.softcap, spec.ignore_index, student, teacher[0], labels, valid,
+            row_weight, scalars, out=_dlogits_buffer(spec, student) if spec.with_grad else None,
+        )  # fmt: skip
     return (dlogits, parts) if spec.with_grad else parts
+
+
+def _dlogits_buffer(spec: _Spec, student: Tensor) -> Tensor:
+    """Where the kernel writes the logit gradient: over the student logits (this chunk's own
+    temporary), or a compute-dtype block for float16 (see _half_with_scale)."""
+    return torch.empty(student.shape, dtype=spec.compute_dtype, device=student.device) if spec.wide_grad else student
 
 
 @functools.lru_cache(maxsize=None)
@@ -198,8 +213,64 @@ class _Problem:
         return student, (F.linear(self.teacher_hidden[rows], self.teacher_weight, self.teacher_bias),)
 
 
-def _accumulate_mm(acc: Tensor, a: Tensor, b: Tensor, first: bool) -> None:
-    """acc = a @ b (first chunk) or acc += a @ b, acc float32/float64, a and b maybe half.
+def _doubled(args: list[Tensor]) -> list[Tensor]:
+    """The chunk's per-row tensors with their row repeated.
+
+    torch.compile specialises a dim of size 1, so a lone row (N = 1; a 1-row *tail* is merged
+    into the chunk before it) would compile a second graph; two rows share the dynamic one. Rows
+    are independent (a row's loss depends on its own logits only), so dropping the copy's loss
+    and logit-gradient rows afterwards (:func:`_first_row`) leaves the exact result.
+    """
+    return [torch.cat([a, a]) for a in args]
+
+
+def _first_row(out):
+    """``out`` (nested tuples of per-row tensors) cut back to its first row."""
+    return tuple(_first_row(x) for x in out) if isinstance(out, tuple) else out[:1]
+
+
+def _chunk(
+    p: _Problem, spec: _Spec, fn: Callable, rows: slice, row_weight: Tensor | None
+) -> tuple[Tensor | None, tuple[Tensor, Tensor, Tensor]]:
+    """(dlogits (C, V) or None, (loss, soft, hard)) of one chunk. A function of its own so the
+    teacher's (C, V) logits are freed on return, before the gradient matmuls run."""
+    student, teacher = p.logits(rows)
+    args = [student, *teacher, p.labels[rows], p.valid[rows]]
+    if row_weight is not None:
+        args.append(row_weight)
+    # torch.compile'd code: all of the generic path, the (C, k) part of the top-k kernel.
+    compiled = spec.compiled and (spec.sparse or not spec.triton)
+    lone = compiled and student.shape[0] == 1
+    if lone:  # N = 1: see _doubled
+        args = _doubled(args)
+    if compiled and not spec.triton:
+        _mark_rows_dynamic(*args)
+    out = fn(args[0], tuple(args[1 : len(teacher) + 1]), *args[len(teacher) + 1 :], p.scalars)
+    if lone:
+        out = _first_row(out)
+    return out if row_weight is not None else (None, out)
+
+
+def _half_with_scale(dlogits: Tensor) -> tuple[Tensor, float]:
+    """A float32 logit gradient as float16 ``d16`` and ``inv`` with dlogits ≈ inv · d16.
+
+    float16 holds neither the large (a row's reverse-KL gradient against a masked teacher at a low
+    temperature can pass 65504) nor the small (~1e-9 entries of a 1/N-weighted gradient at
+    V = 128k lie below its subnormals) end of a logit gradient. So each chunk's gradient is scaled
+    by a power of two that puts its largest entry at 2^14 (dynamic loss scaling, per chunk) and
+    the scale is undone, exactly, by the gradient matmuls' alpha. The scale is read on the host:
+    one sync per chunk, for float16 only.
+    """
+    amax = dlogits.abs().amax().item() if dlogits.numel() else 0.0
+    if not (0 < amax < math.inf):  # nothing to scale; non-finite gradients stay what they are
+        return dlogits.half(), 1.0
+    exponent = max(min(14 - math.ceil(math.log2(amax)), 126), -126)
+    return (dlogits * 2.0**exponent).half(), 2.0**-exponent
+
+
+def _accumulate_mm(acc: Tensor, a: Tensor, b: Tensor, first: bool, alpha: float = 1.0) -> None:
+    """acc = alpha · a @ b (first chunk) or acc += alpha · a @ b, acc float32/float64, a and b
+    maybe half.
 
     On CUDA the product is written by cuBLAS straight into the wide accumulator (no rounding of
     each chunk's contribution to bf16, which is where Liger's 2e-3 grad_weight error comes from).
@@ -209,10 +280,10 @@ def _accumulate_mm(acc: Tensor, a: Tensor, b: Tensor, first: bool) -> None:
     if a.dtype != acc.dtype and not a.is_cuda:
         a, b = a.to(acc.dtype), b.to(acc.dtype)
     wide = {"out_dtype": acc.dtype} if a.dtype != acc.dtype else {}
-    if first:
+    if first and alpha == 1.0:
         torch.mm(a, b, out=acc, **wide)
-    else:
-        torch.addmm(acc, a, b, out=acc, **wide)
+    else:  # beta = 0: acc's old contents are not read (nor its NaNs propagated)
+        torch.addmm(acc, a, b, beta=0.0 if first else 1.0, alpha=alpha, out=acc, **wide)
 
 
 class _Grads(NamedTuple):
@@ -232,8 +303,7 @@ def _run(
     loss, soft, hard = (torch.zeros(n, dtype=cdt, device=device) for _ in range(3))
     want_hidden, want_weight, want_bias = need
     # grad_hidden is written in the compute dtype and rounded once at the end: cuBLAS may otherwise
-    # reduce a bf16 product's long V-dim split-K partials in bf16, and float16's unscaled
-    # (1/normalizer applied later) per-row gradients can exceed its range.
+    # reduce a bf16 product's long V-dim split-K partials in bf16.
     grad_h = torch.empty(p.student_hidden.shape, dtype=cdt, device=device) if want_hidden else None
     # The first chunk overwrites grad_w, so it needs zeros (a 1 GiB fill at V=128k, H=2048) only
     # when there is no chunk at all.
@@ -244,22 +314,20 @@ def _run(
     fn = _chunk_fn(spec)
     for i, rows in enumerate(p.chunks()):
         with torch.no_grad():
-            student, teacher = p.logits(rows)
-            args = [student, teacher, p.labels[rows], p.valid[rows]]
-            if row_weight is not None:
-                args.append(row_weight[rows])
-            if spec.compiled and not spec.triton:
-                _mark_rows_dynamic(student, *teacher, *args[2:])
-            out = fn(*args, p.scalars)
-            if row_weight is not None:
-                dlogits, out = out
+            dlogits, out = _chunk(p, spec, fn, rows, None if row_weight is None else row_weight[rows])
+            if dlogits is not None:
+                inv = 1.0
+                if spec.wide_grad:
+                    dlogits, inv = _half_with_scale(dlogits)
                 if grad_h is not None:
-                    _accumulate_mm(grad_h[rows], dlogits, p.student_weight, first=True)
+                    _accumulate_mm(grad_h[rows], dlogits, p.student_weight, first=True, alpha=inv)
                 if grad_w is not None:
-                    _accumulate_mm(grad_w, dlogits.t(), p.student_hidden[rows], first=i == 0)
+                    _accumulate_mm(grad_w, dlogits.t(), p.student_hidden[rows], first=i == 0, alpha=inv)
                 if grad_b is not None:
-                    grad_b += dlogits.sum(0, dtype=cdt)
+                    grad_b += dlogits.sum(0, dtype=cdt) * inv
             loss[rows], soft[rows], hard[rows] = out
+            # Free this chunk's (C, V) block before the next chunk allocates its own.
+            del dlogits, out
     return loss, soft, hard, _Grads(grad_h, grad_w, grad_b)
 
 
@@ -296,15 +364,11 @@ class _FusedDistill(torch.autograd.Function):
             return loss, soft, hard
         # The 1/normalizer is folded into the row weights, so the logit gradient is rounded to
         # the input dtype exactly as autograd would round it for the normalised loss (bf16
-        # grads then match a full-logits bf16 step to fp32 summation order). float16 cannot hold
-        # those small values (~1e-9 at N=8192, V=128k), so there the gradient is taken with unit
-        # weights and scaled once at the end. grad_output is applied in backward either way.
+        # grads then match a full-logits bf16 step to fp32 summation order; float16 scales each
+        # chunk into its range, see _half_with_scale). grad_output is applied in backward.
         scale = 1.0 if normalizer is None else 1.0 / normalizer
-        weights = p.valid.to(p.spec.compute_dtype)
-        fold = p.student_hidden.dtype != torch.float16
-        loss, soft, hard, grads = _run(p, weights * scale if fold else weights, need)
+        loss, soft, hard, grads = _run(p, p.valid.to(p.spec.compute_dtype) * scale, need)
         ctx.save_for_backward(*grads)
-        ctx.scale = 1.0 if fold else scale
         out = tuple(x.sum() * scale for x in (loss, soft, hard))
         ctx.mark_non_differentiable(out[1], out[2])
         return out
@@ -320,7 +384,7 @@ class _FusedDistill(torch.autograd.Function):
             scale = scale.clamp_min(torch.finfo(weights.dtype).tiny)
             grads = _run(p, weights / scale, ctx.need)[3]
         else:
-            grads, scale = _Grads(*ctx.saved_tensors), ctx.scale * grad_loss
+            grads, scale = _Grads(*ctx.saved_tensors), grad_loss
         return (None, *_scaled(grads, scale, ctx.dtypes), None, None)
 
 
@@ -342,11 +406,13 @@ def _kernel_of(divergence: DivergenceLike) -> tuple[Callable[..., Tensor], tuple
     return getattr(fn, "__kdfuse_kernel__", fn), tuple(getattr(fn, "__kdfuse_params__", ()))
 
 
-def _triton_supports(kernel: Callable[..., Tensor], compute_dtype: torch.dtype, device: torch.device) -> bool:
-    if device.type != "cuda":
+def _triton_supports(kernel: Callable[..., Tensor], compute_dtype: torch.dtype, device: torch.device, spec: _Spec) -> bool:
+    if device.type != "cuda" or not spec.compiled:
         return False
-    from . import triton_chunk
+    from . import triton_chunk, triton_topk
 
+    if spec.sparse:  # (it writes the gradient over float16 logits: not for float16's wide gradient)
+        return not spec.wide_grad and triton_topk.supported(kernel, compute_dtype, device, spec.softcap)
     return triton_chunk.supported(kernel, compute_dtype, device)
 
 
@@ -414,8 +480,10 @@ def fused_linear_distill(
         return_parts: return ``DistillOutput(loss, soft_loss, hard_loss)``; the parts are the
             unweighted terms reduced like the loss, detached.
         impl: ``"compile"``: the fastest compiled per-chunk work (on CUDA, the hand-written
-            Triton kernel of :mod:`kdfuse.triton_chunk` for ``forward_kl``, ``soft_ce``,
-            ``reverse_kl`` and ``jsd``; ``torch.compile`` of the pure divergence otherwise), or
+            Triton kernels of :mod:`kdfuse.triton_chunk` for ``forward_kl``, ``soft_ce``,
+            ``reverse_kl`` and ``jsd``, and of :mod:`kdfuse.triton_topk` for the built-in
+            sparse divergences without softcap; ``torch.compile`` of the pure divergence
+            otherwise), or
             ``"eager"``: the same pure functions, uncompiled.
         memory_budget: bounds ``chunk_size="auto"`` (bytes, or a fraction of free device memory;
             default ``KDFUSE_MEMORY_BUDGET``).
@@ -459,8 +527,9 @@ def fused_linear_distill(
         with_grad=False,
         compiled=impl == "compile",
         sparse=teacher_topk is not None,
-        triton=impl == "compile" and teacher_topk is None and _triton_supports(kernel, cdt, device),
+        wide_grad=student_hidden.dtype == torch.float16,
     )
+    spec = replace(spec, triton=_triton_supports(kernel, cdt, device, spec))
     scalars = torch.tensor(
         [1.0 / temperature, soft_weight, hard_weight, softcap or 1.0, *params], dtype=cdt, device=device
     )

@@ -129,28 +129,41 @@ def _log_outside(student_logprobs: Tensor, in_topk: Tensor) -> Tensor:
     return outside.logsumexp(-1).clamp_min(LOGPROB_FLOOR)
 
 
-def _bucket_term(student_logprobs: Tensor, ids: Tensor, logprobs: Tensor, with_entropy: bool) -> Tensor:
+def _bucket_term(log_outside: Tensor, covers_all: Tensor, teacher_lp: Tensor, with_entropy: bool) -> Tensor:
     """(1 − P)(log(1 − P) − log(1 − S)) (``with_entropy``) or −(1 − P) log(1 − S), per row."""
-    in_topk = _in_topk(student_logprobs, ids, ~torch.isneginf(logprobs))
     # 1 − P = −expm1(log P): accurate for P near 1; a P a few ulps over 1 (rounding) counts as 1.
-    tail = -torch.expm1(logprobs.logsumexp(-1).clamp_max(0))
+    tail = -torch.expm1(teacher_lp.logsumexp(-1).clamp_max(0))
     # No token outside the top-k: no tail token, a leftover 1 − P is only rounding.
-    tail = torch.where(in_topk.all(-1), 0, tail)
-    log_outside = _log_outside(student_logprobs, in_topk)
+    tail = torch.where(covers_all, 0, tail)
     if with_entropy:
         return tail * (tail.log().clamp_min(LOGPROB_FLOOR) - log_outside)
     return -tail * log_outside
 
 
-def _sparse_loss(student: Tensor, ids: Tensor, logprobs: Tensor, tail: str, with_entropy: bool) -> Tensor:
-    student_lp = student.log_softmax(-1)
-    teacher_lp = logprobs.to(student.dtype)
+def _reduced_loss(
+    student_lp: Tensor,  # (R, k) student log-probs at the ids
+    log_outside: Tensor,  # (R,) log(1 − S), floored; read by the bucket policy only
+    covers_all: Tensor,  # (R,) bool: no token outside the real top-k
+    logprobs: Tensor,  # (R, k) teacher log-probs
+    tail: str,
+    with_entropy: bool,
+) -> Tensor:
+    """A built-in's per-row loss from the student's top-k log-probs and its mass outside them:
+    all a sparse divergence reads of the student, so a fused kernel can supply just these."""
+    teacher_lp = logprobs.to(student_lp.dtype)
     if tail == "renormalize":
         teacher_lp = _renormalized(teacher_lp)
-    loss = _topk_terms(teacher_lp, student_lp.gather(-1, ids), with_entropy)
+    loss = _topk_terms(teacher_lp, student_lp, with_entropy)
     if tail == "bucket":
-        loss = loss + _bucket_term(student_lp, ids, teacher_lp, with_entropy)
+        loss = loss + _bucket_term(log_outside, covers_all, teacher_lp, with_entropy)
     return loss
+
+
+def _sparse_loss(student: Tensor, ids: Tensor, logprobs: Tensor, tail: str, with_entropy: bool) -> Tensor:
+    student_lp = student.log_softmax(-1)
+    in_topk = _in_topk(student_lp, ids, ~torch.isneginf(logprobs))
+    log_outside = _log_outside(student_lp, in_topk) if tail == "bucket" else None
+    return _reduced_loss(student_lp.gather(-1, ids), log_outside, in_topk.all(-1), logprobs, tail, with_entropy)
 
 
 # --------------------------------------------------------------------------------------------
@@ -177,9 +190,15 @@ def _make(kind: str, tail: str) -> SparseDivergence:
     def divergence(student: Tensor, ids: Tensor, logprobs: Tensor) -> Tensor:
         return _sparse_loss(student, ids, logprobs, tail, with_entropy)
 
+    def reduced(student_lp: Tensor, log_outside: Tensor, covers_all: Tensor, logprobs: Tensor) -> Tensor:
+        return _reduced_loss(student_lp, log_outside, covers_all, logprobs, tail, with_entropy)
+
     divergence.__name__ = divergence.__qualname__ = f"topk_{kind}_{tail}"
     divergence.__doc__ = _DOCS[kind, tail]
     divergence.__kdfuse_sparse__ = True  # type: ignore[attr-defined]
+    # The same loss from (student top-k log-probs, log(1 − S), covers_all, teacher log-probs):
+    # what kdfuse.triton_topk's fused CUDA path evaluates (see _reduced_loss).
+    divergence.__kdfuse_reduced__ = reduced  # type: ignore[attr-defined]
     return divergence
 
 

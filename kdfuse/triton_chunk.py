@@ -43,8 +43,11 @@ _KERNEL_IDS = {
     D._reverse_kl: _REVERSE_KL,
     D._jsd_mixture: _JSD,
 }
-_BLOCK = 4096
-_NUM_WARPS = 8
+# tools/kernel_bench.py on an H100, 4096 x 128256 bf16 logits, + CE (ms, BLOCK/warps):
+# forward KL 2.49 (2048/4), 2.47 (4096/4), 2.58 (2048/8), 2.86 (4096/8);
+# JSD        4.00 (2048/4), 4.97 (4096/4), 4.61 (2048/8), 4.67 (4096/8).
+_BLOCK = 2048
+_NUM_WARPS = 4
 
 
 def supported(kernel, compute_dtype: torch.dtype, device: torch.device) -> bool:
@@ -158,11 +161,14 @@ def _kd_chunk_kernel(
         hard = tl.where(valid & (label != ignore_index), lse_a - tl.sum(picked, axis=0), 0.0)
 
     if DIV == 3:
+        # (β, 1 − β, log β, log(1 − β)), each computed in float64 (see divergences._mixing).
         beta = tl.load(SCALARS + 4)
-        log_beta = tl.log(beta)
-        log_1m_beta = tl.log(1.0 - beta)
+        one_m_beta = tl.load(SCALARS + 5)
+        log_beta = tl.load(SCALARS + 6)
+        log_1m_beta = tl.load(SCALARS + 7)
     else:
         beta = 0.0
+        one_m_beta = 0.0
         log_beta = 0.0
         log_1m_beta = 0.0
 
@@ -197,7 +203,7 @@ def _kd_chunk_kernel(
     kl_a = tl.sum(acc_a, axis=0)
     kl_b = tl.sum(acc_b, axis=0)
     if DIV == 3:
-        soft = beta * kl_a + (1.0 - beta) * kl_b
+        soft = beta * kl_a + one_m_beta * kl_b
     else:
         soft = kl_a
     soft = tl.where(valid, soft, 0.0)
@@ -218,7 +224,7 @@ def _kd_chunk_kernel(
                     g = ps * (ls_c - tl.maximum(lt, FLOOR) - kl_a)
                 else:
                     lm_c = tl.maximum(_log_mix(lt, ls, log_beta, log_1m_beta), FLOOR)
-                    g = (1.0 - beta) * ps * (ls_c - lm_c - kl_b)
+                    g = one_m_beta * ps * (ls_c - lm_c - kl_b)
                 _store_grad(dx_ptr, idx, mask, g, a, lse_a, label, w, soft_w, hard_w, inv_t, cap, HAS_CE, SOFTCAP)
 
 

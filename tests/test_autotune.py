@@ -54,6 +54,19 @@ def test_tune_ties_go_to_earlier_candidate():
     assert tune([3, 2, 1], _bench_from({1: 2.0, 2: 1.0, 3: 1.0})).best == 3
 
 
+def test_tune_time_slack_picks_the_leanest_near_tie():
+    times = {"a": 10.0, "b": 10.2, "c": 10.5, "d": 9.9}
+    peaks = {"a": 3, "b": 2, "c": 1, "d": 5}
+    assert tune(list(times), _bench_from(times, peaks)).best == "d"  # no slack: the fastest
+    # within 3% of 9.9 (<= 10.197): d, a; b (10.2) and c (10.5) are not, however lean
+    assert tune(list(times), _bench_from(times, peaks), time_slack=0.03).best == "a"
+    assert tune(list(times), _bench_from(times, peaks), time_slack=0.07).best == "c"
+    same = {"a": 2, "b": 2, "c": 2, "d": 2}  # equal peaks: the faster, then the earlier
+    assert tune(list(times), _bench_from(times, same), time_slack=0.07).best == "d"
+    with pytest.raises(ValueError, match="time_slack"):
+        tune(list(times), _bench_from(times, peaks), time_slack=-0.1)
+
+
 def test_tune_prunes_by_estimate_without_running():
     calls = []
     result = tune(

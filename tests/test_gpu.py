@@ -86,7 +86,7 @@ def check(inputs, dtype, grad_output=None, **kwargs):
     out, grads = run(fused_linear_distill, inputs, grad_output=grad_output, impl="compile", **kwargs)
     # The reference gets exact float64 copies of the rounded inputs, so its gradients are exact
     # (with the low-precision leaves themselves, autograd would round them to the leaf dtype).
-    exact = {k: v.double() if v.is_floating_point() else v for k, v in inputs.items()}
+    exact = {k: v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v for k, v in inputs.items()}
     ref, ref_grads = run(
         fused_linear_distill_ref, exact, grad_output=None if grad_output is None else grad_output.double(), **kwargs
     )
@@ -140,7 +140,7 @@ def test_no_recompile_across_row_counts_on_gpu():
     torch._dynamo.reset()
     counters.clear()
     base = dict(divergence=D.skew_kl(0.1), hard_weight=0.5, chunk_size=CHUNK, impl="compile")
-    for n in (1000, 777, 1531, 64, 2049):  # single chunks, tails of 9, 1 (merged), 129, ...
+    for n in (1000, 777, 1531, 64, 2049, 1):  # single chunks, tails of 9, 1 (merged), 129, N = 1
         inputs = make_inputs(n, torch.bfloat16, seed=n)
         run(fused_linear_distill, inputs, **base)
     assert counters["stats"]["unique_graphs"] == 1
@@ -150,4 +150,35 @@ def test_no_recompile_across_row_counts_on_gpu():
     for n, alpha in ((1000, 0.3), (555, 0.6)):
         inputs = make_inputs(n, torch.bfloat16)
         run(fused_linear_distill, inputs, **dict(base, divergence=D.skew_kl(alpha)))
+    assert counters["stats"]["unique_graphs"] == 1
+
+
+def _with_topk(inputs: dict, k: int) -> dict:
+    """``inputs`` with the dense teacher replaced by its top-k (kdfuse.teacher_topk, T = 1), some
+    rows padded (log-prob −inf, id 0) after their first k // 2 entries."""
+    from kdfuse import teacher_topk
+
+    hidden, weight = inputs.pop("teacher_hidden"), inputs.pop("teacher_weight")
+    ids, logprobs = teacher_topk(hidden, weight, k, vocab=V)
+    padded = torch.arange(ids.shape[0], device="cuda")[:, None] % 5 == 0
+    tail = torch.arange(k, device="cuda") >= k // 2
+    inputs["teacher_topk"] = (ids.masked_fill(padded & tail, 0), logprobs.masked_fill(padded & tail, float("-inf")))
+    return inputs
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("divergence", ["topk_forward_kl_bucket", "topk_soft_ce_renormalize", "topk_forward_kl_ignore"])
+def test_topk_teacher_matches_reference(dtype, divergence):
+    """The fused top-k path (kdfuse.triton_topk) with CE and a temperature."""
+    inputs = _with_topk(make_inputs(N, dtype, seed=6), k=64)
+    check(inputs, dtype, chunk_size=CHUNK, divergence=divergence, hard_weight=0.5, temperature=2.0)
+
+
+def test_topk_no_recompile_across_row_counts():
+    """The top-k path's compiled (C, k) part: one graph for every row count, N = 1 included."""
+    torch._dynamo.reset()
+    counters.clear()
+    for n in (1000, 777, 1, 64, 2049):
+        inputs = _with_topk(make_inputs(n, torch.bfloat16, seed=n), k=16)
+        run(fused_linear_distill, inputs, divergence="topk_forward_kl_bucket", hard_weight=0.5, chunk_size=CHUNK)
     assert counters["stats"]["unique_graphs"] == 1

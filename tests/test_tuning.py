@@ -245,6 +245,19 @@ def test_cuda_miss_tunes_persists_and_prints(monkeypatch, capsys, fake_cuda):
     assert "cached in" in capsys.readouterr().err and len(bench.chunks) == 6
 
 
+def test_near_ties_go_to_the_leanest_chunk(monkeypatch, fake_cuda):
+    """Within TIME_SLACK of the fastest, the smallest measured peak wins (the 8B->1B case: 2048,
+    4096 and 8192 rows within 1% at 2, 3 and 5 GiB)."""
+    times = {256: 30.0, 512: 20.0, 1024: 15.0, 2048: 10.1, 4096: 10.05, 8192: 10.0}
+    peaks = {256: 1 * GiB, 512: 1 * GiB, 1024: 1 * GiB, 2048: 2 * GiB, 4096: 3 * GiB, 8192: 5 * GiB}
+    FakeBench(monkeypatch, times, peaks)
+    assert resolve(CUDA) == 2048
+    tuning.clear_memo()
+    monkeypatch.setenv("KDFUSE_FORCE_RETUNE", "1")
+    FakeBench(monkeypatch, {**times, 2048: 10.0 * (1 + tuning.TIME_SLACK) + 0.01}, peaks)
+    assert resolve(CUDA) == 4096  # 2048 is now just outside the slack
+
+
 def test_no_print_without_the_knob(monkeypatch, capsys, fake_cuda):
     FakeBench(monkeypatch)
     resolve(CUDA)

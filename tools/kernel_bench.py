@@ -1,0 +1,83 @@
+"""Time kdfuse's Triton chunk kernels alone, against the memory traffic they must do (CUDA).
+
+    python tools/kernel_bench.py                      # 4096 x 128256 bf16 chunk, defaults
+    python tools/kernel_bench.py --rows 2048 --blocks 2048 4096 8192 --warps 4 8 16
+
+For each (BLOCK, num_warps) it times ``triton_chunk.chunk_step`` (forward KL + CE and JSD + CE,
+T = 2, with gradient) and ``triton_topk.chunk_step`` (top-64, bucket, + CE), reports the median
+ms and the effective bandwidth of the bytes each must move (forward KL: two reads of both logit
+blocks and one write; JSD: three reads of both and one write; top-k: three reads and one write
+of the student block), next to a plain device copy of one block as the attainable rate. The chosen defaults live in the kernel modules (_BLOCK, _NUM_WARPS).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from autotune import measure  # noqa: E402
+from kdfuse import fused  # noqa: E402
+from kdfuse import topk as K  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", type=int, default=4096)
+    parser.add_argument("--vocab", type=int, default=128256)
+    parser.add_argument("--k", type=int, default=64)
+    parser.add_argument("--blocks", type=int, nargs="+", default=[2048, 4096, 8192])
+    parser.add_argument("--warps", type=int, nargs="+", default=[4, 8, 16])
+    args = parser.parse_args()
+    from kdfuse import triton_chunk, triton_topk
+
+    dev = torch.device("cuda")
+    gen = torch.Generator(device=dev).manual_seed(0)
+    rows, vocab = args.rows, args.vocab
+    student = torch.randn(rows, vocab, device=dev, dtype=torch.bfloat16, generator=gen) * 3
+    teacher = torch.randn(rows, vocab, device=dev, dtype=torch.bfloat16, generator=gen) * 3
+    labels = torch.randint(0, vocab, (rows,), device=dev, generator=gen)
+    valid = torch.ones(rows, dtype=torch.bool, device=dev)
+    weights = torch.full((rows,), 1.0 / rows, device=dev)
+    scalars = torch.tensor([0.5, 0.5, 0.5, 1.0], device=dev)
+    logprobs, ids = teacher.float().log_softmax(-1).topk(args.k, dim=-1)
+    block_bytes = student.numel() * student.element_size()
+    work = torch.empty_like(student)
+
+    copy_ms, _ = measure(lambda: work.copy_(student), warmup=3, repeat=20, device=dev)
+    print(f"{torch.cuda.get_device_name()}: chunk {rows} x {vocab} bf16 ({block_bytes / 1e9:.2f} GB per block)")
+    print(f"copy of one block: {copy_ms:.3f} ms = {2 * block_bytes / copy_ms / 1e6:.0f} GB/s")
+    sparse = K.forward_kl("bucket")
+
+    def dense(divergence):
+        kernel, params = fused._kernel_of(divergence)
+        with_params = torch.cat([scalars, torch.tensor(params, device=dev)])
+
+        def step():
+            work.copy_(student)  # the kernel overwrites its input; the copy is timed separately above
+            triton_chunk.chunk_step(kernel, True, False, -100, work, teacher, labels, valid, weights, with_params, out=work)
+
+        return step
+
+    def topk():
+        work.copy_(student)
+        triton_topk.chunk_step(sparse, True, work, ids, logprobs, labels, valid, weights, scalars)
+
+    print(f"{'kernel':8} {'BLOCK':>6} {'warps':>5} {'ms':>8} {'GB/s':>7}")
+    cases = (("fkl", dense("forward_kl"), 5 * block_bytes), ("jsd", dense("jsd"), 7 * block_bytes), ("topk", topk, 4 * block_bytes))
+    for name, step, traffic in cases:
+        for block in args.blocks:
+            for warps in args.warps:
+                triton_chunk._BLOCK = triton_topk._BLOCK = block
+                triton_chunk._NUM_WARPS = triton_topk._NUM_WARPS = warps
+                ms, _ = measure(step, warmup=3, repeat=20, device=dev)
+                ms -= copy_ms
+                print(f"{name:8} {block:>6} {warps:>5} {ms:8.3f} {traffic / ms / 1e6:7.0f}")
+
+
+if __name__ == "__main__":
+    main()
