@@ -406,14 +406,14 @@ def _kernel_of(divergence: DivergenceLike) -> tuple[Callable[..., Tensor], tuple
     return getattr(fn, "__kdfuse_kernel__", fn), tuple(getattr(fn, "__kdfuse_params__", ()))
 
 
-def _triton_supports(kernel: Callable[..., Tensor], compute_dtype: torch.dtype, device: torch.device, spec: _Spec) -> bool:
+def _triton_supports(spec: _Spec, device: torch.device) -> bool:
     if device.type != "cuda" or not spec.compiled:
         return False
     from . import triton_chunk, triton_topk
 
     if spec.sparse:  # (it writes the gradient over float16 logits: not for float16's wide gradient)
-        return not spec.wide_grad and triton_topk.supported(kernel, compute_dtype, device, spec.softcap)
-    return triton_chunk.supported(kernel, compute_dtype, device)
+        return not spec.wide_grad and triton_topk.supported(spec.kernel, spec.compute_dtype, device, spec.softcap)
+    return triton_chunk.supported(spec.kernel, spec.compute_dtype, device)
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -529,7 +529,7 @@ def fused_linear_distill(
         sparse=teacher_topk is not None,
         wide_grad=student_hidden.dtype == torch.float16,
     )
-    spec = replace(spec, triton=_triton_supports(kernel, cdt, device, spec))
+    spec = replace(spec, triton=_triton_supports(spec, device))
     scalars = torch.tensor(
         [1.0 / temperature, soft_weight, hard_weight, softcap or 1.0, *params], dtype=cdt, device=device
     )
