@@ -112,3 +112,24 @@ def test_supported_only_for_builtins_on_cuda_without_softcap(tt):
         return K.forward_kl("renormalize")(student, ids, logprobs)
 
     assert not tt.supported(user, torch.float32, torch.device("cuda"), softcap=False)
+
+
+def test_the_combinator_picks_the_fused_paths_where_they_apply():
+    """fused._triton_supports: which spec runs which kernel (decided on the host, so checkable
+    without a GPU): dense built-ins and built-in sparse divergences without softcap, float32
+    compute, impl="compile", CUDA; float16 keeps the generic path for top-k teachers."""
+    cuda = torch.device("cuda")
+
+    def spec(divergence, sparse=False, **changes):
+        kernel, params = fused._kernel_of(divergence)
+        base = fused._Spec(kernel, len(params), True, False, -100, torch.float32, False, True, sparse=sparse)
+        return fused._Spec(**{**base.__dict__, **changes})
+
+    assert fused._triton_supports(spec("forward_kl"), cuda)
+    assert fused._triton_supports(spec("topk_forward_kl_bucket", sparse=True), cuda)
+    assert not fused._triton_supports(spec("forward_kl"), torch.device("cpu"))
+    assert not fused._triton_supports(spec("forward_kl", compiled=False), cuda)
+    assert not fused._triton_supports(spec("tvd"), cuda)
+    assert not fused._triton_supports(spec("topk_forward_kl_bucket", sparse=True, softcap=True), cuda)
+    assert not fused._triton_supports(spec("topk_soft_ce_ignore", sparse=True, wide_grad=True), cuda)
+    assert fused._triton_supports(spec("forward_kl", wide_grad=True), cuda)  # writes a float32 buffer
