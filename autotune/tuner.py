@@ -58,6 +58,9 @@ def tune(
     """Benchmark each candidate with ``bench(candidate) -> (ms, peak_bytes)`` and pick the fastest,
     or with ``time_slack`` > 0 the leanest: the smallest measured peak among the candidates within
     ``(1 + time_slack)`` times the fastest time (timing noise makes near-ties arbitrary anyway).
+    A leaner pick than the fastest is confirmed: every candidate within the slack is measured once
+    more, and those new measurements (which replace the old in the result) decide among them by
+    the same rule, so one noisy measurement cannot trade a real slowdown for memory.
 
     With ``memory_budget`` set, a candidate whose ``estimate_bytes`` exceeds it is pruned without running,
     and one whose measured peak exceeds it is scored ``inf``. Any ``Exception`` raised by ``bench`` or
@@ -79,17 +82,25 @@ def tune(
         measurements.append(m)
         if on_result is not None:
             on_result(m)
-    return TuneResult(_pick(measurements, time_slack), tuple(measurements))
+    best = _pick(measurements, time_slack)
+    if best != _pick(measurements, 0.0):
+        again = {m.candidate: _evaluate(m.candidate, bench, memory_budget, estimate_bytes) for m in _near(measurements, time_slack)}
+        measurements = [again.get(m.candidate, m) for m in measurements]
+        best = _pick(list(again.values()), time_slack)
+    return TuneResult(best, tuple(measurements))
+
+
+def _near(measurements: list[Measurement], time_slack: float) -> list[Measurement]:
+    """The finite measurements within ``(1 + time_slack)`` times the fastest, in order."""
+    finite = [m for m in measurements if math.isfinite(m.ms)]
+    fastest = min((m.ms for m in finite), default=math.inf)
+    return [m for m in finite if m.ms <= fastest * (1 + time_slack)]
 
 
 def _pick(measurements: list[Measurement], time_slack: float) -> Hashable | None:
-    finite = [m for m in measurements if math.isfinite(m.ms)]
-    if not finite:
-        return None
-    fastest = min(m.ms for m in finite)
-    near = [m for m in finite if m.ms <= fastest * (1 + time_slack)]
+    near = _near(measurements, time_slack)
     # min() keeps the first of equal keys, so ties go to the earlier candidate.
-    return min(near, key=lambda m: (m.peak_bytes, m.ms) if time_slack else m.ms).candidate
+    return min(near, key=lambda m: (m.peak_bytes, m.ms) if time_slack else m.ms).candidate if near else None
 
 
 def _evaluate(

@@ -67,6 +67,28 @@ def test_tune_time_slack_picks_the_leanest_near_tie():
         tune(list(times), _bench_from(times, peaks), time_slack=-0.1)
 
 
+def test_tune_time_slack_confirms_a_leaner_pick_by_measuring_the_near_ties_again():
+    calls = []
+    first = {"a": 10.0, "b": 10.2, "c": 10.1, "d": 12.0}
+    peaks = {"a": 5, "b": 1, "c": 3, "d": 1}
+
+    def bench(candidate):  # b measured 10.2 first, then 11.0 (noise): the retakes decide
+        calls.append(candidate)
+        return (11.0 if candidate == "b" and calls.count("b") > 1 else first[candidate]), peaks[candidate]
+
+    result = tune(list(first), bench, time_slack=0.03)
+    assert calls == ["a", "b", "c", "d", "a", "b", "c"] and result.best == "c"  # the next leanest
+    assert result.by_candidate["b"].ms == 11.0  # a retake replaces the first measurement
+    calls.clear()
+    assert tune(list(first), _bench_from(first, peaks, calls), time_slack=0.03).best == "b"  # confirmed
+    assert calls == ["a", "b", "c", "d", "a", "b", "c"]
+    calls.clear()  # no slack, or the fastest is also the leanest: nothing is measured twice
+    assert tune(list(first), _bench_from(first, peaks, calls)).best == "a" and calls == list(first)
+    calls.clear()
+    assert tune(list(first), _bench_from(first, dict.fromkeys(first, 1), calls), time_slack=0.03).best == "a"
+    assert calls == list(first)
+
+
 def test_tune_prunes_by_estimate_without_running():
     calls = []
     result = tune(
