@@ -1,4 +1,5 @@
-"""CUDA: the compiled path in bf16/fp16/fp32 against the float64 reference, and the compile count.
+"""CUDA: the compiled path in bf16/fp16/fp32 (dense and top-k teachers) against the float64
+reference, and the compile count.
 
 Every test here is marked ``gpu`` and skipped without CUDA (see conftest.py). Shapes are moderate
 (N = 1000 rows, V = 3001, a prime, Hs = 64 != Ht = 96) so that vocabulary-long reductions and
