@@ -331,10 +331,18 @@ def _run(
     return loss, soft, hard, _Grads(grad_h, grad_w, grad_b)
 
 
-def _scaled(grads: _Grads, scale: Tensor | float, dtypes: tuple) -> _Grads:
-    """Gradients times a device scalar, cast back to the parameters' dtypes (hidden, weight, bias)
-    in the same pass: one read of the wide accumulator, one write of the result."""
-    return _Grads(*(None if g is None else torch.mul(g, scale, out=torch.empty_like(g, dtype=dtype)) for g, dtype in zip(grads, dtypes)))
+def _scaled_cast(g: Tensor, scale: Tensor, dtype: torch.dtype) -> Tensor:
+    """``g * scale`` as ``dtype``, in one pass: one read of the wide accumulator, one write."""
+    if g.is_cuda and g.dtype == torch.float32 and dtype != torch.float32:
+        from .triton_cast import scaled_cast  # imports Triton: only on CUDA
+
+        return scaled_cast(g, scale, dtype)
+    return torch.mul(g, scale, out=torch.empty_like(g, dtype=dtype))
+
+
+def _scaled(grads: _Grads, scale: Tensor, dtypes: tuple) -> _Grads:
+    """Gradients times a device scalar, cast back to the parameters' dtypes (hidden, weight, bias)."""
+    return _Grads(*(None if g is None else _scaled_cast(g, scale, dtype) for g, dtype in zip(grads, dtypes)))
 
 
 # The tensors of a _Problem. They travel to backward through ``ctx.save_for_backward`` (not as
