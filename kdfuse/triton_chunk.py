@@ -7,9 +7,13 @@ does the least work a row needs, one program per row, looping over the vocabular
 
 * pass 1 reads the student and teacher logits once for the online log-sum-exps (temperature-
   scaled student and teacher, and the student at temperature 1 for the CE) and the label's logit;
-* pass 2 reads them again for the divergence value and, for ``forward_kl``/``soft_ce``, writes
-  the logit gradient in the same loop;
+* pass 2 reads them again, back to front (the blocks pass 1 read last may still be in L2), for
+  the divergence value and, for ``forward_kl``/``soft_ce``, writes the logit gradient in the same
+  loop;
 * ``reverse_kl``/``jsd`` need the row's divergence inside their gradient, so a pass 3 writes it.
+
+The loops are software-pipelined (``tl.range(num_stages=...)``): the next blocks' loads are in
+flight while a block's reductions wait on each other.
 
 So 2 reads of both logit tensors plus one write of the gradient (3 reads for reverse KL / JSD),
 all in the logits' own dtype, against ~6 float32 passes for the generic path. The math is the
@@ -43,11 +47,13 @@ _KERNEL_IDS = {
     D._reverse_kl: _REVERSE_KL,
     D._jsd_mixture: _JSD,
 }
-# tools/kernel_bench.py on an H100, 4096 x 128256 bf16 logits, + CE (ms, BLOCK/warps):
-# forward KL 2.40 (2048/4), 2.43 (4096/4), 2.51 (2048/8), 2.77 (4096/8);
-# JSD        3.98 (2048/4), 4.94 (4096/4), 4.43 (2048/8), 4.57 (4096/8).
-_BLOCK = 2048
+# tools/kernel_bench.py on an H100, 4096 x 128256 bf16 logits, + CE (ms; BLOCK/warps/stages):
+# forward KL 2.12 (1024/4/3), 2.23 (1024/4/2), 2.31 (1024/4/1), 2.24 (2048/4/3), 2.39 (2048/4/1);
+# JSD        3.86 (1024/4/2), 4.02 (1024/4/3), 3.89 (1024/4/1), 3.95 (2048/4/1), 5.43 (2048/4/3).
+# (Before pipelining and the back-to-front pass 2: 2.40 and 3.98 ms at 2048/4.)
+_BLOCK = 1024
 _NUM_WARPS = 4
+_STAGES = {D._forward_kl: 3, D._soft_ce: 3, D._reverse_kl: 2, D._jsd_mixture: 2}
 
 
 def supported(kernel, compute_dtype: torch.dtype, device: torch.device) -> bool:
@@ -122,7 +128,7 @@ def _kd_chunk_kernel(
     S, T, DX, LABELS, VALID, ROW_W, LOSS, SOFT, HARD, SCALARS,
     V, stride_s, stride_t, stride_dx, ignore_index,
     DIV: tl.constexpr, HAS_CE: tl.constexpr, SOFTCAP: tl.constexpr, WITH_GRAD: tl.constexpr,
-    BLOCK: tl.constexpr,
+    BLOCK: tl.constexpr, STAGES: tl.constexpr,
 ):  # fmt: skip
     row = tl.program_id(0).to(tl.int64)
     s_ptr = S + row * stride_s
@@ -134,6 +140,7 @@ def _kd_chunk_kernel(
     FLOOR: tl.constexpr = -1.0e4
     ninf = float("-inf")
     offs = tl.arange(0, BLOCK)
+    n_blocks = tl.cdiv(V, BLOCK)
 
     label = tl.load(LABELS + row)
     valid = tl.load(VALID + row) != 0
@@ -146,7 +153,9 @@ def _kd_chunk_kernel(
     m_a = ninf
     z_a = 0.0
     picked = tl.zeros([BLOCK], tl.float32)
-    for start in range(0, V, BLOCK):
+    # The loops are software-pipelined (STAGES): the loads of the next blocks are in flight while
+    # this block's reductions wait on each other.
+    for start in tl.range(0, V, BLOCK, num_stages=STAGES):
         idx = start + offs
         mask = idx < V
         a = _cap(tl.load(s_ptr + idx, mask=mask, other=ninf).to(tl.float32), cap, SOFTCAP)
@@ -187,8 +196,9 @@ def _kd_chunk_kernel(
     if WITH_GRAD:
         w = tl.load(ROW_W + row).to(tl.float32)
     dx_ptr = DX + row * stride_dx
-    for start in range(0, V, BLOCK):
-        idx = start + offs
+    for i in tl.range(0, n_blocks, num_stages=STAGES):
+        # Back to front: the blocks pass 1 read last are the likeliest to be still in L2.
+        idx = (n_blocks - 1 - i) * BLOCK + offs
         mask = idx < V
         a, ls, lt = _scaled_logprobs(s_ptr, t_ptr, idx, mask, cap, inv_t, m_s, lz_s, m_t, lz_t, SOFTCAP)
         ps = tl.where(mask, tl.exp(ls), 0.0)
@@ -222,7 +232,7 @@ def _kd_chunk_kernel(
     # Pass 3 (reverse KL, JSD): the gradient, which needs the row's KL.
     if WITH_GRAD:
         if DIV >= 2:
-            for start in range(0, V, BLOCK):
+            for start in tl.range(0, V, BLOCK, num_stages=STAGES):  # front to back, likewise
                 idx = start + offs
                 mask = idx < V
                 a, ls, lt = _scaled_logprobs(s_ptr, t_ptr, idx, mask, cap, inv_t, m_s, lz_s, m_t, lz_t, SOFTCAP)
@@ -268,6 +278,6 @@ def chunk_step(
             row_weight if with_grad else scalars, loss, soft, hard, scalars,
             vocab, student.stride(0), teacher.stride(0), dx.stride(0) if with_grad else 0, ignore_index,
             DIV=_KERNEL_IDS[kernel], HAS_CE=has_ce, SOFTCAP=softcap, WITH_GRAD=with_grad,
-            BLOCK=min(_BLOCK, triton.next_power_of_2(vocab)), num_warps=_NUM_WARPS,
+            BLOCK=min(_BLOCK, triton.next_power_of_2(vocab)), STAGES=_STAGES[kernel], num_warps=_NUM_WARPS,
         )  # fmt: skip
     return dx, (loss, soft, hard)
