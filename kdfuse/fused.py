@@ -27,7 +27,7 @@ from torch import Tensor
 from . import divergences as D
 from . import topk as K
 from .tuning import resolve_chunk_size
-from .validate import check_inputs, check_normalizer, check_values
+from .validate import check_inputs, check_normalizer, start_value_check
 
 __all__ = ["fused_linear_distill", "DistillOutput", "Reduction", "Impl"]
 
@@ -230,11 +230,19 @@ def _first_row(out):
 
 
 def _chunk(
-    p: _Problem, spec: _Spec, fn: Callable, rows: slice, row_weight: Tensor | None
+    p: _Problem,
+    spec: _Spec,
+    fn: Callable,
+    rows: slice,
+    row_weight: Tensor | None,
+    after_logits: Callable[[], None] | None = None,
 ) -> tuple[Tensor | None, tuple[Tensor, Tensor, Tensor]]:
     """(dlogits (C, V) or None, (loss, soft, hard)) of one chunk. A function of its own so the
-    teacher's (C, V) logits are freed on return, before the gradient matmuls run."""
+    teacher's (C, V) logits are freed on return, before the gradient matmuls run.
+    ``after_logits`` runs once the logits matmuls are queued (see _run's ``check``)."""
     student, teacher = p.logits(rows)
+    if after_logits is not None:
+        after_logits()
     args = [student, *teacher, p.labels[rows], p.valid[rows]]
     if row_weight is not None:
         args.append(row_weight)
@@ -296,8 +304,14 @@ def _run(
     p: _Problem,
     row_weight: Tensor | None,  # (N,) compute dtype, or None for loss only
     need: tuple[bool, bool, bool],  # grads for (hidden, weight, bias)
+    check: Callable[[], None] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, _Grads]:
-    """One pass over the chunks: per-row (loss, soft, hard) (N,) and unscaled gradients."""
+    """One pass over the chunks: per-row (loss, soft, hard) (N,) and unscaled gradients.
+
+    ``check`` (the value checks, see validate.start_value_check) is waited for once the first
+    chunk's logits matmuls are queued: they read no labels or ids, so they cannot fault on bad
+    values, and they keep the device busy while the host waits for the check's one sync.
+    """
     n, cdt = p.rows, p.spec.compute_dtype
     device = p.student_hidden.device
     loss, soft, hard = (torch.zeros(n, dtype=cdt, device=device) for _ in range(3))
@@ -314,7 +328,7 @@ def _run(
     fn = _chunk_fn(spec)
     for i, rows in enumerate(p.chunks()):
         with torch.no_grad():
-            dlogits, out = _chunk(p, spec, fn, rows, None if row_weight is None else row_weight[rows])
+            dlogits, out = _chunk(p, spec, fn, rows, None if row_weight is None else row_weight[rows], check if i == 0 else None)
             if dlogits is not None:
                 inv = 1.0
                 if spec.wide_grad:
@@ -328,6 +342,8 @@ def _run(
             loss[rows], soft[rows], hard[rows] = out
             # Free this chunk's (C, V) block before the next chunk allocates its own.
             del dlogits, out
+    if check is not None and not n:
+        check()
     return loss, soft, hard, _Grads(grad_h, grad_w, grad_b)
 
 
@@ -355,16 +371,16 @@ _PROBLEM_TENSORS = (
 
 
 class _FusedDistill(torch.autograd.Function):
-    """Inputs are (problem, student_hidden, student_weight, student_bias, reduction, normalizer);
-    the tensors are passed explicitly only so autograd tracks them."""
+    """Inputs are (problem, student_hidden, student_weight, student_bias, reduction, normalizer,
+    check); the tensors are passed explicitly only so autograd tracks them."""
 
     @staticmethod
-    def forward(ctx, p: _Problem, hidden, weight, bias, reduction: str, normalizer):
+    def forward(ctx, p: _Problem, hidden, weight, bias, reduction: str, normalizer, check):
         need = ctx.needs_input_grad[1:4]
         ctx.reduction, ctx.need = reduction, need
         ctx.dtypes = tuple(None if t is None else t.dtype for t in (p.student_hidden, p.student_weight, p.student_bias))
         if reduction == "none":
-            loss, soft, hard, _ = _run(p, None, (False, False, False))
+            loss, soft, hard, _ = _run(p, None, (False, False, False), check)
             # Backward recomputes the chunks: it needs the whole problem.
             ctx.save_for_backward(*(getattr(p, name) for name in _PROBLEM_TENSORS))
             ctx.skeleton = replace(p, **{name: None for name in _PROBLEM_TENSORS})
@@ -375,7 +391,7 @@ class _FusedDistill(torch.autograd.Function):
         # grads then match a full-logits bf16 step to fp32 summation order; float16 scales each
         # chunk into its range, see _half_with_scale). grad_output is applied in backward.
         scale = 1.0 if normalizer is None else 1.0 / normalizer
-        loss, soft, hard, grads = _run(p, p.valid.to(p.spec.compute_dtype) * scale, need)
+        loss, soft, hard, grads = _run(p, p.valid.to(p.spec.compute_dtype) * scale, need, check)
         ctx.save_for_backward(*grads)
         out = tuple(x.sum() * scale for x in (loss, soft, hard))
         ctx.mark_non_differentiable(out[1], out[2])
@@ -393,7 +409,7 @@ class _FusedDistill(torch.autograd.Function):
             grads = _run(p, weights / scale, ctx.need)[3]
         else:
             grads, scale = _Grads(*ctx.saved_tensors), grad_loss
-        return (None, *_scaled(grads, scale, ctx.dtypes), None, None)
+        return (None, *_scaled(grads, scale, ctx.dtypes), None, None, None)
 
 
 # --------------------------------------------------------------------------------------------
@@ -496,8 +512,9 @@ def fused_linear_distill(
         memory_budget: bounds ``chunk_size="auto"`` (bytes, or a fraction of free device memory;
             default ``KDFUSE_MEMORY_BUDGET``).
         validate: also check tensor *values* (labels and top-k ids inside the vocabulary),
-            which costs one device-to-host sync per call; shapes, dtypes and devices are always
-            checked, for free. Turn off in a hot loop whose data you trust.
+            which costs one device-to-host sync per call (waited for once the first chunk's
+            logits matmuls are queued, so the device keeps computing meanwhile); shapes, dtypes
+            and devices are always checked, for free. Turn off in a hot loop whose data you trust.
 
     Returns:
         The loss in the compute dtype (float32; float64 for float64 inputs).
@@ -511,8 +528,6 @@ def fused_linear_distill(
         softcap=softcap, impl=impl,
     )  # fmt: skip
     vocab, width = student_weight.shape
-    if validate:
-        check_values(vocab, ignore_index, labels=labels, topk_ids=None if teacher_topk is None else teacher_topk[0])
     check_normalizer(normalizer, reduction)
     cdt = _compute_dtype(student_hidden.dtype)
     device = student_hidden.device
@@ -567,11 +582,17 @@ def fused_linear_distill(
     else:
         norm = None
 
+    # The value checks' one host sync waits for everything queued before it; queued here, after
+    # the host-side set-up, and waited for only once the first chunk's logits matmuls are queued
+    # (see _run), it leaves the device busy rather than idle while the host waits.
+    check = None
+    if validate:
+        check = start_value_check(vocab, ignore_index, labels=labels, topk_ids=None if teacher_topk is None else teacher_topk[0])
     if needs_grad:
-        loss, soft, hard = _FusedDistill.apply(problem, *tensors, reduction, norm)
+        loss, soft, hard = _FusedDistill.apply(problem, *tensors, reduction, norm, check)
     else:
         with torch.no_grad():
-            loss, soft, hard, _ = _run(problem, None, (False, False, False))
+            loss, soft, hard, _ = _run(problem, None, (False, False, False), check)
         if reduction != "none":
             scale = 1.0 if norm is None else 1.0 / norm
             loss, soft, hard = (x.sum() * scale for x in (loss, soft, hard))

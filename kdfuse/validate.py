@@ -1,17 +1,18 @@
 """Argument checks for the public entry points: clear errors that name the argument and shapes.
 
 Everything here reads only shapes, dtypes, devices and Python numbers, so it costs no device
-sync.
+sync, except the value checks (:func:`check_values`, :func:`start_value_check`): one sync.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
-__all__ = ["check_inputs", "check_normalizer", "check_values"]
+__all__ = ["check_inputs", "check_normalizer", "check_values", "start_value_check"]
 
 _REDUCTIONS = ("mean", "sum", "none")
 _IMPLS = ("compile", "eager")
@@ -232,9 +233,17 @@ def check_inputs(
         raise ValueError(f"chunk_size must be a positive int or 'auto', got {chunk_size!r}")
 
 
-def check_values(vocab: int, ignore_index: int, *, labels: Tensor | None, topk_ids: Tensor | None) -> None:
-    """Raise ``ValueError`` for labels outside ``[0, vocab)`` (other than ``ignore_index``) or
-    top-k ids outside ``[0, vocab)``. One device-to-host sync for all checks together."""
+def start_value_check(
+    vocab: int, ignore_index: int, *, labels: Tensor | None, topk_ids: Tensor | None
+) -> Callable[[], None]:
+    """Queue the checks of :func:`check_values` on the device and return the function that waits
+    for their result and raises ``ValueError``.
+
+    On CUDA the counts travel to pinned host memory behind an event, so the wait covers the work
+    queued before this call and the checks, not what the caller queues in between: a caller that
+    queues work which cannot fault on bad values (the first chunk's logits GEMMs) keeps the device
+    busy while the host waits.
+    """
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
     bad = []
@@ -244,14 +253,32 @@ def check_values(vocab: int, ignore_index: int, *, labels: Tensor | None, topk_i
     if topk_ids is not None and topk_ids.numel():
         bad.append(((topk_ids < 0) | (topk_ids >= vocab)).sum())
     if not bad:
-        return
-    counts = torch.stack(bad).tolist()  # the one sync
-    if labels is not None and labels.numel() and counts[0]:
-        raise ValueError(
-            f"labels has {counts[0]} value(s) outside [0, {vocab}) that are not ignore_index={ignore_index}"
-        )
-    if topk_ids is not None and topk_ids.numel() and counts[-1]:
-        raise ValueError(f"teacher_topk ids has {counts[-1]} value(s) outside [0, {vocab})")
+        return lambda: None
+    counts = torch.stack(bad)
+    event = None
+    if counts.is_cuda:
+        counts = counts.to("cpu", non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+
+    def finish() -> None:
+        if event is not None:
+            event.synchronize()  # the one sync
+        found = counts.tolist()
+        if labels is not None and labels.numel() and found[0]:
+            raise ValueError(
+                f"labels has {found[0]} value(s) outside [0, {vocab}) that are not ignore_index={ignore_index}"
+            )
+        if topk_ids is not None and topk_ids.numel() and found[-1]:
+            raise ValueError(f"teacher_topk ids has {found[-1]} value(s) outside [0, {vocab})")
+
+    return finish
+
+
+def check_values(vocab: int, ignore_index: int, *, labels: Tensor | None, topk_ids: Tensor | None) -> None:
+    """Raise ``ValueError`` for labels outside ``[0, vocab)`` (other than ``ignore_index``) or
+    top-k ids outside ``[0, vocab)``. One device-to-host sync for all checks together."""
+    start_value_check(vocab, ignore_index, labels=labels, topk_ids=topk_ids)()
 
 
 def check_normalizer(normalizer: float | Tensor | None, reduction: str) -> None:

@@ -183,3 +183,30 @@ def test_topk_no_recompile_across_row_counts():
         inputs = _with_topk(make_inputs(n, torch.bfloat16, seed=n), k=16)
         run(fused_linear_distill, inputs, divergence="topk_forward_kl_bucket", hard_weight=0.5, chunk_size=CHUNK)
     assert counters["stats"]["unique_graphs"] == 1
+
+
+@pytest.mark.parametrize("teacher", ["dense", "topk"])
+def test_value_check_on_cuda(teacher):
+    """validate=True on CUDA: the counts come back through pinned memory behind an event
+    (validate.start_value_check), waited for once the first chunk's logits are queued. An
+    out-of-range label (or id) is a ValueError before any kernel reads it (a device-side assert
+    would poison the CUDA context), and the device is usable after it."""
+    inputs = make_inputs(N, torch.bfloat16, seed=7)
+    if teacher == "topk":
+        inputs = _with_topk(inputs, k=16)
+        kw = dict(divergence="topk_forward_kl_bucket")
+        ids = inputs["teacher_topk"][0].clone()
+        ids[N - 1, 0] = V  # in the last chunk: the first chunk's work is queued before the check fails
+        bad = dict(inputs, teacher_topk=(ids, inputs["teacher_topk"][1]))
+        match = r"teacher_topk ids has 1 value\(s\) outside"
+    else:
+        kw = {}
+        labels = inputs["labels"].clone()
+        labels[N - 1] = V
+        bad = dict(inputs, labels=labels)
+        match = r"labels has 1 value\(s\) outside"
+    for grad in (True, False):
+        with pytest.raises(ValueError, match=match), torch.set_grad_enabled(grad):
+            fused_linear_distill(**bad, chunk_size=CHUNK, hard_weight=0.5, **kw)
+    torch.cuda.synchronize()
+    check(inputs, torch.bfloat16, chunk_size=CHUNK, hard_weight=0.5, **kw)

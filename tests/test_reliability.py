@@ -184,9 +184,12 @@ def test_labels_out_of_range_with_validate(labels, ignore_index, count):
     t = _inputs()
     t["labels"] = torch.tensor(labels).reshape(2, 3)
     match = rf"labels has {count} value\(s\) outside \[0, 5\) that are not ignore_index={ignore_index}"
-    for hard_weight in (0.0, 1.0):  # checked even when no cross-entropy reads them
-        with pytest.raises(ValueError, match=match):
-            fused_linear_distill(**t, ignore_index=ignore_index, hard_weight=hard_weight, impl="eager")
+    # Checked even when no cross-entropy reads them, and (hard_weight=1) before the first chunk's
+    # cross-entropy would index with them (an IndexError here): in each of _run's three modes.
+    for hard_weight in (0.0, 1.0):
+        for grad, reduction in ((True, "mean"), (True, "none"), (False, "mean")):
+            with pytest.raises(ValueError, match=match), torch.set_grad_enabled(grad):
+                fused_linear_distill(**t, ignore_index=ignore_index, hard_weight=hard_weight, impl="eager", reduction=reduction)
 
 
 def test_labels_out_of_range_without_validate_are_not_checked():
