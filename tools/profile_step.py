@@ -1,8 +1,12 @@
 """Where does a kdfuse fwd+bwd spend its time? Kernel-level breakdown with torch.profiler.
 
-    python tools/profile_step.py --tokens 8192 --chunk 4096 [--divergence jsd_beta0.5]
+    python tools/profile_step.py --tokens 8192 --chunk 4096 [--divergence jsd_beta0.5] [--steps 3]
 
-Prints the CUDA kernels by total time for one step (after warm-up).
+Prints the CUDA kernels by total time for one step (after warm-up), then the step's timeline: its
+span on the device (first kernel start to last kernel end), the time kernels ran, the idle time
+between them and the largest idle gaps (with the kernel each follows), next to the median step
+time measured the way tools/bench.py measures it (CUDA events around back-to-back steps); and the
+same timeline for the floor (the four GEMMs alone, kdfuse.tuning.floor_step).
 """
 
 from __future__ import annotations
@@ -16,7 +20,28 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from autotune import measure  # noqa: E402
 from kdfuse import tuning  # noqa: E402
+
+
+def timeline(prof: profile, top: int = 5) -> str:
+    """Span, busy and idle time of the profiled step's device activity, and its largest gaps."""
+    spans = sorted(
+        (e.time_range.start, e.time_range.end, e.name) for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
+    )
+    if not spans:
+        return "no device activity recorded"
+    busy, gaps, reach = 0.0, [], spans[0][0]
+    for start, end, name in spans:
+        if start > reach:
+            gaps.append((start - reach, name))
+        busy += max(0, end - max(start, reach))
+        reach = max(reach, end)
+    span = reach - spans[0][0]
+    lines = [f"device span {span / 1e3:.2f} ms, kernels busy {busy / 1e3:.2f} ms, idle {(span - busy) / 1e3:.2f} ms"]
+    for gap, name in sorted(gaps, reverse=True)[:top]:
+        lines.append(f"  idle {gap:8.1f} us before {name[:80]}")
+    return "\n".join(lines)
 
 
 def main() -> None:
@@ -27,6 +52,7 @@ def main() -> None:
     ap.add_argument("--teacher-hidden", type=int, default=4096)
     ap.add_argument("--vocab", type=int, default=128256)
     ap.add_argument("--divergence", default="forward_kl")
+    ap.add_argument("--steps", type=int, default=1, help="steps profiled back to back (the table sums them)")
     args = ap.parse_args()
     key = tuning.make_key(
         rows=args.tokens, vocab=args.vocab, student_hidden=args.student_hidden, teacher_hidden=args.teacher_hidden,
@@ -35,15 +61,21 @@ def main() -> None:
     problem = tuning.build_problem(key, torch.device("cuda"))
 
     step = tuning.distill_step(problem, args.chunk)
-
-    for _ in range(3):
-        step()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        step()
+    floor = tuning.floor_step(problem)
+    for name, fn in (("kdfuse", step), ("floor", floor)):
+        for _ in range(3):
+            fn()
         torch.cuda.synchronize()
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=70))
-
+        # Back to back, as in training and in tools/bench.py: no sync between the steps.
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(args.steps):
+                fn()
+            torch.cuda.synchronize()
+        if name == "kdfuse":
+            print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=70))
+        ms, _ = measure(fn, warmup=3, repeat=10)
+        print(f"{name}, {args.steps} steps: {timeline(prof)}")
+        print(f"{name}: median step (CUDA events, back to back, as tools/bench.py times it): {ms:.2f} ms")
 
 if __name__ == "__main__":
     main()
