@@ -6,7 +6,7 @@ device memory above the inputs (``torch.cuda.max_memory_allocated``), the ratio 
 and the gradient error against a reference.
 
     python tools/bench.py                                   # every shape and config
-    python tools/bench.py --shapes 8b-1b:8192 --configs fkl_ce --json out.json --png out.png
+    python tools/bench.py --cases 8b-1b:8192 --configs fkl_ce --json out.json --png out.png
 
 Contenders:
   floor          the four bf16 GEMMs alone: student logits, teacher logits, grad_hidden, grad_weight
