@@ -150,7 +150,8 @@ def _named(name: str, kernel: _Kernel, params: tuple[float, ...], doc: str | Non
     values = tuple(params)
 
     def divergence(student: Tensor, teacher: Tensor) -> Tensor:
-        return kernel(student, teacher, *(torch.tensor(v, dtype=student.dtype, device=student.device) for v in values))
+        # torch.full, not torch.tensor: a fill kernel, not a host-to-device copy (a host sync).
+        return kernel(student, teacher, *(torch.full((), v, dtype=student.dtype, device=student.device) for v in values))
 
     divergence.__name__ = divergence.__qualname__ = name
     divergence.__doc__ = doc

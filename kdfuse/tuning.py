@@ -325,7 +325,7 @@ def _bench_divergence(name: str) -> str:
 
 
 def distill_step(
-    problem: BenchProblem, chunk_size: int, impl: Literal["compile", "eager"] = "compile"
+    problem: BenchProblem, chunk_size: int, impl: Literal["compile", "eager"] = "compile", validate: bool = True
 ) -> Callable[[], object]:
     """One ``fused_linear_distill`` forward and, with key.with_grad, its backward through
     ``torch.autograd.grad`` w.r.t. the student hidden states and weight."""
@@ -336,7 +336,7 @@ def distill_step(
     kwargs = {
         "teacher_logits": p.teacher_logits, "labels": p.labels, "divergence": _bench_divergence(key.divergence),
         "soft_weight": 0.5 if key.with_ce else 1.0, "hard_weight": 0.5 if key.with_ce else 0.0,
-        "chunk_size": chunk_size, "impl": impl,
+        "chunk_size": chunk_size, "impl": impl, "validate": validate,
     }  # fmt: skip
 
     def step() -> object:

@@ -210,3 +210,26 @@ def test_value_check_on_cuda(teacher):
             fused_linear_distill(**bad, chunk_size=CHUNK, hard_weight=0.5, **kw)
     torch.cuda.synchronize()
     check(inputs, torch.bfloat16, chunk_size=CHUNK, hard_weight=0.5, **kw)
+
+
+@pytest.mark.parametrize("teacher", ["dense", "topk"])
+@pytest.mark.parametrize("validate", [False, True])
+def test_step_does_not_sync_the_stream(teacher, validate):
+    """A forward + backward queues its work without waiting for the device (no stream or device
+    sync: a sync makes the device idle while the host queues what follows; a pageable
+    host-to-device copy was one). With validate=True the one wait is an event's, which the sync
+    debug mode does not count: the check's wait covers its own counts only."""
+    inputs = make_inputs(N, torch.bfloat16, seed=8)
+    kw = dict(divergence="topk_forward_kl_bucket") if teacher == "topk" else dict(divergence=D.jsd(0.3))
+    if teacher == "topk":
+        inputs = _with_topk(inputs, k=16)
+    kw.update(chunk_size=CHUNK, hard_weight=0.5, temperature=2.0, validate=validate)
+    run(fused_linear_distill, inputs, **kw)  # compile and warm up outside the watched call
+    run(fused_linear_distill, inputs, normalizer=123.0, **kw)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        run(fused_linear_distill, inputs, **kw)
+        run(fused_linear_distill, inputs, normalizer=123.0, **kw)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

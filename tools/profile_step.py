@@ -1,6 +1,6 @@
 """Where does a kdfuse fwd+bwd spend its time? Kernel-level breakdown with torch.profiler.
 
-    python tools/profile_step.py --tokens 8192 --chunk 4096 [--divergence jsd_beta0.5] [--steps 3]
+    python tools/profile_step.py --tokens 8192 --chunk 4096 [--divergence jsd_beta0.5] [--steps 3] [--no-validate]
 
 Prints the CUDA kernels by total time for one step (after warm-up), then the step's timeline: its
 span on the device (first kernel start to last kernel end), the time kernels ran, the idle time
@@ -52,6 +52,7 @@ def main() -> None:
     ap.add_argument("--teacher-hidden", type=int, default=4096)
     ap.add_argument("--vocab", type=int, default=128256)
     ap.add_argument("--divergence", default="forward_kl")
+    ap.add_argument("--no-validate", action="store_true", help="validate=False: no value check (and its one host sync)")
     ap.add_argument("--steps", type=int, default=1, help="steps profiled back to back (the table sums them)")
     args = ap.parse_args()
     key = tuning.make_key(
@@ -60,7 +61,7 @@ def main() -> None:
     )  # fmt: skip
     problem = tuning.build_problem(key, torch.device("cuda"))
 
-    step = tuning.distill_step(problem, args.chunk)
+    step = tuning.distill_step(problem, args.chunk, validate=not args.no_validate)
     floor = tuning.floor_step(problem)
     for name, fn in (("kdfuse", step), ("floor", floor)):
         for _ in range(3):
