@@ -1,7 +1,7 @@
 """Small, general autotuning: time candidates, pick the fastest within a memory budget, cache the winner."""
 
 from .cache import TuningCache, TuningCacheWarning, default_cache_dir, device_identity, software_versions
-from .timing import measure, resolve_device
+from .timing import measure, measure_interleaved, resolve_device
 from .tuner import Measurement, TuneResult, tune
 
 __all__ = [
@@ -12,6 +12,7 @@ __all__ = [
     "default_cache_dir",
     "device_identity",
     "measure",
+    "measure_interleaved",
     "resolve_device",
     "software_versions",
     "tune",

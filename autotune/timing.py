@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import statistics
 import time
-from typing import Callable
+from typing import Callable, Hashable, Mapping, TypeVar
 
 import torch
 
-__all__ = ["measure", "resolve_device"]
+__all__ = ["measure", "measure_interleaved", "resolve_device"]
+
+K = TypeVar("K", bound=Hashable)
 
 
 def resolve_device(device: torch.device | str | None = None) -> torch.device:
@@ -34,11 +36,51 @@ def measure(
     events and the peak is ``max_memory_allocated`` above what was allocated before the timed calls.
     On CPU each call is timed with ``time.perf_counter`` and peak memory is not measured (always 0).
     """
+    times, peak = _timed_calls(fn, warmup, repeat, resolve_device(device))
+    return statistics.median(times), peak
+
+
+def measure_interleaved(
+    fns: Mapping[K, Callable[[], object]],
+    *,
+    rounds: int = 3,
+    warmup: int = 3,
+    repeat: int = 10,
+    device: torch.device | str | None = None,
+) -> dict[K, tuple[float, int]]:
+    """:func:`measure` for several functions, in ``rounds`` rounds that each run every function
+    (``warmup`` untimed calls, then ``repeat`` timed, back to back).
+
+    Returns ``{key: (median milliseconds over all its timed calls, largest peak extra bytes)}``.
+    Why rounds: a GPU at its power limit changes its clocks over a second or so of load (an H100
+    under back-to-back GEMMs went from 1980 to 1110-1275 MHz, its steps from 27 to 30-36 ms), so
+    functions timed one after the other see different clocks and their ratios depend on their
+    order; interleaved, they share the device's recent history.
+    """
+    if rounds < 1:
+        raise ValueError(f"need rounds >= 1, got {rounds}")
+    _check_counts(warmup, repeat)
+    device = resolve_device(device)
+    times: dict[K, list[float]] = {key: [] for key in fns}
+    peaks = dict.fromkeys(fns, 0)
+    for _ in range(rounds):
+        for key, fn in fns.items():
+            calls, peak = _timed_calls(fn, warmup, repeat, device)
+            times[key] += calls
+            peaks[key] = max(peaks[key], peak)
+    return {key: (statistics.median(times[key]), peaks[key]) for key in fns}
+
+
+def _check_counts(warmup: int, repeat: int) -> None:
     if warmup < 0 or repeat < 1:
         raise ValueError(f"need warmup >= 0 and repeat >= 1, got {warmup=} {repeat=}")
-    device = resolve_device(device)
+
+
+def _timed_calls(fn: Callable[[], object], warmup: int, repeat: int, device: torch.device) -> tuple[list[float], int]:
+    """(milliseconds of each timed call, peak extra bytes); see :func:`measure`."""
+    _check_counts(warmup, repeat)
     if device.type == "cuda":
-        return _measure_cuda(fn, warmup, repeat, device)
+        return _timed_calls_cuda(fn, warmup, repeat, device)
     for _ in range(warmup):
         fn()
     times = []
@@ -46,10 +88,10 @@ def measure(
         start = time.perf_counter()
         fn()
         times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times), 0
+    return times, 0
 
 
-def _measure_cuda(fn: Callable[[], object], warmup: int, repeat: int, device: torch.device) -> tuple[float, int]:
+def _timed_calls_cuda(fn: Callable[[], object], warmup: int, repeat: int, device: torch.device) -> tuple[list[float], int]:
     with torch.cuda.device(device):
         # Warm-up first so compilation, autotuning and allocator growth are not charged to the timing.
         for _ in range(warmup):
@@ -64,4 +106,4 @@ def _measure_cuda(fn: Callable[[], object], warmup: int, repeat: int, device: to
             end.record()
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated() - baseline
-    return statistics.median([start.elapsed_time(end) for start, end in events]), max(peak, 0)
+    return [start.elapsed_time(end) for start, end in events], max(peak, 0)

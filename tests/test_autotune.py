@@ -14,7 +14,7 @@ import torch
 import autotune
 import autotune.timing
 import autotune.tuner
-from autotune import Measurement, TuningCache, TuningCacheWarning, measure, tune
+from autotune import Measurement, TuningCache, TuningCacheWarning, measure, measure_interleaved, tune
 
 VERSIONS = {"torch": "1.0", "triton": "none", "python": "3.11", "app": "0.1"}
 
@@ -204,6 +204,30 @@ def test_measure_cpu_median_excludes_warmup(monkeypatch):
 
     ms, _ = measure(fn, warmup=2, repeat=5, device="cpu")
     assert ms == pytest.approx(3.0)
+
+
+def test_measure_interleaved_runs_rounds_and_pools_the_timed_calls(monkeypatch):
+    """Each round runs every function (warm-up, then timed calls); a function's median is over
+    its timed calls of all rounds, so a slow round (a throttled device) weighs on all alike."""
+    clock = [0.0]
+    monkeypatch.setattr(autotune.timing, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+    order = []
+    durations = {"a": iter([0.001] * 4 + [0.002] * 4), "b": iter([0.003] * 4 + [0.006] * 4)}
+
+    def by_round(name):
+        def fn():
+            order.append(name)
+            clock[0] += next(durations[name])
+
+        return fn
+
+    result = measure_interleaved({k: by_round(k) for k in durations}, rounds=2, warmup=1, repeat=3, device="cpu")
+    assert order == ["a"] * 4 + ["b"] * 4 + ["a"] * 4 + ["b"] * 4
+    assert result["a"][0] == pytest.approx(1.5) and result["b"][0] == pytest.approx(4.5)
+    with pytest.raises(ValueError):
+        measure_interleaved({"a": lambda: None}, rounds=0, device="cpu")
+    with pytest.raises(ValueError):
+        measure_interleaved({}, repeat=0, device="cpu")
 
 
 def test_measure_rejects_bad_arguments():

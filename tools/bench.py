@@ -1,7 +1,8 @@
 """Side-by-side KD loss benchmark: kdfuse vs the matmul floor and the losses people use today.
 
 Every contender runs forward + backward (gradients for the student hidden states and lm_head
-weight) on the same inputs in one process; we report the median time after warm-up, the peak
+weight) on the same inputs in one process; we report the median time after warm-up (timed in
+rounds over all contenders, so that they share the GPU's clock drift), the peak
 device memory above the inputs (``torch.cuda.max_memory_allocated``), the ratio to the floor,
 and the gradient error against a reference.
 
@@ -44,7 +45,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import kdfuse  # noqa: E402
-from autotune import measure  # noqa: E402
+from autotune import measure_interleaved  # noqa: E402
 from kdfuse import divergences as D  # noqa: E402
 
 GiB = 2**30
@@ -224,9 +225,11 @@ def run_case(case: str, cfg_key: str, args) -> list[Row]:
     torch.cuda.empty_cache()
     rows: list[Row] = []
     steps = contenders(cfg, args.chunks, args.liger_chunks, inputs)
+    steps = {name: step for name, step in steps.items() if not args.contenders or any(name.startswith(c) for c in args.contenders)}
+    # First calls one contender at a time (compile time, errors, crashes); then the timing, in
+    # rounds over every contender that ran (see autotune.measure_interleaved: the clocks of a GPU
+    # at its power limit drift, and contenders timed one after the other would not share them).
     for name, step in steps.items():
-        if args.contenders and not any(name.startswith(c) for c in args.contenders):
-            continue
         row = Row(case, cfg_key, name)
         try:
             torch.cuda.synchronize()
@@ -239,8 +242,6 @@ def run_case(case: str, cfg_key: str, args) -> list[Row]:
                 row.grad_err = max(rel(gh, ref[1]), rel(gw, ref[2]))
                 row.loss_err = abs(float(loss) - float(ref[0])) / abs(float(ref[0]))
             del out
-            row.ms, peak = measure(step, warmup=args.warmup, repeat=args.repeat)
-            row.peak_gib = peak / GiB
         except torch.OutOfMemoryError:
             row.note = "OOM"
         except Exception as exc:  # a peer crashing is a result, not the end of the run
@@ -251,7 +252,13 @@ def run_case(case: str, cfg_key: str, args) -> list[Row]:
         if name == "kdfuse-topk64":
             row.note = (row.note + " top-64 teacher: a different loss, error vs the dense reference").strip()
         rows.append(row)
-        print(f"  {case} {cfg_key} {name}: {row.ms:.2f} ms {row.note}", flush=True)
+        print(f"  {case} {cfg_key} {name}: first call {row.first_call_s:.1f} s {row.note}", flush=True)
+    ran = {r.contender: steps[r.contender] for r in rows if math.isfinite(r.first_call_s)}
+    timings = measure_interleaved(ran, rounds=args.rounds, warmup=args.warmup, repeat=args.repeat)
+    for r in rows:
+        if r.contender in timings:
+            r.ms, peak = timings[r.contender]
+            r.peak_gib = peak / GiB
     floor = next((r.ms for r in rows if r.contender == "floor"), math.nan)
     for r in rows:
         r.ratio = r.ms / floor
@@ -301,7 +308,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--chunks", type=int, nargs="*", default=[1024, 2048, 4096])
     parser.add_argument("--liger-chunks", type=int, nargs="*", default=[1024, 4096])
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--repeat", type=int, default=10)
+    parser.add_argument("--repeat", type=int, default=5, help="timed calls per contender per round")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds over all contenders (see autotune.measure_interleaved)")
     parser.add_argument("--json", help="write all rows here")
     parser.add_argument("--png", help="draw time/floor per case here")
     args = parser.parse_args(argv)

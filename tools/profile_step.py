@@ -5,14 +5,16 @@
 Prints the CUDA kernels by total time for one step (after warm-up), then the step's timeline: its
 span on the device (first kernel start to last kernel end), the time kernels ran, the idle time
 between them and the largest idle gaps (with the kernel each follows), next to the median step
-time measured the way tools/bench.py measures it (CUDA events around back-to-back steps); and the
-same timeline for the floor (the four GEMMs alone, kdfuse.tuning.floor_step).
+time measured the way tools/bench.py measures it (CUDA events around back-to-back steps), how
+long the host takes to queue steps against how long the device takes to run them; and the
+same for the floor (the four GEMMs alone, kdfuse.tuning.floor_step).
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -75,6 +77,16 @@ def main() -> None:
         if name == "kdfuse":
             print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=70))
         ms, _ = measure(fn, warmup=3, repeat=10)
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(10):
+            fn()
+        queued = time.perf_counter() - t0
+        torch.cuda.synchronize()
+        done = time.perf_counter() - t0
+        # If the host needs about as long to queue a step as the device to run it, the device
+        # waits for the host (idle gaps before the first ops of a step).
+        print(f"{name}: 10 steps queued by the host in {queued * 1e3:.1f} ms, done on the device after {done * 1e3:.1f} ms")
         print(f"{name}, {args.steps} steps: {timeline(prof)}")
         print(f"{name}: median step (CUDA events, back to back, as tools/bench.py times it): {ms:.2f} ms")
 
