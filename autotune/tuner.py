@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import statistics
 import time
 from dataclasses import dataclass
 from typing import Callable, Hashable, Sequence
@@ -54,6 +55,7 @@ def tune(
     on_result: Callable[[Measurement], None] | None = None,
     time_budget_s: float | None = None,
     time_slack: float = 0.0,
+    rounds: int = 1,
 ) -> TuneResult:
     """Benchmark each candidate with ``bench(candidate) -> (ms, peak_bytes)`` and pick the fastest,
     or with ``time_slack`` > 0 the leanest: the smallest measured peak among the candidates within
@@ -62,32 +64,57 @@ def tune(
     more, and those new measurements (which replace the old in the result) decide among them by
     the same rule, so one noisy measurement cannot trade a real slowdown for memory.
 
+    With ``rounds`` > 1 the candidates are benchmarked in that many rounds, each round running
+    every candidate once (a, b, c, a, b, c, ...); a candidate's time is the median of its rounds'
+    and its peak the largest. On a GPU whose clocks drift under load (a power limit), candidates
+    then share the drift instead of the first ones catching the fastest clocks. A candidate that
+    fails is not run again.
+
     With ``memory_budget`` set, a candidate whose ``estimate_bytes`` exceeds it is pruned without running,
     and one whose measured peak exceeds it is scored ``inf``. Any ``Exception`` raised by ``bench`` or
     ``estimate_bytes`` (CUDA OOM, compile errors, ...) scores the candidate ``inf`` instead of propagating.
-    Once ``time_budget_s`` has elapsed, the remaining candidates are skipped. ``on_result`` is called
-    after every candidate, skipped ones included. Ties go to the earlier candidate.
+    Once ``time_budget_s`` has elapsed, nothing more is run: a candidate keeps the rounds it has,
+    and one with none is skipped. ``on_result`` is called ``rounds`` times per candidate, after
+    each of its rounds, with that round's measurement (its last one again when it is not run).
+    Ties go to the earlier candidate.
     """
     if len(set(candidates)) != len(candidates):
         raise ValueError("candidates must be distinct")
     if not time_slack >= 0:
         raise ValueError(f"time_slack must be >= 0, got {time_slack}")
+    if rounds < 1:
+        raise ValueError(f"rounds must be >= 1, got {rounds}")
     start = time.monotonic()
-    measurements = []
-    for candidate in candidates:
-        if time_budget_s is not None and time.monotonic() - start >= time_budget_s:
-            m = Measurement(candidate, math.inf, 0, f"{_SKIPPED}time budget of {time_budget_s}s exhausted")
-        else:
-            m = _evaluate(candidate, bench, memory_budget, estimate_bytes)
-        measurements.append(m)
-        if on_result is not None:
-            on_result(m)
+    runs: dict[Hashable, list[Measurement]] = {candidate: [] for candidate in candidates}
+    for _ in range(rounds):
+        for candidate in candidates:
+            done = runs[candidate]
+            if done and not math.isfinite(done[-1].ms):
+                m = done[-1]  # failed, pruned or skipped: not run again
+            elif time_budget_s is not None and time.monotonic() - start >= time_budget_s:
+                if not done:
+                    done.append(Measurement(candidate, math.inf, 0, f"{_SKIPPED}time budget of {time_budget_s}s exhausted"))
+                m = done[-1]
+            else:
+                m = _evaluate(candidate, bench, memory_budget, estimate_bytes)
+                done.append(m)
+            if on_result is not None:
+                on_result(m)
+    measurements = [_combine(runs[candidate]) for candidate in candidates]
     best = _pick(measurements, time_slack)
     if best != _pick(measurements, 0.0):
         again = {m.candidate: _evaluate(m.candidate, bench, memory_budget, estimate_bytes) for m in _near(measurements, time_slack)}
         measurements = [again.get(m.candidate, m) for m in measurements]
         best = _pick(list(again.values()), time_slack)
     return TuneResult(best, tuple(measurements))
+
+
+def _combine(runs: list[Measurement]) -> Measurement:
+    """One candidate's rounds as one measurement: its failure if the last round failed (a
+    candidate is not run after a failure), else the median time and the largest peak."""
+    if not math.isfinite(runs[-1].ms):
+        return runs[-1]
+    return Measurement(runs[0].candidate, statistics.median(m.ms for m in runs), max(m.peak_bytes for m in runs))
 
 
 def _near(measurements: list[Measurement], time_slack: float) -> list[Measurement]:

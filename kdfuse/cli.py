@@ -170,8 +170,12 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     tune.add_argument("--device", type=_argument(_device), help="default: the current CUDA device, else cpu")
     tune.add_argument("--impl", choices=("compile", "eager"), help="default: compile on CUDA, eager on CPU")
-    tune.add_argument("--warmup", type=_argument(_positive), default=3, help="untimed calls per candidate (3)")
-    tune.add_argument("--repeat", type=_argument(_positive), default=10, help="timed calls per candidate (10)")
+    tune.add_argument("--warmup", type=_argument(_positive), default=3, help="untimed calls per candidate and round (3)")
+    tune.add_argument("--repeat", type=_argument(_positive), default=5, help="timed calls per candidate and round (5)")
+    tune.add_argument(
+        "--rounds", type=_argument(_positive), default=3,
+        help="rounds over the candidates, interleaved so all share the GPU's clock drift; each candidate's median round counts (3)",
+    )  # fmt: skip
     tune.add_argument("--force", action="store_true", help="measure even when the cache has the result")
     tune.add_argument("--json", action="store_true", help="print JSON instead of tables")
     tune.add_argument("--plot", metavar="FILE.png", help="draw time and memory vs chunk size (needs matplotlib)")
@@ -225,7 +229,7 @@ def _tune(
     """Cached sweeps as they are; every other shape measured, with a progress bar on stderr."""
     candidates = {key: args.chunks or candidate_chunk_sizes(key) for _, key in shapes}
     hits = {key: hit for key in candidates if not force and (hit := _cache_hit(cache, key, candidates[key]))}
-    steps = sum(len(c) + 1 for key, c in candidates.items() if key not in hits)  # + 1: the GEMM floor
+    steps = sum(args.rounds * len(c) + 1 for key, c in candidates.items() if key not in hits)  # + 1: the GEMM floor
     progress = Progress(
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
         console=Console(stderr=True), transient=True,
@@ -239,7 +243,7 @@ def _tune(
                 continue
             progress.update(task, description=describe(key))
             sweep = run_sweep(
-                key, device, candidates[key], impl=impl, warmup=args.warmup, repeat=args.repeat,
+                key, device, candidates[key], impl=impl, warmup=args.warmup, repeat=args.repeat, rounds=args.rounds,
                 on_step=lambda: progress.advance(task),
             )  # fmt: skip
             if sweep.best is not None:

@@ -87,13 +87,16 @@ _MIN_CHUNK, _MAX_CHUNK = 16, 8192
 _LARGE_VOCAB, _MIN_CANDIDATE, _MIN_CANDIDATE_SMALL_VOCAB = 32768, 256, 64
 
 AUTO_TIME_BUDGET_S = 5.0
+"""Seconds of measurement an in-process tuning may spend (after one untimed warm-up step that
+compiles the core); candidates not reached by then are skipped and the entry marked partial."""
 # Chunk sizes within this fraction of the fastest are near-ties (run-to-run noise is ~1-2%): of
 # those the one with the smallest measured peak memory wins. On an H100 at 8B->1B, N=8192, chunks
 # of 2048, 4096 and 8192 rows time within 1% of each other at 2, 3 and 5 GiB.
 TIME_SLACK = 0.03
-"""Seconds of measurement an in-process tuning may spend (after one untimed warm-up step that
-compiles the core); candidates not reached by then are skipped and the entry marked partial."""
-_AUTO_WARMUP, _AUTO_REPEAT = 2, 5
+# Two rounds over the candidates (autotune.tune's ``rounds``), as far as the time budget goes: a
+# GPU at its power limit throttles within a second of load, and the first candidates measured
+# would otherwise catch the faster clocks.
+_AUTO_WARMUP, _AUTO_REPEAT, _AUTO_ROUNDS = 2, 5, 2
 
 _memo: dict[tuple, int] = {}
 
@@ -438,11 +441,14 @@ def run_sweep(
     time_budget_s: float | None = None,
     with_floor: bool = True,
     on_step: Callable[[], None] | None = None,
+    rounds: int = 1,
 ) -> Sweep:
     """Measure every candidate (and the GEMM floor, unless it runs out of memory) on
-    :func:`build_problem`'s inputs, pruning and scoring by the key's memory budget. ``on_step`` is called after the floor and after
-    each candidate. With ``time_budget_s``, one untimed step of the first candidate runs first
-    (it compiles the core, shared by all candidates) and the budget bounds the measuring."""
+    :func:`build_problem`'s inputs, pruning and scoring by the key's memory budget, in ``rounds``
+    interleaved rounds (see :func:`autotune.tune`). ``on_step`` is called after the floor and
+    after each candidate's every round. With ``time_budget_s``, one untimed step of the first
+    candidate runs first (it compiles the core, shared by all candidates) and the budget bounds
+    the measuring."""
     problem = build_problem(key, device)
     floor_ms = None
     if with_floor:
@@ -459,6 +465,7 @@ def run_sweep(
         on_result=None if on_step is None else lambda _: on_step(),
         time_budget_s=time_budget_s,
         time_slack=TIME_SLACK,
+        rounds=rounds,
     )
     complete = not any(m.skipped for m in result.measurements)
     return Sweep(key, result.best, result.measurements, floor_ms, complete)
@@ -524,7 +531,8 @@ def _tune_in_process(key: TuningKey, device: torch.device, preferred: int) -> Sw
     try:
         sweep = run_sweep(
             key, device, _nearest_first(candidate_chunk_sizes(key), preferred),
-            warmup=_AUTO_WARMUP, repeat=_AUTO_REPEAT, time_budget_s=AUTO_TIME_BUDGET_S, with_floor=False,
+            warmup=_AUTO_WARMUP, repeat=_AUTO_REPEAT, rounds=_AUTO_ROUNDS, time_budget_s=AUTO_TIME_BUDGET_S,
+            with_floor=False,
         )  # fmt: skip
     except torch.OutOfMemoryError:  # no room even for the benchmark's inputs
         return None

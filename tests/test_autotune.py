@@ -174,6 +174,50 @@ def test_tune_time_budget_skips_the_rest(monkeypatch):
     assert len(seen) == 5
 
 
+def test_tune_rounds_interleave_and_take_each_candidates_median():
+    """Rounds run a, b, c, a, b, c, ...; a drifting device (each call slower than the last) would
+    have favoured the first candidate measured once, but each round's drift hits all alike, and
+    the median of a candidate's rounds decides. A failure is not run again."""
+    order, drift = [], iter(range(100))
+    base = {"a": 10.0, "b": 9.5, "c": RuntimeError("no")}
+    peaks = {"a": [5, 7, 6], "b": [1, 1, 1]}
+
+    def bench(candidate):
+        order.append(candidate)
+        if isinstance(base[candidate], Exception):
+            raise base[candidate]
+        rounds_done = order.count(candidate) - 1
+        return base[candidate] + next(drift) * 0.1, peaks[candidate][rounds_done]
+
+    seen = []
+    result = tune(["a", "b", "c"], bench, rounds=3, on_result=seen.append)
+    assert order == ["a", "b", "c", "a", "b", "a", "b"]
+    # a ran at drift 0, 2, 4 (x 0.1 ms), b at 1, 3, 5: medians 10.2 and 9.8.
+    assert result.by_candidate["a"].ms == pytest.approx(10.2) and result.by_candidate["a"].peak_bytes == 7
+    assert result.by_candidate["b"].ms == pytest.approx(9.8) and result.by_candidate["b"].peak_bytes == 1
+    assert result.by_candidate["c"].error == "RuntimeError: no"
+    assert result.best == "b"
+    assert len(seen) == 9 and [m.candidate for m in seen] == ["a", "b", "c"] * 3
+    with pytest.raises(ValueError):
+        tune(["a"], bench, rounds=0)
+
+
+def test_tune_rounds_keep_what_the_time_budget_allowed(monkeypatch):
+    clock = [0.0]
+    monkeypatch.setattr(autotune.tuner, "time", types.SimpleNamespace(monotonic=lambda: clock[0]))
+    calls = []
+
+    def bench(candidate):
+        calls.append(candidate)
+        clock[0] += 1.0
+        return float(len(calls)), 0
+
+    result = tune(["a", "b", "c"], bench, rounds=2, time_budget_s=4.5)
+    assert calls == ["a", "b", "c", "a", "b"]  # round 2 cut after b
+    assert [m.ms for m in result.measurements] == [pytest.approx(2.5), pytest.approx(3.5), 3.0]
+    assert not any(m.skipped for m in result.measurements)
+
+
 def test_tune_rejects_duplicate_candidates():
     with pytest.raises(ValueError):
         tune(["a", "a"], _bench_from({"a": 1.0}))

@@ -19,17 +19,25 @@ pytestmark = pytest.mark.usefixtures("tuning_env")
 
 
 class FakeBench:
-    """Canned timings: ``ms(chunk)`` per chunk size, floor 1 ms; the calls are recorded."""
+    """Canned timings: ``ms(chunk)`` per chunk size, floor 1 ms. Every call is recorded in
+    ``calls``; ``chunks`` has each sweep's candidates once, in the order its first round ran them."""
 
     def __init__(self, monkeypatch, best: int = 256):
         self.best = best
+        self.calls: list[int] = []
         self.chunks: list[int] = []
         self.impls: set[str] = set()
+        self._problem, self._seen = None, set()
         monkeypatch.setattr(tuning, "bench_chunk_size", self.bench)
         monkeypatch.setattr(tuning, "bench_floor", lambda problem, *, warmup, repeat: (1.0, 0))
 
     def bench(self, problem, chunk_size, *, impl, warmup, repeat):
-        self.chunks.append(chunk_size)
+        if problem is not self._problem:  # a new sweep (the reference keeps ids from being reused)
+            self._problem, self._seen = problem, set()
+        if chunk_size not in self._seen:
+            self._seen.add(chunk_size)
+            self.chunks.append(chunk_size)
+        self.calls.append(chunk_size)
         self.impls.add(impl)
         return 2.0 + abs(chunk_size - self.best) / 1000, 0
 
@@ -47,6 +55,7 @@ def test_tune_defaults_to_tiny_names_the_winner_and_writes_the_cache(monkeypatch
     bench = FakeBench(monkeypatch, best=128)
     out = run(capsys, "tune")
     assert bench.chunks == [64, 128, 256] + [64, 128, 256, 512, 1024]  # buckets 256 and 1024
+    assert bench.calls == [64, 128, 256] * 3 + [64, 128, 256, 512, 1024] * 3  # --rounds 3, interleaved
     assert bench.impls == {"eager"}  # CPU default
     assert "N<=256 V=1000 Hs=64 Ht=96 float32 forward_kl+ce: chunk_size=128 (2.000 ms, 2.00x floor)" in out
     assert "N<=1024 V=1000 Hs=64 Ht=96 float32 forward_kl+ce: chunk_size=128" in out

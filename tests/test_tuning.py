@@ -41,18 +41,27 @@ def key_for(**overrides) -> TuningKey:
 
 
 class FakeBench:
-    """Replaces the measuring functions: canned ms (and peak bytes) per chunk size, calls recorded."""
+    """Replaces the measuring functions: canned ms (and peak bytes) per chunk size. Every call is
+    recorded in ``calls``; ``chunks`` has each sweep's candidates once, in the order its first
+    round ran them."""
 
     def __init__(self, monkeypatch, times: dict[int, float] | None = None, peaks: dict[int, int] | None = None):
         self.times, self.peaks = times or {}, peaks or {}
+        self.calls: list[int] = []
         self.chunks: list[int] = []
         self.floors = 0
         self.problems: list[TuningKey] = []
+        self._problem, self._seen = None, set()
         monkeypatch.setattr(tuning, "bench_chunk_size", self.bench)
         monkeypatch.setattr(tuning, "bench_floor", self.floor)
 
     def bench(self, problem, chunk_size, *, impl, warmup, repeat):
-        self.chunks.append(chunk_size)
+        if problem is not self._problem:  # a new sweep (the reference keeps ids from being reused)
+            self._problem, self._seen = problem, set()
+        if chunk_size not in self._seen:
+            self._seen.add(chunk_size)
+            self.chunks.append(chunk_size)
+        self.calls.append(chunk_size)
         result = self.times.get(chunk_size, 10.0 + chunk_size / 1000)
         if isinstance(result, Exception):
             raise result
@@ -235,6 +244,7 @@ def test_cuda_miss_tunes_persists_and_prints(monkeypatch, capsys, fake_cuda):
     assert resolve(CUDA) == 4096
     assert fake_cuda.built == [key_for()] and fake_cuda.warmed == [2048]
     assert bench.chunks[0] == 2048  # the CUDA heuristic's choice first
+    assert bench.calls == bench.chunks * tuning._AUTO_ROUNDS == bench.chunks * 2  # rounds, interleaved
     assert next(iter(stored(CUDA).values()))["chunk_size"] == 4096
     err = capsys.readouterr().err
     assert "kdfuse: chunk_size=4096 for N<=8192 V=128256" in err and "autotuned 6/6 candidates" in err
