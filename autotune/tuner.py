@@ -56,6 +56,7 @@ def tune(
     time_budget_s: float | None = None,
     time_slack: float = 0.0,
     rounds: int = 1,
+    rerun_within: float | None = None,
 ) -> TuneResult:
     """Benchmark each candidate with ``bench(candidate) -> (ms, peak_bytes)`` and pick the fastest,
     or with ``time_slack`` > 0 the leanest: the smallest measured peak among the candidates within
@@ -68,7 +69,9 @@ def tune(
     every candidate once (a, b, c, a, b, c, ...); a candidate's time is the median of its rounds'
     and its peak the largest. On a GPU whose clocks drift under load (a power limit), candidates
     then share the drift instead of the first ones catching the fastest clocks. A candidate that
-    fails is not run again.
+    fails is not run again, nor, with ``rerun_within`` set, one whose time so far is more than
+    ``(1 + rerun_within)`` times the fastest's: it cannot win, and a time budget is better spent
+    on the near-ties.
 
     With ``memory_budget`` set, a candidate whose ``estimate_bytes`` exceeds it is pruned without running,
     and one whose measured peak exceeds it is scored ``inf``. Any ``Exception`` raised by ``bench`` or
@@ -84,13 +87,18 @@ def tune(
         raise ValueError(f"time_slack must be >= 0, got {time_slack}")
     if rounds < 1:
         raise ValueError(f"rounds must be >= 1, got {rounds}")
+    if rerun_within is not None and not rerun_within >= 0:
+        raise ValueError(f"rerun_within must be >= 0, got {rerun_within}")
     start = time.monotonic()
     runs: dict[Hashable, list[Measurement]] = {candidate: [] for candidate in candidates}
-    for _ in range(rounds):
+    for round_ in range(rounds):
+        rerun = set(candidates)
+        if round_ and rerun_within is not None:
+            rerun = {m.candidate for m in _near([_combine(runs[c]) for c in candidates], rerun_within)}
         for candidate in candidates:
             done = runs[candidate]
-            if done and not math.isfinite(done[-1].ms):
-                m = done[-1]  # failed, pruned or skipped: not run again
+            if done and (not math.isfinite(done[-1].ms) or candidate not in rerun):
+                m = done[-1]  # failed, pruned, skipped or out of the running: not run again
             elif time_budget_s is not None and time.monotonic() - start >= time_budget_s:
                 if not done:
                     done.append(Measurement(candidate, math.inf, 0, f"{_SKIPPED}time budget of {time_budget_s}s exhausted"))

@@ -93,10 +93,13 @@ compiles the core); candidates not reached by then are skipped and the entry mar
 # those the one with the smallest measured peak memory wins. On an H100 at 8B->1B, N=8192, chunks
 # of 2048, 4096 and 8192 rows time within 1% of each other at 2, 3 and 5 GiB.
 TIME_SLACK = 0.03
-# Two rounds over the candidates (autotune.tune's ``rounds``), as far as the time budget goes: a
-# GPU at its power limit throttles within a second of load, and the first candidates measured
-# would otherwise catch the faster clocks.
-_AUTO_WARMUP, _AUTO_REPEAT, _AUTO_ROUNDS = 2, 5, 2
+# Rounds over the candidates (autotune.tune's ``rounds``), as far as the time budget goes: a GPU
+# at its power limit throttles within a second of load, and the first candidates measured would
+# otherwise catch the faster clocks. Short rounds (1 untimed step, the core is compiled by then;
+# 3 timed), and after the first only the candidates within 10% of the fastest run again: on an
+# H100 one candidate's rounds spread by 3-5%, so one 10% behind cannot win, and the budget (at
+# N=32768 a first round takes most of it) goes to the near-ties that decide the pick.
+_AUTO_WARMUP, _AUTO_REPEAT, _AUTO_ROUNDS, _AUTO_RERUN_WITHIN = 1, 3, 3, 0.10
 
 _memo: dict[tuple, int] = {}
 
@@ -442,10 +445,11 @@ def run_sweep(
     with_floor: bool = True,
     on_step: Callable[[], None] | None = None,
     rounds: int = 1,
+    rerun_within: float | None = None,
 ) -> Sweep:
     """Measure every candidate (and the GEMM floor, unless it runs out of memory) on
     :func:`build_problem`'s inputs, pruning and scoring by the key's memory budget, in ``rounds``
-    interleaved rounds (see :func:`autotune.tune`). ``on_step`` is called after the floor and
+    interleaved rounds (see :func:`autotune.tune`, also for ``rerun_within``). ``on_step`` is called after the floor and
     after each candidate's every round. With ``time_budget_s``, one untimed step of the first
     candidate runs first (it compiles the core, shared by all candidates) and the budget bounds
     the measuring."""
@@ -466,6 +470,7 @@ def run_sweep(
         time_budget_s=time_budget_s,
         time_slack=TIME_SLACK,
         rounds=rounds,
+        rerun_within=rerun_within,
     )
     complete = not any(m.skipped for m in result.measurements)
     return Sweep(key, result.best, result.measurements, floor_ms, complete)
@@ -531,8 +536,8 @@ def _tune_in_process(key: TuningKey, device: torch.device, preferred: int) -> Sw
     try:
         sweep = run_sweep(
             key, device, _nearest_first(candidate_chunk_sizes(key), preferred),
-            warmup=_AUTO_WARMUP, repeat=_AUTO_REPEAT, rounds=_AUTO_ROUNDS, time_budget_s=AUTO_TIME_BUDGET_S,
-            with_floor=False,
+            warmup=_AUTO_WARMUP, repeat=_AUTO_REPEAT, rounds=_AUTO_ROUNDS, rerun_within=_AUTO_RERUN_WITHIN,
+            time_budget_s=AUTO_TIME_BUDGET_S, with_floor=False,
         )  # fmt: skip
     except torch.OutOfMemoryError:  # no room even for the benchmark's inputs
         return None

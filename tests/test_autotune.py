@@ -202,6 +202,21 @@ def test_tune_rounds_interleave_and_take_each_candidates_median():
         tune(["a"], bench, rounds=0)
 
 
+def test_tune_rounds_rerun_only_the_candidates_that_can_still_win():
+    calls = []
+    times = {"a": [10.0, 10.4], "b": [10.5, 9.7], "c": [12.0], "d": [10.2, 10.6]}
+
+    def bench(candidate):
+        calls.append(candidate)
+        return times[candidate][calls.count(candidate) - 1], 0
+
+    result = tune(list(times), bench, rounds=2, rerun_within=0.1)
+    assert calls == ["a", "b", "c", "d", "a", "b", "d"]  # c: 20% behind a after round 1
+    assert result.by_candidate["c"].ms == 12.0 and result.best == "b"  # medians 10.2, 10.1, 12, 10.4
+    with pytest.raises(ValueError):
+        tune(["a"], bench, rerun_within=-0.1)
+
+
 def test_tune_rounds_keep_what_the_time_budget_allowed(monkeypatch):
     clock = [0.0]
     monkeypatch.setattr(autotune.tuner, "time", types.SimpleNamespace(monotonic=lambda: clock[0]))
