@@ -7,6 +7,7 @@ import sys
 
 import pytest
 import torch
+from bench_stubs import SweepCalls
 
 from autotune import Measurement
 from kdfuse import cli, env, tuning
@@ -18,26 +19,19 @@ CPU = torch.device("cpu")
 pytestmark = pytest.mark.usefixtures("tuning_env")
 
 
-class FakeBench:
+class FakeBench(SweepCalls):
     """Canned timings: ``ms(chunk)`` per chunk size, floor 1 ms. Every call is recorded in
     ``calls``; ``chunks`` has each sweep's candidates once, in the order its first round ran them."""
 
     def __init__(self, monkeypatch, best: int = 256):
         self.best = best
-        self.calls: list[int] = []
-        self.chunks: list[int] = []
+        super().__init__()
         self.impls: set[str] = set()
-        self._problem, self._seen = None, set()
         monkeypatch.setattr(tuning, "bench_chunk_size", self.bench)
         monkeypatch.setattr(tuning, "bench_floor", lambda problem, *, warmup, repeat: (1.0, 0))
 
     def bench(self, problem, chunk_size, *, impl, warmup, repeat):
-        if problem is not self._problem:  # a new sweep (the reference keeps ids from being reused)
-            self._problem, self._seen = problem, set()
-        if chunk_size not in self._seen:
-            self._seen.add(chunk_size)
-            self.chunks.append(chunk_size)
-        self.calls.append(chunk_size)
+        self.record(problem, chunk_size)
         self.impls.add(impl)
         return 2.0 + abs(chunk_size - self.best) / 1000, 0
 

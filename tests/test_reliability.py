@@ -36,6 +36,7 @@ import warnings
 
 import pytest
 import torch
+from bench_stubs import SweepCalls
 from test_fused import (  # tests/ is on sys.path under pytest's default import mode
     LOW_PRECISION_BOUNDS,
     Problem,
@@ -872,19 +873,20 @@ def fake_cuda(monkeypatch, tmp_path, tuning_env):
     return tmp_path / "cache"
 
 
-def _bench(monkeypatch, outcomes: dict):
-    """bench_chunk_size replaced: ``outcomes[chunk]`` is ms, or an exception to raise."""
-    calls = []
+def _bench(monkeypatch, outcomes: dict) -> list[int]:
+    """bench_chunk_size replaced: ``outcomes[chunk]`` is ms, or an exception to raise. Returns
+    the candidates of each sweep, once each (SweepCalls.chunks)."""
+    sweeps = SweepCalls()
 
     def bench(problem, chunk_size, *, impl, warmup, repeat):
-        calls.append(chunk_size)
+        sweeps.record(problem, chunk_size)
         result = outcomes.get(chunk_size, 10.0)
         if isinstance(result, BaseException):
             raise result
         return result, 0
 
     monkeypatch.setattr(tuning, "bench_chunk_size", bench)
-    return calls
+    return sweeps.chunks
 
 
 def _stored(cache_dir) -> dict:

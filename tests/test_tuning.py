@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from bench_stubs import SweepCalls
 
 import autotune
 import autotune.tuner
@@ -40,28 +41,21 @@ def key_for(**overrides) -> TuningKey:
     return tuning.make_key(**call)
 
 
-class FakeBench:
+class FakeBench(SweepCalls):
     """Replaces the measuring functions: canned ms (and peak bytes) per chunk size. Every call is
     recorded in ``calls``; ``chunks`` has each sweep's candidates once, in the order its first
     round ran them."""
 
     def __init__(self, monkeypatch, times: dict[int, float] | None = None, peaks: dict[int, int] | None = None):
         self.times, self.peaks = times or {}, peaks or {}
-        self.calls: list[int] = []
-        self.chunks: list[int] = []
+        super().__init__()
         self.floors = 0
         self.problems: list[TuningKey] = []
-        self._problem, self._seen = None, set()
         monkeypatch.setattr(tuning, "bench_chunk_size", self.bench)
         monkeypatch.setattr(tuning, "bench_floor", self.floor)
 
     def bench(self, problem, chunk_size, *, impl, warmup, repeat):
-        if problem is not self._problem:  # a new sweep (the reference keeps ids from being reused)
-            self._problem, self._seen = problem, set()
-        if chunk_size not in self._seen:
-            self._seen.add(chunk_size)
-            self.chunks.append(chunk_size)
-        self.calls.append(chunk_size)
+        self.record(problem, chunk_size)
         result = self.times.get(chunk_size, 10.0 + chunk_size / 1000)
         if isinstance(result, Exception):
             raise result
