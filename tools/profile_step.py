@@ -85,7 +85,9 @@ def main() -> None:
         torch.cuda.synchronize()
         done = time.perf_counter() - t0
         # If the host needs about as long to queue a step as the device to run it, the device
-        # waits for the host (idle gaps before the first ops of a step).
+        # waits for the host (idle gaps before the first ops of a step). With the value check
+        # (kdfuse without --no-validate) the host also waits for each step's check, so "queued"
+        # then includes those waits: compare with --no-validate.
         print(f"{name}: 10 steps queued by the host in {queued * 1e3:.1f} ms, done on the device after {done * 1e3:.1f} ms")
         print(f"{name}, {args.steps} steps: {timeline(prof)}")
         print(f"{name}: median step (CUDA events, back to back, as tools/bench.py times it): {ms:.2f} ms")
