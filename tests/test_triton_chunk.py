@@ -64,7 +64,7 @@ def test_kernel_matches_torch_func(tc, div, rows, vocab, has_ce, softcap, inv_t,
         # float32 throughout on both sides, summed in different orders: an element's error is
         # float32 rounding of the terms that make it up, which cancel (see _gradient_terms).
         bound = 1e-6 + 1e-5 * want_grad.abs() + 8 * torch.finfo(torch.float32).eps * _gradient_terms(
-            student, teacher, softcap, inv_t, 0.7, 0.4 if has_ce else 0.0, weights, want[1]
+            kernel, params, student, teacher, softcap, inv_t, 0.7, 0.4 if has_ce else 0.0, weights, want[1]
         )
         err = (got_grad - want_grad).abs()
         assert (err <= bound).all(), f"worst error {err.max().item():.3g}, {(err / bound).max().item():.3g} x its bound"
@@ -76,23 +76,31 @@ def test_kernel_matches_torch_func(tc, div, rows, vocab, has_ce, softcap, inv_t,
         torch.testing.assert_close(a, b, rtol=2e-5, atol=2e-5, msg=lambda m, n=name: f"{n}: {m}")
 
 
-def _gradient_terms(student, teacher, softcap, inv_t, soft_w, hard_w, weights, soft) -> torch.Tensor:
+def _gradient_terms(kernel, params, student, teacher, softcap, inv_t, soft_w, hard_w, weights, soft) -> torch.Tensor:
     """(C, V) the size of the terms each element of the logit gradient is a difference of.
 
-    Reverse KL / JSD gradients are w·τ·p_s·(log p_s − log p_t (or log m) − D): terms of size
-    |log p| and D that cancel near the element's zero crossing (at T = 0.5 a row's log-probs and
-    KL reach ~20, so an element of 0.04 carries float32 rounding of numbers ~20 times larger);
-    forward KL's is p_s − p_t; CE adds softmax − onehot, at most 1. Log-probs are floored as the
-    kernels floor them (|log p| ≤ 1e4 next to a masked teacher entry)."""
+    Forward KL / soft CE: p_s − p_t. Reverse KL: p_s·(log p_s − log p_t − D); JSD(β):
+    (1−β)·p_s·(log p_s − log m − KL(P_s‖M)) with (1−β)·KL(P_s‖M) ≤ D. Their terms, of size |log p|
+    and D, cancel near the element's zero crossing (at T = 0.5 a row's log-probs and KL reach ~20,
+    so an element of 0.04 carries float32 rounding of numbers ~20 times larger). All times w·τ·sw;
+    CE adds softmax − onehot, at most 1. Log-probs are floored as the kernels floor them (|log p|
+    ≤ 1e4 next to a masked teacher entry, where reverse KL's gradient is that large too)."""
 
     def logprobs(x):
         x = x.double() if softcap is None else softcap * torch.tanh(x.double() / softcap)
         return (x * inv_t).log_softmax(-1).clamp_min(-1e4)
 
     ls, lt = logprobs(student), logprobs(teacher)
-    w = weights.double()[:, None]
-    divergence = ls.exp() * (ls.abs() + lt.abs() + soft.double().abs()[:, None]) + lt.exp()
-    return w * (inv_t * soft_w * divergence + hard_w)
+    ps, row = ls.exp(), soft.double().abs()[:, None]
+    if kernel is D._reverse_kl:
+        terms = ps * (ls.abs() + lt.abs() + row)
+    elif kernel is D._jsd_mixture:
+        beta, one_m_beta, log_beta, log_1m_beta = params
+        lm = torch.logaddexp(log_beta + lt, log_1m_beta + ls).clamp_min(-1e4)
+        terms = one_m_beta * ps * (ls.abs() + lm.abs()) + ps * row
+    else:
+        terms = ps + lt.exp()
+    return weights.double()[:, None] * (inv_t * soft_w * terms + hard_w)
 
 
 def test_supported_only_for_builtins_on_cuda(tc):
