@@ -1,7 +1,7 @@
 """Small, general autotuning: time candidates, pick the fastest within a memory budget, cache the winner."""
 
 from .cache import TuningCache, TuningCacheWarning, default_cache_dir, device_identity, software_versions
-from .timing import measure, measure_interleaved, resolve_device
+from .timing import measure, measure_interleaved, resolve_device, timed_calls
 from .tuner import Measurement, TuneResult, tune
 
 __all__ = [
@@ -15,5 +15,6 @@ __all__ = [
     "measure_interleaved",
     "resolve_device",
     "software_versions",
+    "timed_calls",
     "tune",
 ]

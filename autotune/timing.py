@@ -8,7 +8,7 @@ from typing import Callable, Hashable, Mapping, TypeVar
 
 import torch
 
-__all__ = ["measure", "measure_interleaved", "resolve_device"]
+__all__ = ["measure", "measure_interleaved", "resolve_device", "timed_calls"]
 
 K = TypeVar("K", bound=Hashable)
 
@@ -36,7 +36,7 @@ def measure(
     events and the peak is ``max_memory_allocated`` above what was allocated before the timed calls.
     On CPU each call is timed with ``time.perf_counter`` and peak memory is not measured (always 0).
     """
-    times, peak = _timed_calls(fn, warmup, repeat, resolve_device(device))
+    times, peak = timed_calls(fn, warmup=warmup, repeat=repeat, device=device)
     return statistics.median(times), peak
 
 
@@ -65,7 +65,7 @@ def measure_interleaved(
     peaks = dict.fromkeys(fns, 0)
     for _ in range(rounds):
         for key, fn in fns.items():
-            calls, peak = _timed_calls(fn, warmup, repeat, device)
+            calls, peak = timed_calls(fn, warmup=warmup, repeat=repeat, device=device)
             times[key] += calls
             peaks[key] = max(peaks[key], peak)
     return {key: (statistics.median(times[key]), peaks[key]) for key in fns}
@@ -76,9 +76,17 @@ def _check_counts(warmup: int, repeat: int) -> None:
         raise ValueError(f"need warmup >= 0 and repeat >= 1, got {warmup=} {repeat=}")
 
 
-def _timed_calls(fn: Callable[[], object], warmup: int, repeat: int, device: torch.device) -> tuple[list[float], int]:
-    """(milliseconds of each timed call, peak extra bytes); see :func:`measure`."""
+def timed_calls(
+    fn: Callable[[], object],
+    *,
+    warmup: int = 3,
+    repeat: int = 10,
+    device: torch.device | str | None = None,
+) -> tuple[list[float], int]:
+    """:func:`measure`'s calls, each one's time kept: ``([milliseconds per timed call], peak extra
+    bytes)``, e.g. to watch the clocks drift over back-to-back calls."""
     _check_counts(warmup, repeat)
+    device = resolve_device(device)
     if device.type == "cuda":
         return _timed_calls_cuda(fn, warmup, repeat, device)
     for _ in range(warmup):

@@ -265,6 +265,18 @@ def test_measure_cpu_median_excludes_warmup(monkeypatch):
     assert ms == pytest.approx(3.0)
 
 
+def test_timed_calls_keeps_each_timed_call(monkeypatch):
+    clock = [0.0]
+    monkeypatch.setattr(autotune.timing, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+    durations = iter([9.0, 0.004, 0.001, 0.003])  # seconds; one warm-up first
+
+    def fn():
+        clock[0] += next(durations)
+
+    times, peak = autotune.timed_calls(fn, warmup=1, repeat=3, device="cpu")
+    assert times == pytest.approx([4.0, 1.0, 3.0]) and peak == 0
+
+
 def test_measure_interleaved_runs_rounds_and_pools_the_timed_calls(monkeypatch):
     """Each round runs every function (warm-up, then timed calls); a function's median is over
     its timed calls of all rounds, so a slow round (a throttled device) weighs on all alike."""

@@ -22,6 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from autotune import timed_calls  # noqa: E402
 from kdfuse import tuning  # noqa: E402
 
 
@@ -29,17 +30,6 @@ def gpu_state() -> str:
     query = "clocks.sm,power.draw,temperature.gpu,clocks_throttle_reasons.active"
     out = subprocess.run(["nvidia-smi", f"--query-gpu={query}", "--format=csv,noheader"], capture_output=True, text=True)
     return out.stdout.strip()
-
-
-def step_times(fn, steps: int) -> list[float]:
-    """Milliseconds of each of ``steps`` back-to-back calls (CUDA events, one sync at the end)."""
-    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(steps)]
-    for start, end in events:
-        start.record()
-        fn()
-        end.record()
-    torch.cuda.synchronize()
-    return [start.elapsed_time(end) for start, end in events]
 
 
 def main() -> None:
@@ -61,13 +51,13 @@ def main() -> None:
     print(f"{torch.cuda.get_device_name()} at rest: {gpu_state()}")
     for name, fn in steps.items():
         for burst in range(4):
-            t = step_times(fn, 30)
+            t, _ = timed_calls(fn, warmup=0, repeat=30)
             print(f"{name} burst {burst}: first {t[0]:.2f} median {statistics.median(t):.2f} last {t[-1]:.2f} ms | {gpu_state()}")
         time.sleep(3)
     interleaved = {name: [] for name in steps}
     for _ in range(20):
         for name, fn in steps.items():
-            interleaved[name] += step_times(fn, 1)
+            interleaved[name] += timed_calls(fn, warmup=0, repeat=1)[0]
     print("interleaved step by step, medians (ms):", {k: round(statistics.median(v), 2) for k, v in interleaved.items()})
 
 
