@@ -74,6 +74,19 @@ def software_versions(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     return {"torch": torch.__version__, "triton": triton_version, "python": platform.python_version(), **(extra or {})}
 
 
+def _read_umask() -> int:
+    """The process's umask, left as it was."""
+    # os.umask reads the mask only by setting it, process-wide: a file another thread creates
+    # meanwhile gets the restrictive 0o077 (private), never 0 (world-writable).
+    umask = os.umask(0o077)
+    os.umask(umask)
+    return umask
+
+
+# Read once, at import, rather than racing other threads on every write.
+_UMASK = _read_umask()
+
+
 def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_")
 
@@ -93,7 +106,8 @@ class TuningCache:
 
     Every call reads the file, so entries written by other processes are seen; callers memoise hot
     lookups. Writes merge under an exclusive ``flock`` and land by atomic rename, so concurrent
-    writers neither lose each other's entries nor leave a torn file. A corrupt file is reported once
+    writers neither lose each other's entries nor leave a torn file; the file gets the mode ``open``
+    would give it (0666 & ~umask, the umask as it was at import). A corrupt file is reported once
     and rebuilt; a location that cannot be written is reported once and the cache continues in memory.
     """
 
@@ -186,6 +200,10 @@ class TuningCache:
         try:
             with os.fdopen(fd, "w", encoding="utf-8") as f:
                 json.dump(doc, f, indent=1, sort_keys=True)
+            # mkstemp makes the file 0600 whatever the umask, locking the other users of a shared
+            # cache directory out: give it the mode open() would (0666 & ~umask). Not the mode of
+            # the file it replaces, which keeps a too-private file private for good.
+            os.chmod(tmp, 0o666 & ~_UMASK)
             os.replace(tmp, self._path)
         except BaseException:
             with contextlib.suppress(OSError):

@@ -63,7 +63,10 @@ def tune(
     ``(1 + time_slack)`` times the fastest time (timing noise makes near-ties arbitrary anyway).
     A leaner pick than the fastest is confirmed: every candidate within the slack is measured once
     more, and those new measurements (which replace the old in the result) decide among them by
-    the same rule, so one noisy measurement cannot trade a real slowdown for memory.
+    the same rule, so one noisy measurement cannot trade a real slowdown for memory. The
+    confirmation counts against ``time_budget_s`` too: if the budget runs out before every
+    near-tie is measured again, the leaner pick is not confirmed and the pick is the fastest
+    (the retakes taken so far replace the old measurements, as above).
 
     With ``rounds`` > 1 the candidates are benchmarked in that many rounds, each round running
     every candidate once (a, b, c, a, b, c, ...); a candidate's time is the median of its rounds'
@@ -99,7 +102,7 @@ def tune(
             done = runs[candidate]
             if done and (not math.isfinite(done[-1].ms) or candidate not in rerun):
                 m = done[-1]  # failed, pruned, skipped or out of the running: not run again
-            elif time_budget_s is not None and time.monotonic() - start >= time_budget_s:
+            elif _budget_spent(start, time_budget_s):
                 if not done:
                     done.append(Measurement(candidate, math.inf, 0, f"{_SKIPPED}time budget of {time_budget_s}s exhausted"))
                 m = done[-1]
@@ -111,10 +114,20 @@ def tune(
     measurements = [_combine(runs[candidate]) for candidate in candidates]
     best = _pick(measurements, time_slack)
     if best != _pick(measurements, 0.0):
-        again = {m.candidate: _evaluate(m.candidate, bench, memory_budget, estimate_bytes) for m in _near(measurements, time_slack)}
+        near, again = _near(measurements, time_slack), {}
+        for m in near:
+            if _budget_spent(start, time_budget_s):
+                break
+            again[m.candidate] = _evaluate(m.candidate, bench, memory_budget, estimate_bytes)
         measurements = [again.get(m.candidate, m) for m in measurements]
-        best = _pick(list(again.values()), time_slack)
+        # The leaner pick needs every near-tie retaken: the rule compares them with each other.
+        best = _pick(list(again.values()), time_slack) if len(again) == len(near) else _pick(measurements, 0.0)
     return TuneResult(best, tuple(measurements))
+
+
+def _budget_spent(start: float, time_budget_s: float | None) -> bool:
+    """Whether ``time_budget_s`` (``None``: no budget) has elapsed since ``start`` (``time.monotonic``)."""
+    return time_budget_s is not None and time.monotonic() - start >= time_budget_s
 
 
 def _combine(runs: list[Measurement]) -> Measurement:

@@ -110,10 +110,10 @@ def _plan(
     dtype: str,
     metadata: Mapping[str, Any],
 ) -> dict[str, Any]:
-    """The manifest for writing ``tokens``, ``"complete": false``."""
+    """The manifest for writing ``tokens``, ``"complete": false``, as JSON reads it back."""
     num_sequences = len(tokens) // seq_len
     counts = [min(sequences_per_shard, num_sequences - start) for start in range(0, num_sequences, sequences_per_shard)]
-    return {
+    manifest = {
         "format": FORMAT,
         "version": VERSION,
         "k": k,
@@ -130,6 +130,9 @@ def _plan(
         "metadata": dict(metadata),
         "complete": False,
     }
+    # Round-tripped so that a resume compares like with like: metadata that JSON changes on the
+    # way to disk (tuples become lists, keys strings) must not read as another configuration.
+    return json.loads(json.dumps(manifest))
 
 
 def _check_resumable(existing: Mapping[str, Any], planned: Mapping[str, Any], out_dir: Path) -> None:
@@ -217,7 +220,7 @@ def write_topk_shards(
         progress: called as ``progress(shards_done, num_shards)`` after each shard, skipped or
             written.
         metadata: JSON-serialisable facts recorded in the manifest (e.g. the teacher's name);
-            part of the configuration a resume must match.
+            part of the configuration a resume must match, as JSON reads it back (tuples as lists).
 
     Returns:
         The manifest, as written to ``out_dir/manifest.json``.

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import autotune
+import autotune.cache
 import autotune.timing
 import autotune.tuner
 from autotune import Measurement, TuningCache, TuningCacheWarning, measure, measure_interleaved, tune
@@ -87,6 +88,28 @@ def test_tune_time_slack_confirms_a_leaner_pick_by_measuring_the_near_ties_again
     calls.clear()
     assert tune(list(first), _bench_from(first, dict.fromkeys(first, 1), calls), time_slack=0.03).best == "a"
     assert calls == list(first)
+
+
+@pytest.mark.parametrize(
+    "budget,retaken,best",
+    [
+        (3.5, [], "a"),  # spent by the first pass: no confirmation, the fastest
+        (4.5, ["a"], "a"),  # spent after one retake: b unconfirmed, the fastest
+        (7.5, ["a", "b", "c"], "b"),  # room for every retake: the leaner pick confirmed
+    ],
+)
+def test_tune_time_slack_confirmation_stops_when_the_time_budget_is_spent(monkeypatch, budget, retaken, best):
+    clock, calls = [0.0], []
+    monkeypatch.setattr(autotune.tuner, "time", types.SimpleNamespace(monotonic=lambda: clock[0]))
+    times = {"a": 10.0, "b": 10.2, "c": 10.1, "d": 12.0}
+    canned = _bench_from(times, {"a": 5, "b": 1, "c": 3, "d": 1}, calls)
+
+    def bench(candidate):
+        clock[0] += 1.0  # each measurement takes one fake second
+        return canned(candidate)
+
+    result = tune(list(times), bench, time_slack=0.03, time_budget_s=budget)
+    assert calls == list(times) + retaken and result.best == best
 
 
 def test_tune_prunes_by_estimate_without_running():
@@ -365,6 +388,20 @@ def test_cache_clear(tmp_path):
     cache.clear()
     assert cache.get("a") is None
     assert json.loads(cache.path.read_text())["entries"] == {}
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX file modes")
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_cache_file_mode_follows_the_umask(tmp_path, monkeypatch, umask):
+    monkeypatch.setattr(autotune.cache, "_UMASK", umask)
+    cache = TuningCache(tmp_path, device="cpu", versions=VERSIONS)
+    cache.put("k", 1)
+    assert cache.path.stat().st_mode & 0o777 == 0o666 & ~umask  # not mkstemp's 0600
+    previous = os.umask(umask)
+    try:
+        assert autotune.cache._read_umask() == umask and os.umask(umask) == umask  # read, left as it was
+    finally:
+        os.umask(previous)
 
 
 def test_cache_rejects_unserialisable_value(tmp_path):

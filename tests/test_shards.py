@@ -149,6 +149,17 @@ def test_resume_skips_complete_shards(teacher, tokens, tmp_path):
     assert redo.calls == 5
 
 
+def test_resume_with_metadata_that_json_changes(teacher, tokens, tmp_path):
+    metadata = {"layers": (1, 2), 3: "x"}  # on disk: a list and a string key
+    first = write_topk_shards(teacher.trunk, teacher.lm_head.weight, tokens, tmp_path, metadata=metadata, **OPTIONS)
+    again = CountingHidden(teacher)
+    resumed = write_topk_shards(again, teacher.lm_head.weight, tokens, tmp_path, metadata=metadata, **OPTIONS)
+    assert again.calls == 0
+    # Both return the manifest as written.
+    assert first == resumed == json.loads((tmp_path / MANIFEST).read_text())
+    assert first["metadata"] == {"layers": [1, 2], "3": "x"}
+
+
 def test_crash_and_leftover_temp_file(teacher, tokens, tmp_path):
     crashing = CountingHidden(teacher, fail_on_call=4)  # the second batch of shard 1
     with pytest.raises(RuntimeError, match="simulated crash"):
