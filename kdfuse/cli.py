@@ -35,6 +35,7 @@ from rich.table import Table
 from autotune import TuningCache, resolve_device
 
 from . import divergences as D
+from . import topk as K
 from .env import parse_memory_budget, settings
 from .tuning import (
     TIME_SLACK,
@@ -118,7 +119,8 @@ def _positive_list(text: str) -> tuple[int, ...]:
 
 
 def _divergence(name: str) -> str:
-    D.get(name)  # raises ValueError naming the built-ins
+    """A built-in's name: dense (kdfuse.divergences) or, with a ``topk_`` prefix, sparse (kdfuse.topk)."""
+    (K if name.startswith("topk_") else D).get(name)  # raises ValueError naming the built-ins
     return name
 
 
@@ -153,11 +155,16 @@ def build_parser() -> argparse.ArgumentParser:
     teacher = tune.add_mutually_exclusive_group()
     teacher.add_argument("--teacher-hidden", type=_argument(_positive), metavar="HT", help="teacher hidden size")
     teacher.add_argument("--teacher-logits", action="store_true", help="the teacher is given as dense logits")
+    teacher.add_argument(
+        "--teacher-topk", type=_argument(_positive), metavar="K",
+        help="the teacher is given as its top-K log-probs (a topk_ divergence; default topk_forward_kl_bucket)",
+    )  # fmt: skip
     tune.add_argument("--vocab", type=_argument(_positive), metavar="V", help="student vocabulary size")
     tune.add_argument("--dtype", choices=_DTYPES, help="default: bfloat16 on CUDA, float32 on CPU")
     tune.add_argument(
-        "--divergence", type=_argument(_divergence), default="forward_kl", metavar="NAME",
-        help=f"a built-in, e.g. jsd_beta0.3 (default: forward_kl; one of {', '.join(D.names())})",
+        "--divergence", type=_argument(_divergence), metavar="NAME",
+        help=f"a built-in, e.g. jsd_beta0.3 (default: forward_kl, or topk_forward_kl_bucket with --teacher-topk; "
+        f"one of {', '.join(D.names() + K.names())})",
     )  # fmt: skip
     tune.add_argument("--no-ce", dest="with_ce", action="store_false", help="no hard cross-entropy term")
     tune.add_argument(
@@ -191,6 +198,11 @@ def build_parser() -> argparse.ArgumentParser:
 # --------------------------------------------------------------------------------------------
 
 
+def _divergence_of(args: argparse.Namespace) -> str:
+    """``--divergence``, or the default for the teacher's form."""
+    return args.divergence or ("topk_forward_kl_bucket" if args.teacher_topk else "forward_kl")
+
+
 def _shape_keys(
     args: argparse.Namespace, device: torch.device, budget: int | None
 ) -> list[tuple[tuple[int, ...], TuningKey]]:
@@ -201,9 +213,9 @@ def _shape_keys(
     for tokens in args.tokens or preset.tokens:
         key = make_key(
             rows=tokens, vocab=args.vocab or preset.vocab, student_hidden=args.student_hidden or preset.student_hidden,
-            teacher_hidden=None if args.teacher_logits else args.teacher_hidden or preset.teacher_hidden,
-            dtype=getattr(torch, dtype), divergence=args.divergence, with_ce=args.with_ce, with_grad=True,
-            memory_budget=budget,
+            teacher_hidden=None if args.teacher_logits or args.teacher_topk else args.teacher_hidden or preset.teacher_hidden,
+            dtype=getattr(torch, dtype), divergence=_divergence_of(args), with_ce=args.with_ce, with_grad=True,
+            memory_budget=budget, teacher_topk=args.teacher_topk,
         )  # fmt: skip
         by_key[key] = (*by_key.get(key, ()), tokens)
     return [(tokens, key) for key, tokens in by_key.items()]
@@ -339,7 +351,7 @@ def _plot(results: list[ShapeResult], path: str, device: torch.device) -> None:
             [m.candidate for m in best], [m.ms for m in best], marker="*", markersize=16, color=line.get_color()
         )
     key = results[0].sweep.key
-    fig.suptitle(f"V={key.vocab} Hs={key.student_hidden} Ht={key.teacher_hidden} {key.dtype} {key.divergence}")
+    fig.suptitle(describe(key))
     ax_time.set(xlabel="chunk size", ylabel="median ms (fwd+bwd)", title="time (★ winner)")
     mem_title = "peak extra memory" if device.type == "cuda" else "peak extra memory (not measured on CPU)"
     ax_mem.set(xlabel="chunk size", ylabel="MiB", title=mem_title)
@@ -357,6 +369,8 @@ def _run_tune(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             import matplotlib  # noqa: F401
         except ImportError:
             parser.error("--plot needs matplotlib: pip install 'kdfuse[plot]'")
+    if (args.teacher_topk is not None) != _divergence_of(args).startswith("topk_"):
+        parser.error("a top-k teacher (--teacher-topk) needs a topk_ divergence, and a topk_ divergence needs --teacher-topk")
     cfg = settings()
     device = args.device or _device("cuda" if torch.cuda.is_available() else "cpu")
     impl = args.impl or ("compile" if device.type == "cuda" else "eager")
@@ -425,8 +439,9 @@ def _run_cache(args: argparse.Namespace) -> int:
         print(cache.path)
     elif args.action == "clear":
         existed = cache.path.exists()
-        cache.path.unlink(missing_ok=True)
-        print(f"removed {cache.path}" if existed else f"no cache file at {cache.path}")
+        if existed:  # cleared under the cache's lock: a tune writing meanwhile would undo an unlink
+            cache.clear()
+        print(f"cleared {cache.path}" if existed else f"no cache file at {cache.path}")
     else:
         sweeps, unreadable = _stored_sweeps(cache)
         if sweeps:

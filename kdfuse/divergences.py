@@ -26,6 +26,7 @@ name (or a bare built-in name, meaning default parameters) back into the functio
 from __future__ import annotations
 
 import math
+import numbers
 import re
 from typing import Callable, Protocol
 
@@ -161,7 +162,9 @@ def _named(name: str, kernel: _Kernel, params: tuple[float, ...], doc: str | Non
 
 
 def _check_unit(name: str, value: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    # numbers.Real takes NumPy scalars too (np.float32(0.3)); the result is a Python float, so
+    # the factory's name and cache key are the same as for 0.3.
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a number in [0, 1], got {value!r}")
     value = float(value)
     if not (0.0 <= value <= 1.0):

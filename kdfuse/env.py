@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 import os
 import re
 from dataclasses import dataclass
@@ -58,10 +59,14 @@ class Settings:
 
 
 def check_memory_budget(value: float) -> MemoryBudget:
-    """Normalise a budget: a value in (0, 1] becomes a ``float`` fraction, a larger one an ``int``
-    number of bytes (it must be whole). Raises ``ValueError`` for anything else."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        raise ValueError(f"memory budget must be bytes > 1 or a fraction in (0, 1], got {value!r}")
+    """Normalise a budget, any real number (NumPy scalars too) but a bool: a value in (0, 1]
+    becomes a ``float`` fraction, a larger one an ``int`` number of bytes (it must be whole).
+    Raises ``ValueError`` for anything else."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value <= 0:
+        raise ValueError(
+            f"memory budget must be bytes > 1 (e.g. 16 * 2**30) or a fraction in (0, 1] of free device "
+            f"memory (e.g. 0.5), got {value!r}"
+        )
     if value <= 1:
         return float(value)
     if value != int(value):

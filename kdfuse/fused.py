@@ -15,6 +15,7 @@ recomputes the chunks.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from dataclasses import dataclass, replace
@@ -37,7 +38,8 @@ DivergenceLike = Union[str, D.Divergence, K.SparseDivergence]
 
 
 class DistillOutput(NamedTuple):
-    """``return_parts=True`` result: the loss and its two unweighted, detached parts."""
+    """``return_parts=True`` result: the loss and its two unweighted, detached parts.
+    ``hard_loss`` is 0 when ``hard_weight`` is 0: the cross-entropy is then not computed."""
 
     loss: Tensor
     soft_loss: Tensor
@@ -153,7 +155,9 @@ def _dlogits_buffer(spec: _Spec, student: Tensor) -> Tensor:
     return torch.empty(student.shape, dtype=spec.compute_dtype, device=student.device) if spec.wide_grad else student
 
 
-@functools.lru_cache(maxsize=None)
+# Bounded: a divergence created anew every step (a lambda) is a new spec each time; it recompiles
+# every step (pass one function object), and must not also keep every compiled version alive.
+@functools.lru_cache(maxsize=64)
 def _chunk_fn(spec: _Spec) -> Callable:
     if spec.triton:
         return functools.partial(_triton_step, spec)
@@ -406,7 +410,9 @@ class _FusedDistill(torch.autograd.Function):
             # (amax of an empty tensor is an error: with no rows any scale will do.)
             scale = weights.abs().amax() if weights.numel() else weights.new_ones(())
             scale = scale.clamp_min(torch.finfo(weights.dtype).tiny)
-            grads = _run(p, weights / scale, ctx.need)[3]
+            # A backward run inside an autocast region must recompute what forward computed.
+            with _autocast_off(p.student_hidden.device.type):
+                grads = _run(p, weights / scale, ctx.need)[3]
         else:
             grads, scale = _Grads(*ctx.saved_tensors), grad_loss
         return (None, *_scaled(grads, scale, ctx.dtypes), None, None, None)
@@ -415,6 +421,43 @@ class _FusedDistill(torch.autograd.Function):
 # --------------------------------------------------------------------------------------------
 # Public entry point.
 # --------------------------------------------------------------------------------------------
+
+
+def _autocast_inputs(*tensors: Tensor | None) -> tuple[Tensor | None, ...]:
+    """The logits matmuls' inputs as ``F.linear`` under the active autocast would cast them (to
+    its dtype; float64 and non-tensors, left to the input checks, unchanged); as given when
+    autocast is off. The casts are outside the autograd Function, so gradients flow back to the
+    parameters in their own dtype."""
+    device_type = tensors[0].device.type if isinstance(tensors[0], Tensor) else "cpu"
+    if not (torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)):
+        return tensors  # (no autocast on e.g. "meta": the device check reports the mix of devices)
+    dtype = torch.get_autocast_dtype(device_type)
+
+    def cast(t: Tensor | None) -> Tensor | None:
+        eligible = isinstance(t, Tensor) and t.is_floating_point() and t.dtype != torch.float64
+        return t.to(dtype) if eligible else t
+
+    return tuple(cast(t) for t in tensors)
+
+
+def _autocast_off(device_type: str) -> contextlib.AbstractContextManager:
+    """Autocast disabled for ``device_type`` (nothing to disable where it has none, e.g. "meta")."""
+    available = torch.amp.is_autocast_available(device_type)
+    return torch.autocast(device_type, enabled=False) if available else contextlib.nullcontext()
+
+
+def _stable_name(divergence: DivergenceLike) -> str:
+    """The divergence's name in tuning keys, the same in every process: a string as given, a
+    function's ``__name__`` (the factories' names carry their parameters), else the qualified name
+    of the function a ``functools.partial`` wraps or of a callable object's type. Never its
+    repr, which holds an address: every process would miss the cache and tune again."""
+    if isinstance(divergence, str):
+        return divergence
+    name = getattr(divergence, "__name__", None)
+    if isinstance(name, str):
+        return name
+    wrapped = getattr(divergence, "func", None)
+    return getattr(wrapped, "__qualname__", None) or type(divergence).__qualname__
 
 
 def _resolve(divergence: DivergenceLike) -> Callable[..., Tensor]:
@@ -514,7 +557,8 @@ def fused_linear_distill(
         student_bias, teacher_bias: lm_head biases; the student's gets a gradient.
         softcap: Gemma-2 style ``softcap·tanh(logits/softcap)`` on both models' logits, first.
         return_parts: return ``DistillOutput(loss, soft_loss, hard_loss)``; the parts are the
-            unweighted terms reduced like the loss, detached.
+            unweighted terms reduced like the loss, detached (``hard_loss`` is 0 when
+            ``hard_weight`` is 0: the cross-entropy is then not computed).
         impl: ``"compile"``: the fastest compiled per-chunk work (on CUDA, the hand-written
             Triton kernels of :mod:`kdfuse.triton_chunk` for ``forward_kl``, ``soft_ce``,
             ``reverse_kl`` and ``jsd``, and of :mod:`kdfuse.triton_topk` for the built-in
@@ -528,17 +572,27 @@ def fused_linear_distill(
             logits matmuls are queued, so the device keeps computing meanwhile); shapes, dtypes
             and devices are always checked, for free. Turn off in a hot loop whose data you trust.
 
+    Under ``torch.autocast`` the logits are computed in its dtype, as ``F.linear`` would compute
+    them there: the hidden states, weights and biases are cast to it first (float64 excepted), and
+    the rest, backward included, runs with autocast off, so every chunk sees the same dtypes.
+
     Returns:
         The loss in the compute dtype (float32; float64 for float64 inputs).
     """
+    student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias = _autocast_inputs(
+        student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias
+    )
     leading = student_hidden.shape[:-1]
     check_inputs(
         student_hidden, student_weight, teacher_hidden, teacher_weight, teacher_logits, labels,
         teacher_topk=teacher_topk, divergence=_resolve(divergence),
         student_bias=student_bias, teacher_bias=teacher_bias, temperature=temperature,
         soft_weight=soft_weight, hard_weight=hard_weight, reduction=reduction, chunk_size=chunk_size,
-        softcap=softcap, impl=impl,
+        softcap=softcap, impl=impl, ignore_index=ignore_index, memory_budget=memory_budget,
     )  # fmt: skip
+    # NumPy scalars pass the checks: as Python floats they key the compile and tuning caches.
+    temperature, soft_weight, hard_weight = float(temperature), float(soft_weight), float(hard_weight)
+    softcap = None if softcap is None else float(softcap)
     vocab, width = student_weight.shape
     check_normalizer(normalizer, reduction)
     cdt = _compute_dtype(student_hidden.dtype)
@@ -571,14 +625,16 @@ def fused_linear_distill(
     t_hidden = _flatten(teacher_hidden, None if teacher_hidden is None else teacher_hidden.shape[-1])
     # An explicit last dim: reshape(n, -1) is ambiguous (an error) when n == 0.
     t_logits = None if teacher_logits is None else teacher_logits.reshape(n, teacher_logits.shape[-1])[:, :vocab]
-    topk_ids, topk_lp = (None, None) if teacher_topk is None else (t.reshape(n, t.shape[-1]) for t in teacher_topk)
+    topk_ids, topk_lp = None, None
+    if teacher_topk is not None:
+        topk_ids, topk_lp = K.ignored_rows_as_padding(*(t.reshape(n, t.shape[-1]) for t in teacher_topk), valid)
     tensors = (hidden, student_weight, student_bias)
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
     size = resolve_chunk_size(
         chunk_size, rows=n, vocab=vocab, student_hidden=width,
         teacher_hidden=None if t_hidden is None else t_hidden.shape[-1],
-        dtype=student_hidden.dtype, device=device, divergence=getattr(divergence, "__name__", str(divergence)),
-        with_ce=spec.has_ce, with_grad=needs_grad, memory_budget=memory_budget,
+        teacher_topk=None if topk_ids is None else topk_ids.shape[-1], dtype=student_hidden.dtype, device=device,
+        divergence=_stable_name(divergence), with_ce=spec.has_ce, with_grad=needs_grad, memory_budget=memory_budget,
     )  # fmt: skip
     problem = _Problem(
         hidden, student_weight, student_bias, t_hidden, t_weight, t_bias, t_logits,
@@ -598,15 +654,16 @@ def fused_linear_distill(
     # (see _run), it leaves the device busy rather than idle while the host waits.
     check = None
     if validate:
-        check = start_value_check(vocab, ignore_index, labels=labels, topk_ids=None if teacher_topk is None else teacher_topk[0])
-    if needs_grad:
-        loss, soft, hard = _FusedDistill.apply(problem, *tensors, reduction, norm, check)
-    else:
-        with torch.no_grad():
-            loss, soft, hard, _ = _run(problem, None, (False, False, False), check)
-        if reduction != "none":
-            scale = 1.0 if norm is None else 1.0 / norm
-            loss, soft, hard = (x.sum() * scale for x in (loss, soft, hard))
+        check = start_value_check(vocab, ignore_index, labels=labels, topk_ids=topk_ids)
+    with _autocast_off(device.type):
+        if needs_grad:
+            loss, soft, hard = _FusedDistill.apply(problem, *tensors, reduction, norm, check)
+        else:
+            with torch.no_grad():
+                loss, soft, hard, _ = _run(problem, None, (False, False, False), check)
+            if reduction != "none":
+                scale = 1.0 if norm is None else 1.0 / norm
+                loss, soft, hard = (x.sum() * scale for x in (loss, soft, hard))
     if reduction == "none":
         loss, soft, hard = (x.reshape(leading) for x in (loss, soft, hard))
     return DistillOutput(loss, soft, hard) if return_parts else loss

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .fused import DistillOutput, DivergenceLike, Impl, Reduction, _kernel_of, _resolve
+from .topk import ignored_rows_as_padding
 from .validate import check_inputs, check_normalizer, check_values
 
 __all__ = ["fused_linear_distill_ref"]
@@ -58,21 +59,28 @@ def fused_linear_distill_ref(
     ``"mean"`` is Σ_r loss_r / max(#valid rows, 1), ``"sum"`` is Σ_r loss_r, either divided by
     ``normalizer`` instead when one is given; ``"none"`` returns loss_r shaped like the leading
     dims. ``return_parts`` also returns soft and hard, reduced the same way and detached.
-    The teacher never receives gradients.
+    The teacher never receives gradients, and its rows where labels_r == ignore_index may hold
+    anything (NaN, -inf, out-of-range top-k ids): they reach neither the value nor the gradient.
     """
     check_inputs(
         student_hidden, student_weight, teacher_hidden, teacher_weight, teacher_logits, labels,
         teacher_topk=teacher_topk, divergence=_resolve(divergence), student_bias=student_bias,
         teacher_bias=teacher_bias, temperature=temperature,
         soft_weight=soft_weight, hard_weight=hard_weight, reduction=reduction, chunk_size=chunk_size,
-        softcap=softcap, impl=impl,
+        softcap=softcap, impl=impl, ignore_index=ignore_index, memory_budget=memory_budget,
     )  # fmt: skip
     leading = student_hidden.shape[:-1]
     vocab, width = student_weight.shape
+    n = student_hidden[..., 0].numel()
+    if labels is None:
+        valid = torch.ones(n, dtype=torch.bool, device=student_hidden.device)
+    else:
+        valid = labels.reshape(n).long() != ignore_index
+    if teacher_topk is not None:
+        teacher_topk = ignored_rows_as_padding(*(t.reshape(n, t.shape[-1]) for t in teacher_topk), valid)
     if validate:
         check_values(vocab, ignore_index, labels=labels, topk_ids=None if teacher_topk is None else teacher_topk[0])
     check_normalizer(normalizer, reduction)
-    n = student_hidden[..., 0].numel()
 
     def cap(x: Tensor) -> Tensor:
         return x if softcap is None else softcap * torch.tanh(x / softcap)
@@ -80,13 +88,9 @@ def fused_linear_distill_ref(
     hidden = student_hidden.reshape(n, width).to(precision)
     bias = None if student_bias is None else student_bias.to(precision)
     student = cap(F.linear(hidden, student_weight.to(precision), bias))
-    if labels is None:
-        valid = torch.ones(n, dtype=torch.bool, device=hidden.device)
-    else:
-        valid = labels.reshape(n).long() != ignore_index
     kernel, params = _kernel_of(divergence)
     if teacher_topk is not None:  # temperature and softcap on the student only
-        ids, logprobs = (t.reshape(n, t.shape[-1]) for t in teacher_topk)
+        ids, logprobs = teacher_topk
         soft = kernel(student / temperature, ids.long(), logprobs.to(precision))
     else:
         with torch.no_grad():

@@ -90,6 +90,21 @@ TAIL_POLICIES: tuple[str, ...] = ("renormalize", "bucket", "ignore")
 _MASKED_LOGPROB = 2 * LOGPROB_FLOOR
 
 
+def ignored_rows_as_padding(
+    ids: Tensor,  # (R, k) teacher token ids
+    logprobs: Tensor,  # (R, k) their log-probs
+    valid: Tensor,  # (R,) bool: the rows that count
+) -> tuple[Tensor, Tensor]:
+    """(ids, logprobs) with every ignored row all padding (id 0, log-prob −inf).
+
+    Ignored rows may hold anything, as a dense teacher's may: a NaN log-prob would otherwise reach
+    the gradient (NaN times the row's 0 weight is NaN) and an out-of-range id the gather. The
+    combinators (``fused_linear_distill`` and its reference) apply this before anything reads
+    the teacher, value checks included."""
+    keep = valid[:, None]
+    return torch.where(keep, ids, 0), torch.where(keep, logprobs, float("-inf"))
+
+
 # --------------------------------------------------------------------------------------------
 # Building blocks: pure, row-wise.
 # --------------------------------------------------------------------------------------------

@@ -1,8 +1,9 @@
 """How ``chunk_size="auto"`` becomes a number of rows per chunk.
 
 :func:`resolve_chunk_size` (called by :func:`kdfuse.fused_linear_distill`) looks the choice up in
-this order, keyed by a :class:`TuningKey` (N bucketed to the next power of two, V, Hs, Ht or
-``"logits"``, dtype, divergence, with_ce, with_grad, memory budget):
+this order, keyed by a :class:`TuningKey` (N bucketed to the next power of two, V, Hs, the
+teacher's form: Ht, ``"logits"`` or ``"topk:K"``, dtype, divergence, with_ce, with_grad, memory
+budget):
 
 1. an in-process memo: after the first call for a shape no file is read and nothing is measured;
 2. the on-disk :class:`autotune.TuningCache` for this device and these torch/triton/kdfuse
@@ -142,7 +143,8 @@ class TuningKey:
     rows_bucket: int  # N rounded up to a power of two; benchmarks run at exactly this N
     vocab: int
     student_hidden: int
-    teacher_hidden: int | Literal["logits"]  # "logits": the teacher is given as dense logits
+    # Ht; "logits": the teacher is given as dense logits; "topk:K": as its top-K log-probs
+    teacher_hidden: int | str
     dtype: str  # e.g. "bfloat16"
     divergence: str  # canonical name, e.g. "jsd_beta0.5"
     with_ce: bool
@@ -152,6 +154,12 @@ class TuningKey:
     @property
     def torch_dtype(self) -> torch.dtype:
         return getattr(torch, self.dtype)
+
+    @property
+    def topk(self) -> int | None:
+        """K of a top-K teacher, else None."""
+        form = self.teacher_hidden
+        return int(form.removeprefix("topk:")) if isinstance(form, str) and form.startswith("topk:") else None
 
     def as_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -176,14 +184,17 @@ def make_key(
     with_ce: bool,
     with_grad: bool,
     memory_budget: int | None,
+    teacher_topk: int | None = None,
 ) -> TuningKey:
-    """The key for one call's shapes; ``teacher_hidden=None`` means dense teacher logits and
-    ``memory_budget`` is in bytes (it is bucketed here)."""
+    """The key for one call's shapes; ``teacher_hidden=None`` means dense teacher logits, or with
+    ``teacher_topk=K`` the teacher's top-K log-probs; ``memory_budget`` is in bytes (it is
+    bucketed here)."""
+    teacher = "logits" if teacher_hidden is None else teacher_hidden
     return TuningKey(
         rows_bucket=rows_bucket(rows),
         vocab=vocab,
         student_hidden=student_hidden,
-        teacher_hidden="logits" if teacher_hidden is None else teacher_hidden,
+        teacher_hidden=teacher if teacher_topk is None else f"topk:{teacher_topk}",
         dtype=str(dtype).removeprefix("torch."),
         divergence=_canonical_divergence(divergence),
         with_ce=with_ce,
@@ -194,7 +205,10 @@ def make_key(
 
 def describe(key: TuningKey) -> str:
     """One line naming the key, e.g. ``N<=8192 V=128256 Hs=2048 Ht=4096 bfloat16 forward_kl+ce``."""
-    teacher = "teacher logits" if key.teacher_hidden == "logits" else f"Ht={key.teacher_hidden}"
+    if key.topk is not None:
+        teacher = f"top-{key.topk} teacher"
+    else:
+        teacher = "teacher logits" if key.teacher_hidden == "logits" else f"Ht={key.teacher_hidden}"
     text = f"N<={key.rows_bucket} V={key.vocab} Hs={key.student_hidden} {teacher} {key.dtype} {key.divergence}"
     text += "+ce" if key.with_ce else ""
     text += "" if key.with_grad else " forward-only"
@@ -223,20 +237,26 @@ def resolve_memory_budget(budget: MemoryBudget | None, device: torch.device) -> 
 # --------------------------------------------------------------------------------------------
 
 
-def estimate_bytes(chunk: int, vocab: int, student_hidden: int, dtype: torch.dtype, with_grad: bool) -> int:
+def estimate_bytes(
+    chunk: int, vocab: int, student_hidden: int, dtype: torch.dtype, with_grad: bool, dense_teacher: bool = True
+) -> int:
     """Peak extra bytes a chunk size needs, roughly: per (chunk, V) element the student and
-    teacher logits and, with gradients, the logit gradient (each in ``dtype``) plus the compute
-    dtype copies of both logits; with gradients also the ``(V, Hs)`` compute-dtype grad_weight
-    accumulator. The compute dtype is float32 (float64 for float64 inputs)."""
+    (``dense_teacher``: a top-k teacher has no such block) teacher logits and, with gradients,
+    the logit gradient (each in ``dtype``) plus the compute-dtype copies of those logits; with
+    gradients also the ``(V, Hs)`` compute-dtype grad_weight accumulator. The compute dtype is
+    float32 (float64 for float64 inputs)."""
     item = dtype.itemsize
     compute = 8 if dtype == torch.float64 else 4
-    per_element = (3 if with_grad else 2) * item + 2 * compute
+    blocks = 2 if dense_teacher else 1
+    per_element = (blocks + with_grad) * item + blocks * compute
     accumulator = vocab * student_hidden * compute if with_grad else 0
     return chunk * vocab * per_element + accumulator
 
 
 def _key_estimate(key: TuningKey) -> Callable[[int], int]:
-    return lambda chunk: estimate_bytes(chunk, key.vocab, key.student_hidden, key.torch_dtype, key.with_grad)
+    return lambda chunk: estimate_bytes(
+        chunk, key.vocab, key.student_hidden, key.torch_dtype, key.with_grad, dense_teacher=key.topk is None
+    )
 
 
 def candidate_chunk_sizes(key: TuningKey) -> tuple[int, ...]:
@@ -289,6 +309,7 @@ class BenchProblem:
     teacher_hidden: Tensor | None  # (N, Ht)
     teacher_weight: Tensor | None  # (V, Ht)
     teacher_logits: Tensor | None  # (N, V) when key.teacher_hidden == "logits"
+    teacher_topk: tuple[Tensor, Tensor] | None  # ((N, K) ids, (N, K) log-probs) when key.topk
     labels: Tensor | None  # (N,) with ~10% ignored rows when key.with_ce
 
     @property
@@ -308,7 +329,13 @@ def build_problem(key: TuningKey, device: torch.device, seed: int = 0) -> BenchP
     with torch.inference_mode(False):
         hidden = randn(n, key.student_hidden).requires_grad_(key.with_grad)
         weight = randn(key.vocab, key.student_hidden, scale=key.student_hidden**-0.5).requires_grad_(key.with_grad)
-        if key.teacher_hidden == "logits":
+        t_topk = None
+        if key.topk is not None:
+            # K distinct ids per row, holding 90% of the teacher's mass (a tail as real top-k has).
+            ids = (torch.randint(0, key.vocab, (n, 1), generator=gen, device=device) + torch.arange(key.topk, device=device)) % key.vocab
+            logprobs = randn(n, key.topk).float().log_softmax(-1).add_(math.log(0.9))
+            t_hidden, t_weight, t_logits, t_topk = None, None, None, (ids, logprobs)
+        elif key.teacher_hidden == "logits":
             t_hidden, t_weight, t_logits = None, None, randn(n, key.vocab)
         else:
             t_hidden = randn(n, key.teacher_hidden)
@@ -317,17 +344,20 @@ def build_problem(key: TuningKey, device: torch.device, seed: int = 0) -> BenchP
         if key.with_ce:
             labels = torch.randint(0, key.vocab, (n,), generator=gen, device=device)
             labels[torch.rand(n, generator=gen, device=device) < 0.1] = -100
-    return BenchProblem(key, hidden, weight, t_hidden, t_weight, t_logits, labels)
+    return BenchProblem(key, hidden, weight, t_hidden, t_weight, t_logits, t_topk, labels)
 
 
-def _bench_divergence(name: str) -> str:
+def _bench_divergence(key: TuningKey) -> str:
     """The key's divergence if it is a built-in; a user divergence (only its name reaches the
-    key) is timed as forward KL, a stand-in of the same memory-bound cost."""
+    key) is timed as forward KL (dense or top-k bucket), a stand-in of the same memory-bound cost."""
+    from . import topk  # topk imports this module
+
+    registry, stand_in = (topk, "topk_forward_kl_bucket") if key.topk is not None else (D, "forward_kl")
     try:
-        D.get(name)
+        registry.get(key.divergence)
     except ValueError:
-        return "forward_kl"
-    return name
+        return stand_in
+    return key.divergence
 
 
 def distill_step(
@@ -340,7 +370,8 @@ def distill_step(
     p, key = problem, problem.key
     args = (p.student_hidden, p.student_weight, p.teacher_hidden, p.teacher_weight)
     kwargs = {
-        "teacher_logits": p.teacher_logits, "labels": p.labels, "divergence": _bench_divergence(key.divergence),
+        "teacher_logits": p.teacher_logits, "teacher_topk": p.teacher_topk, "labels": p.labels,
+        "divergence": _bench_divergence(key),
         "soft_weight": 0.5 if key.with_ce else 1.0, "hard_weight": 0.5 if key.with_ce else 0.0,
         "chunk_size": chunk_size, "impl": impl, "validate": validate,
     }  # fmt: skip
@@ -584,10 +615,12 @@ def resolve_chunk_size(
     with_ce: bool,
     with_grad: bool,
     memory_budget: MemoryBudget | None = None,
+    teacher_topk: int | None = None,
 ) -> int:
     """The chunk size to use: ``chunk_size`` itself when it is an int; for ``"auto"`` the memoised,
     cached, tuned or heuristic choice for this shape's key (see the module docstring).
 
+    ``teacher_hidden=None`` means dense teacher logits, or with ``teacher_topk=K`` a top-K teacher.
     ``memory_budget`` (bytes, or a fraction in (0, 1] of free device memory) overrides
     ``KDFUSE_MEMORY_BUDGET``; a fraction is taken of the memory free when the key is first seen.
     """
@@ -595,14 +628,14 @@ def resolve_chunk_size(
         return int(chunk_size)
     cfg = settings()
     budget = cfg.memory_budget if memory_budget is None else memory_budget
-    shape = (rows_bucket(rows), vocab, student_hidden, teacher_hidden, dtype, divergence, with_ce, with_grad)
+    shape = (rows_bucket(rows), vocab, student_hidden, teacher_hidden, teacher_topk, dtype, divergence, with_ce, with_grad)
     memo_key = (cfg, device, shape, budget)
     size = _memo.get(memo_key)
     if size is None:
         key = make_key(
             rows=rows, vocab=vocab, student_hidden=student_hidden, teacher_hidden=teacher_hidden, dtype=dtype,
             divergence=divergence, with_ce=with_ce, with_grad=with_grad,
-            memory_budget=resolve_memory_budget(budget, device),
+            memory_budget=resolve_memory_budget(budget, device), teacher_topk=teacher_topk,
         )  # fmt: skip
         size = _memo[memo_key] = choose_chunk_size(key, device, cfg)
     return size

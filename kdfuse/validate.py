@@ -7,10 +7,13 @@ sync, except the value checks (:func:`check_values`, :func:`start_value_check`):
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable
 
 import torch
 from torch import Tensor
+
+from .env import MemoryBudget, check_memory_budget
 
 __all__ = ["check_inputs", "check_normalizer", "check_values", "start_value_check"]
 
@@ -35,14 +38,47 @@ def _check_float(t: Tensor, name: str) -> None:
         raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
 
 
-def _is_number(value: object) -> bool:
-    """A Python int or float, not a bool (``temperature=True`` is a mistake, not 1.0)."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+def _real(value: object, name: str, wanted: str) -> float:
+    """``value`` as a float if it is a real number: a Python or NumPy scalar (NumPy registers its
+    scalars as ``numbers.Real``), but not a bool (``temperature=True`` is a mistake, not 1.0).
+    Otherwise raise ``ValueError`` saying ``name`` must be ``wanted``."""
+    if isinstance(value, Tensor):
+        # Not float(value), nor its repr in the message: reading a CUDA tensor's value syncs the device.
+        raise ValueError(
+            f"{name} must be a Python number ({wanted}), not a tensor (got shape {_shape(value)} on "
+            f"{value.device}): converting it would sync the device, so pass {name}=float(...) instead"
+        )
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{name} must be {wanted}, got {value!r}")
+    return float(value)
+
+
+def _check_finite(value: float, name: str) -> None:
+    if not math.isfinite(_real(value, name, "a finite number")):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
 
 
 def _check_positive(value: float, name: str) -> None:
-    if not (_is_number(value) and math.isfinite(value) and value > 0):
+    number = _real(value, name, "a finite number > 0")
+    if not (math.isfinite(number) and number > 0):
         raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+
+
+def _check_ignore_index(ignore_index: int) -> None:
+    """A Python int, not a bool: ``F.cross_entropy`` refuses anything else with a bare error."""
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {ignore_index!r}: pass a Python int, e.g. ignore_index=-100")
+
+
+def _check_memory_budget(memory_budget: MemoryBudget | None) -> None:
+    """Checked here, whatever ``chunk_size`` is: only ``"auto"`` reads the budget, so a bad one
+    would otherwise pass silently with an int chunk size."""
+    if memory_budget is None:
+        return
+    try:
+        check_memory_budget(memory_budget)
+    except ValueError as exc:
+        raise ValueError(f"memory_budget: {exc}") from None
 
 
 def _check_same_dtype(tensors: dict, what: str) -> None:
@@ -88,8 +124,13 @@ def check_inputs(
     chunk_size: int | str,
     softcap: float | None,
     impl: str,
+    ignore_index: int = -100,
+    memory_budget: MemoryBudget | None = None,
 ) -> None:
-    """Raise ``ValueError``/``TypeError`` for anything fused_linear_distill cannot compute."""
+    """Raise ``ValueError``/``TypeError`` for anything fused_linear_distill cannot compute.
+
+    Reads shapes, dtypes, devices and Python arguments only (no device sync), so it runs on every
+    call; the checks of tensor values are :func:`start_value_check`'s."""
     _check_float(student_hidden, "student_hidden")
     _check_float(student_weight, "student_weight")
     if student_weight.dim() != 2:
@@ -220,9 +261,8 @@ def check_inputs(
         raise ValueError("all tensors must be on one device, got " + ", ".join(f"{k}={v}" for k, v in devices.items()))
 
     _check_positive(temperature, "temperature")
-    for value, name in ((soft_weight, "soft_weight"), (hard_weight, "hard_weight")):
-        if not (_is_number(value) and math.isfinite(value)):
-            raise ValueError(f"{name} must be a finite number, got {value!r}")
+    _check_finite(soft_weight, "soft_weight")
+    _check_finite(hard_weight, "hard_weight")
     if softcap is not None:
         _check_positive(softcap, "softcap")
     if reduction not in _REDUCTIONS:
@@ -231,6 +271,8 @@ def check_inputs(
         raise ValueError(f"impl must be one of {_IMPLS}, got {impl!r}")
     if chunk_size != "auto" and not (isinstance(chunk_size, int) and not isinstance(chunk_size, bool) and chunk_size > 0):
         raise ValueError(f"chunk_size must be a positive int or 'auto', got {chunk_size!r}")
+    _check_ignore_index(ignore_index)
+    _check_memory_budget(memory_budget)
 
 
 def start_value_check(
@@ -244,8 +286,7 @@ def start_value_check(
     queues work which cannot fault on bad values (the first chunk's logits GEMMs) keeps the device
     busy while the host waits.
     """
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
+    _check_ignore_index(ignore_index)  # also called on its own, through check_values
     bad = []
     if labels is not None and labels.numel():
         flat = labels.reshape(-1)
@@ -293,7 +334,7 @@ def check_normalizer(normalizer: float | Tensor | None, reduction: str) -> None:
         if normalizer.numel() != 1:
             raise ValueError(f"normalizer must be a number or a one-element tensor, got shape {_shape(normalizer)}")
         return
-    if isinstance(normalizer, bool) or not isinstance(normalizer, (int, float)):
+    if isinstance(normalizer, bool) or not isinstance(normalizer, numbers.Real):
         raise TypeError(f"normalizer must be a number or a tensor, got {type(normalizer).__name__}")
     if not (math.isfinite(normalizer) and normalizer > 0):
         raise ValueError(f"normalizer must be a finite number > 0, got {normalizer!r}")

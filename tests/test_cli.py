@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import sys
+import threading
 
 import pytest
 import torch
 from bench_stubs import SweepCalls
 
+import autotune.cache
 from autotune import Measurement
 from kdfuse import cli, env, tuning
 from kdfuse.tuning import Sweep
@@ -118,6 +120,22 @@ def test_explicit_shapes_override_the_preset(monkeypatch, capsys):
     assert bench.chunks == [256, 512]  # V >= 32768: candidates start at 256
 
 
+def test_top_k_teacher(monkeypatch, capsys):
+    """--teacher-topk K tunes the key a top-k call looks up, with a sparse divergence (by default
+    topk_forward_kl_bucket); a dense divergence with it, or a sparse one without, is an error."""
+    FakeBench(monkeypatch, best=64)
+    doc = json.loads(run(capsys, "tune", "--tokens", "1024", "--teacher-topk", "32", "--json"))
+    (shape,) = doc["shapes"]
+    assert shape["key"]["teacher_hidden"] == "topk:32" and shape["key"]["divergence"] == "topk_forward_kl_bucket"
+    doc = json.loads(run(capsys, "tune", "--tokens", "1024", "--teacher-topk", "32", "--divergence",
+                         "topk_soft_ce_renormalize", "--json"))  # fmt: skip
+    assert doc["shapes"][0]["key"]["divergence"] == "topk_soft_ce_renormalize"
+    for argv in (["--teacher-topk", "32", "--divergence", "jsd"], ["--divergence", "topk_forward_kl_bucket"]):
+        with pytest.raises(SystemExit) as exc:
+            cli.main(["tune", "--tokens", "1024", *argv])
+        assert exc.value.code == 2 and "--teacher-topk" in capsys.readouterr().err
+
+
 def test_presets():
     llama, qwen = cli.PRESETS["llama3-8b-1b"], cli.PRESETS["qwen2.5-7b-0.5b"]
     assert (llama.student_hidden, llama.teacher_hidden, llama.vocab) == (2048, 4096, 128256)
@@ -139,7 +157,8 @@ def test_memory_budget_prunes(monkeypatch, capsys):
 @pytest.mark.parametrize(
     "argv",
     [["tune", "--memory-budget", "lots"], ["tune", "--tokens", "0"], ["tune", "--divergence", "nope"],
-     ["tune", "--preset", "mystery-model"], ["tune", "--teacher-hidden", "8", "--teacher-logits"], ["cache"]],
+     ["tune", "--preset", "mystery-model"], ["tune", "--teacher-hidden", "8", "--teacher-logits"],
+     ["tune", "--teacher-logits", "--teacher-topk", "8"], ["tune", "--divergence", "topk_nope"], ["cache"]],
 )  # fmt: skip
 def test_bad_arguments_exit_2(argv, capsys):
     with pytest.raises(SystemExit) as exc:
@@ -169,6 +188,8 @@ def test_plot_without_matplotlib_is_a_clear_error(monkeypatch, capsys, tmp_path)
 def test_cache_path_show_clear(monkeypatch, capsys):
     assert run(capsys, "cache", "path").strip() == str(cache_file())
     assert "no entries for cpu:" in run(capsys, "cache", "show")
+    assert run(capsys, "cache", "clear").strip() == f"no cache file at {cache_file()}"
+    assert not cache_file().exists()
     FakeBench(monkeypatch)
     run(capsys, "tune")
     shown = run(capsys, "cache", "show")
@@ -176,9 +197,25 @@ def test_cache_path_show_clear(monkeypatch, capsys):
     cache = tuning.open_cache(env.settings().cache_dir, CPU)
     cache.put("not a key", 1)
     assert "1 entries could not be read" in run(capsys, "cache", "show")
-    assert run(capsys, "cache", "clear").strip() == f"removed {cache_file()}"
-    assert not cache_file().exists()
-    assert run(capsys, "cache", "clear").strip() == f"no cache file at {cache_file()}"
+    assert run(capsys, "cache", "clear").strip() == f"cleared {cache_file()}"
+    assert cache.entries() == {} and "no entries for cpu:" in run(capsys, "cache", "show")
+
+
+@pytest.mark.skipif(autotune.cache.fcntl is None, reason="no flock")
+def test_cache_clear_waits_for_the_cache_lock(capsys):
+    """clear goes through TuningCache.clear, which takes the lock writers hold for their
+    read-merge-write; removing the file behind a writer's back would let its write bring it back."""
+    cache = tuning.open_cache(env.settings().cache_dir, CPU)
+    cache.put("k", 1)
+    clearing = threading.Thread(target=cli.main, args=(["cache", "clear"],), daemon=True)
+    with open(cache.path.with_name(cache.path.name + ".lock"), "a") as lock:
+        autotune.cache.fcntl.flock(lock, autotune.cache.fcntl.LOCK_EX)  # a writer mid-update
+        clearing.start()
+        clearing.join(timeout=0.5)
+        assert clearing.is_alive() and cache.get("k") == 1  # waiting for the lock
+    clearing.join(timeout=10)
+    assert not clearing.is_alive() and cache.entries() == {}
+    assert capsys.readouterr().out.strip() == f"cleared {cache.path}"
 
 
 @pytest.fixture

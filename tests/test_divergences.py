@@ -403,3 +403,16 @@ def test_get_rejects_unknown_names(name):
 def test_parameters_outside_unit_interval_raise(factory, value):
     with pytest.raises(ValueError):
         factory(value)
+
+
+def test_factories_take_numpy_scalars():
+    """np.float32(0.25) is the number 0.25: the same divergence (name, kernel and parameters,
+    so the same compile and tuning keys) as 0.25."""
+    import numpy as np
+
+    from kdfuse.fused import _kernel_of
+
+    assert D.jsd(np.float32(0.25)).__name__ == D.jsd(0.25).__name__ == "jsd_beta0.25"
+    assert _kernel_of(D.jsd(np.float32(0.25))) == _kernel_of(D.jsd(0.25))
+    with pytest.raises(TypeError, match="beta"):
+        D.jsd(np.bool_(True))

@@ -671,3 +671,32 @@ def test_public_api():
     assert kdfuse.fused_linear_distill is fused_linear_distill
     assert kdfuse.fused_linear_distill_ref is fused_linear_distill_ref
     assert set(DistillOutput._fields) == {"loss", "soft_loss", "hard_loss"}
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("hidden_dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_autocast_is_an_explicit_cast(reduction, hidden_dtype):
+    """Under autocast (float32 weights; hidden states float32 or, as a bf16 autocast model hands
+    them over, bf16) the loss and gradients are those of the same call with every matmul input
+    cast to bf16 first, whatever the reduction (``"none"`` recomputes in backward, here run inside
+    the autocast region too), and the gradients arrive in the parameters' dtypes."""
+    gen = torch.Generator().manual_seed(3)
+    h = torch.randn(2, 5, 8, generator=gen).to(hidden_dtype).requires_grad_()
+    w = torch.randn(13, 8, generator=gen, requires_grad=True)
+    th, tw = torch.randn(2, 5, 6, generator=gen), torch.randn(13, 6, generator=gen)
+    y = torch.randint(0, 13, (2, 5), generator=gen)
+    y[0, 1] = -100
+    kw = dict(labels=y, hard_weight=0.5, temperature=2.0, reduction=reduction, chunk_size=3, impl="eager")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = kdfuse.fused_linear_distill(h, w, th, tw, **kw)
+        grads = torch.autograd.grad(loss.sum(), (h, w))
+    hb, wb = (t.detach().bfloat16().requires_grad_() for t in (h, w))
+    want = kdfuse.fused_linear_distill(hb, wb, th.bfloat16(), tw.bfloat16(), **kw)
+    want_grads = torch.autograd.grad(want.sum(), (hb, wb))
+    assert torch.equal(loss, want)
+    # And that call is right: the float64 reference of the bf16 inputs, up to the bf16 logits.
+    ref = kdfuse.fused_linear_distill_ref(hb.detach(), wb.detach(), th.bfloat16(), tw.bfloat16(), **kw)
+    torch.testing.assert_close(loss.double(), ref, rtol=2e-2, atol=1e-3)
+    for g, leaf, expected in zip(grads, (h, w), want_grads):
+        assert g.dtype == leaf.dtype
+        assert torch.equal(g, expected.to(leaf.dtype))

@@ -196,7 +196,11 @@ def test_value_check_on_cuda(teacher):
         inputs = _with_topk(inputs, k=16)
         kw = dict(divergence="topk_forward_kl_bucket")
         ids = inputs["teacher_topk"][0].clone()
-        ids[N - 1, 0] = V  # in the last chunk: the first chunk's work is queued before the check fails
+        # The last counted row: in the last chunk, so the first chunk's work is queued before the
+        # check fails (an ignored row's ids are padding, never read nor checked).
+        last = int((inputs["labels"] != -100).nonzero()[-1, 0])
+        assert last >= 2 * CHUNK
+        ids[last, 0] = V
         bad = dict(inputs, teacher_topk=(ids, inputs["teacher_topk"][1]))
         match = r"teacher_topk ids has 1 value\(s\) outside"
     else:
@@ -233,3 +237,34 @@ def test_step_does_not_sync_the_stream(teacher, validate):
         run(fused_linear_distill, inputs, normalizer=123.0, **kw)
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_autocast_on_cuda(reduction):
+    """Under CUDA autocast with float32 parameters, the compiled path (the Triton kernel) gives
+    exactly what it gives for the same call with bf16 inputs, and float32 gradients."""
+    inputs = make_inputs(N, torch.float32, seed=7)
+    kwargs = dict(divergence="forward_kl", hard_weight=0.5, temperature=2.0, chunk_size=CHUNK, reduction=reduction)
+    go = None if reduction == "mean" else torch.rand(N, device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out, grads = run(fused_linear_distill, inputs, grad_output=go, **kwargs)
+    cast = {k: v.bfloat16() if v.is_floating_point() else v for k, v in inputs.items()}
+    want, want_grads = run(fused_linear_distill, cast, grad_output=go, **kwargs)
+    assert torch.equal(out, want)
+    for g, w in zip(grads, want_grads):
+        assert g.dtype == torch.float32 and torch.equal(g, w.float())
+
+
+def test_topk_ignored_rows_may_hold_anything_on_cuda():
+    """The Triton top-k path: NaN log-probs and out-of-range ids on ignored rows change nothing."""
+    inputs = _with_topk(make_inputs(N, torch.bfloat16, seed=8), k=16)
+    ignored = (inputs["labels"] == -100).nonzero()[:, 0]
+    ids, logprobs = (t.clone() for t in inputs["teacher_topk"])
+    ids[ignored] = V + 5
+    logprobs[ignored] = float("nan")
+    kwargs = dict(divergence="topk_forward_kl_bucket", hard_weight=0.5, chunk_size=CHUNK)
+    out, grads = run(fused_linear_distill, dict(inputs, teacher_topk=(ids, logprobs)), **kwargs)
+    want, want_grads = run(fused_linear_distill, inputs, **kwargs)
+    assert len(ignored) > 0 and torch.equal(out, want)
+    for g, w in zip(grads, want_grads):
+        assert torch.equal(g, w)

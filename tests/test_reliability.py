@@ -34,6 +34,7 @@ import os
 import tempfile
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from bench_stubs import SweepCalls
@@ -52,7 +53,7 @@ from torch._dynamo.utils import counters
 import autotune.cache
 from autotune import TuningCacheWarning
 from kdfuse import divergences as D
-from kdfuse import fused, fused_linear_distill, fused_linear_distill_ref, tuning
+from kdfuse import fused, fused_linear_distill, fused_linear_distill_ref, tuning, validate
 
 F64 = torch.float64
 INF = float("inf")
@@ -136,7 +137,9 @@ BAD_INPUTS = {
                r"teacher_weight has Ht=0"),
     "temperature -inf": (dict(temperature=-INF), ValueError, r"temperature must be a finite number > 0, got -inf"),
     "temperature bool": (dict(temperature=True), ValueError, r"temperature must be a finite number > 0, got True"),
-    "temperature tensor": (dict(temperature=torch.tensor(2.0)), ValueError, r"temperature must be a finite number"),
+    "temperature tensor": (dict(temperature=torch.tensor(2.0)), ValueError,
+                           r"temperature must be a Python number \(a finite number > 0\), not a tensor \(got shape \(\) "
+                           r"on cpu\): converting it would sync the device, so pass temperature=float\(\.\.\.\) instead"),
     "softcap nan": (dict(softcap=NAN), ValueError, r"softcap must be a finite number > 0, got nan"),
     "softcap bool": (dict(softcap=True), ValueError, r"softcap must be a finite number > 0, got True"),
     "hard_weight inf": (dict(hard_weight=INF), ValueError, r"hard_weight must be a finite number, got inf"),
@@ -289,6 +292,72 @@ def test_mixed_devices(which):
 def test_bad_normalizer_raises(normalizer, reduction):
     with pytest.raises(ValueError, match="normalizer"):
         fused_linear_distill(**_inputs(), normalizer=normalizer, reduction=reduction, impl="eager")
+
+
+def _check_inputs(**change) -> None:
+    """validate.check_inputs on _inputs() with default arguments, but for ``change``."""
+    t = _inputs()
+    validate.check_inputs(
+        t["student_hidden"], t["student_weight"], t["teacher_hidden"], t["teacher_weight"], None, t["labels"],
+        **{**dict(student_bias=None, teacher_bias=None, temperature=1.0, soft_weight=1.0, hard_weight=0.0,
+                  reduction="mean", chunk_size=4, softcap=None, impl="eager"), **change},
+    )  # fmt: skip
+
+
+# NumPy scalars (e.g. from a config read with NumPy) are numbers like Python's, not "temperature must
+# be a finite number > 0, got np.float32(2.0)". The values are exact in float32, so the loss is the same.
+PYTHON_NUMBERS = dict(temperature=2.0, soft_weight=0.5, hard_weight=0.25, softcap=30.0, normalizer=4.0)
+NUMPY_NUMBERS = dict(temperature=np.float32(2.0), soft_weight=np.float16(0.5), hard_weight=np.float32(0.25),
+                     softcap=np.int64(30), normalizer=np.float32(4.0))  # fmt: skip
+
+
+def test_check_inputs_takes_numpy_scalars():
+    _check_inputs(**{k: v for k, v in NUMPY_NUMBERS.items() if k != "normalizer"}, memory_budget=np.float32(0.5))
+    validate.check_normalizer(NUMPY_NUMBERS["normalizer"], "mean")
+
+
+@pytest.mark.parametrize("fn", [fused_linear_distill, fused_linear_distill_ref], ids=["fused", "ref"])
+def test_numpy_scalars_are_numbers(fn):
+    t = _inputs(dtype=F64)
+    out = fn(**t, **NUMPY_NUMBERS, chunk_size=4, impl="eager")
+    assert_close_scaled(out, fn(**t, **PYTHON_NUMBERS, chunk_size=4, impl="eager"), 1e-12)
+
+
+def test_numpy_scalars_with_chunk_size_auto(tuning_env):
+    # NumPy's call first: an equal Python call's memoised choice would skip the tuning key.
+    t = _inputs(dtype=F64)
+    out = fused_linear_distill(**t, **NUMPY_NUMBERS, impl="eager")
+    assert_close_scaled(out, fused_linear_distill(**t, **PYTHON_NUMBERS, impl="eager"), 1e-12)
+
+
+# Every argument check that reads no tensor value runs whatever ``validate`` says: ignore_index
+# checked only with validate=True gave a bare torch error (-100.0) or an AttributeError (None),
+# and memory_budget, read only by chunk_size="auto", was ignored with an int chunk size.
+CHEAP_ARGUMENTS = {
+    "ignore_index float": (dict(ignore_index=-100.0), TypeError, r"ignore_index must be an int, got -100.0: pass a Python int"),
+    "ignore_index None": (dict(ignore_index=None), TypeError, r"ignore_index must be an int, got None"),
+    "ignore_index bool": (dict(ignore_index=True), TypeError, r"ignore_index must be an int, got True"),
+    "memory_budget str": (dict(memory_budget="lots"), ValueError,
+                          r"memory_budget: memory budget must be bytes > 1 .* or a fraction in \(0, 1\] .*, got 'lots'"),
+    "memory_budget 0": (dict(memory_budget=0), ValueError, r"memory_budget: .* got 0$"),
+    "memory_budget bool": (dict(memory_budget=True), ValueError, r"memory_budget: .* got True$"),
+    "memory_budget partial bytes": (dict(memory_budget=1.5), ValueError, r"memory_budget: .* must be whole, got 1.5"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(CHEAP_ARGUMENTS))
+def test_check_inputs_checks_cheap_arguments(case):
+    change, error, match = CHEAP_ARGUMENTS[case]
+    with pytest.raises(error, match=match):
+        _check_inputs(**change)
+
+
+@pytest.mark.parametrize("fn", [fused_linear_distill, fused_linear_distill_ref], ids=["fused", "ref"])
+@pytest.mark.parametrize("case", list(CHEAP_ARGUMENTS))
+def test_cheap_arguments_are_checked_without_validate(case, fn):
+    change, error, match = CHEAP_ARGUMENTS[case]
+    with pytest.raises(error, match=match):
+        fn(**_inputs(), **change, hard_weight=0.5, chunk_size=4, validate=False, impl="eager")
 
 
 # =================================================================================================

@@ -340,3 +340,36 @@ def test_teacher_topk_type_errors():
         T.teacher_topk(torch.ones(2, 3, dtype=torch.long), torch.randn(5, 3), 2)
     with pytest.raises(TypeError, match="must share a dtype"):
         T.teacher_topk(torch.randn(2, 3, dtype=F64), torch.randn(5, 3), 2)
+
+
+@pytest.mark.parametrize("validate", [True, False])
+@pytest.mark.parametrize("fn", ["fused", "reference"])
+def test_ignored_row_may_hold_anything(fn, validate):
+    """A top-k teacher's ignored rows (labels == ignore_index) may hold NaN log-probs and
+    out-of-range ids, as a dense teacher's may hold anything: the loss and gradients are those of
+    the same call with clean rows there, and finite."""
+    from kdfuse import fused_linear_distill, fused_linear_distill_ref
+
+    call = fused_linear_distill if fn == "fused" else fused_linear_distill_ref
+    gen = torch.Generator().manual_seed(5)
+    n, hidden, vocab, k = 6, 5, 11, 3
+    h = torch.randn(n, hidden, generator=gen, dtype=torch.float64)
+    w = torch.randn(vocab, hidden, generator=gen, dtype=torch.float64)
+    labels = torch.tensor([1, -100, 2, 3, -100, 4])
+    logprobs, ids = torch.randn(n, vocab, generator=gen, dtype=torch.float64).log_softmax(-1).topk(k, dim=-1)
+
+    def run(ids, logprobs):
+        hl, wl = h.clone().requires_grad_(), w.clone().requires_grad_()
+        kw = {"impl": "eager"} if fn == "fused" else {}
+        loss = call(hl, wl, teacher_topk=(ids, logprobs), labels=labels, divergence="topk_forward_kl_bucket",
+                    hard_weight=0.5, chunk_size=4, validate=validate, **kw)  # fmt: skip
+        return (loss, *torch.autograd.grad(loss, (hl, wl)))
+
+    dirty_ids, dirty_lp = ids.clone(), logprobs.clone()
+    dirty_lp[1] = math.nan
+    dirty_ids[1] = vocab + 7
+    dirty_lp[4, 0] = math.inf
+    want = run(ids, logprobs)
+    for got, expected in zip(run(dirty_ids, dirty_lp), want):
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-14)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import types
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ from bench_stubs import SweepCalls
 
 import autotune
 import autotune.tuner
+import kdfuse
 from autotune import Measurement
 from kdfuse import env, tuning
 from kdfuse.tuning import Sweep, TuningKey
@@ -147,6 +149,10 @@ def test_key_contents_and_bucketing():
     assert key_for(rows=4097) == key_for(rows=8192) == key
     assert key_for(rows=8193).rows_bucket == 16384
     assert key_for(teacher_hidden=None).teacher_hidden == "logits"
+    assert key_for(teacher_hidden=None).topk is None and key.topk is None
+    topk_key = key_for(teacher_hidden=None, teacher_topk=64)
+    assert topk_key.teacher_hidden == "topk:64" and topk_key.topk == 64
+    assert "top-64 teacher" in tuning.describe(topk_key)
     assert key_for(divergence="jsd").divergence == "jsd_beta0.5"  # same key as D.jsd() passes
     assert key_for(divergence="my_divergence").divergence == "my_divergence"
     assert key_for(memory_budget=int(3.2 * GiB)).memory_budget == 3 * GiB
@@ -452,6 +458,56 @@ def test_problem_and_steps(teacher_hidden, one_thread):
     grad_h, grad_w = tuning.distill_step(problem, 64, "eager")()
     assert grad_h.shape == (256, 16) and grad_w.shape == (300, 16) and torch.isfinite(grad_w).all()
     assert len(tuning.floor_step(problem)()) == (4 if teacher_hidden else 3)
+
+
+def test_top_k_teacher_problem(one_thread):
+    """A top-k key times a top-k call: no teacher GEMM or dense teacher block, K distinct ids per
+    row with 90% of the mass, and a smaller memory estimate than the dense teacher's."""
+    key = tuning.make_key(**{**TINY, "teacher_hidden": None, "teacher_topk": 8})
+    problem = tuning.build_problem(key, CPU)
+    assert problem.teacher_hidden is None and problem.teacher_logits is None
+    ids, logprobs = problem.teacher_topk
+    assert ids.shape == logprobs.shape == (256, 8) and ids.min() >= 0 and ids.max() < 300
+    assert all(len(set(row)) == 8 for row in ids.tolist())
+    torch.testing.assert_close(logprobs.logsumexp(-1), torch.full((256,), math.log(0.9)))
+    assert tuning._bench_divergence(key) == "topk_forward_kl_bucket"  # not a sparse built-in: the stand-in
+    assert tuning._bench_divergence(replace(key, divergence="topk_soft_ce_renormalize")) == "topk_soft_ce_renormalize"
+    assert tuning._bench_divergence(replace(key, divergence="my_div")) == "topk_forward_kl_bucket"
+    dense = tuning.make_key(**TINY)
+    assert tuning._bench_divergence(replace(dense, divergence="my_div")) == "forward_kl"
+    grad_h, grad_w = tuning.distill_step(replace(problem, key=replace(key, divergence="topk_forward_kl_bucket")), 64, "eager")()
+    assert grad_h.shape == (256, 16) and torch.isfinite(grad_w).all() and grad_w.abs().sum() > 0
+    assert len(tuning.floor_step(problem)()) == 3
+    assert tuning._key_estimate(key)(64) == tuning.estimate_bytes(64, 300, 16, torch.float32, True, dense_teacher=False)
+    assert tuning.estimate_bytes(1024, 1000, 64, torch.bfloat16, True, dense_teacher=False) == 1024 * 1000 * (2 * 2 + 4) + 1000 * 64 * 4
+
+
+def test_fused_call_reaches_the_tuner_with_its_teacher_form_and_a_stable_name(monkeypatch):
+    """fused_linear_distill's key: a top-k teacher as "topk:K", and a divergence without
+    __name__ (functools.partial, a callable object) by a name free of memory addresses."""
+    import functools
+
+    from kdfuse import divergences as D
+
+    seen = []
+    monkeypatch.setattr(tuning, "choose_chunk_size", lambda key, device, cfg: seen.append(key) or 4)
+    gen = torch.Generator().manual_seed(0)
+    h, w = torch.randn(6, 4, generator=gen), torch.randn(10, 4, generator=gen)
+    logprobs, ids = torch.randn(6, 10, generator=gen).log_softmax(-1).topk(3, dim=-1)
+    kdfuse.fused_linear_distill(h, w, teacher_topk=(ids, logprobs), divergence="topk_forward_kl_bucket", chunk_size="auto")
+
+    def scaled_kl(s, t, scale):
+        return scale * D.forward_kl(s, t)
+
+    class Halved:
+        def __call__(self, s, t):
+            return D.forward_kl(s, t) / 2
+
+    for divergence in (functools.partial(scaled_kl, scale=0.5), Halved()):
+        kdfuse.fused_linear_distill(h, w, torch.randn(6, 5), torch.randn(10, 5), divergence=divergence, chunk_size="auto")
+    assert seen[0].teacher_hidden == "topk:3" and seen[0].divergence == "topk_forward_kl_bucket"
+    local = "test_fused_call_reaches_the_tuner_with_its_teacher_form_and_a_stable_name.<locals>"
+    assert [k.divergence for k in seen[1:]] == [f"{local}.scaled_kl", f"{local}.Halved"]
 
 
 def test_problem_in_inference_mode_and_forward_only(one_thread):
