@@ -191,7 +191,10 @@ class TuningCache:
             yield
             return
         # A sibling lock file, because the data file itself is replaced (a new inode) on every write.
-        with open(self._path.with_name(self._path.name + ".lock"), "a") as lock:
+        # Opened read-only (flock needs no more), so another user of a shared cache directory can
+        # lock a lock file that their umask-0644 colleague created.
+        fd = os.open(self._path.with_name(self._path.name + ".lock"), os.O_RDONLY | os.O_CREAT, 0o666)
+        with os.fdopen(fd) as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file is closed
             yield
 

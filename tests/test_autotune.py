@@ -467,6 +467,19 @@ def test_cache_read_only_dir_keeps_existing_entries(tmp_path, recwarn):
         tmp_path.chmod(0o700)
 
 
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0, reason="root ignores permissions")
+def test_cache_lock_file_another_user_created(tmp_path, recwarn):
+    """A shared cache directory: the lock file, created by a colleague with umask 022, is
+    read-only to us. Locking needs no write access, so our entries still reach the file."""
+    TuningCache(tmp_path, device="cpu", versions=VERSIONS).put("old", 0)
+    (lock,) = tmp_path.glob("*.lock")
+    lock.chmod(0o444)
+    cache = TuningCache(tmp_path, device="cpu", versions=VERSIONS)
+    cache.put("new", 1)
+    assert TuningCache(tmp_path, device="cpu", versions=VERSIONS).entries() == {"old": 0, "new": 1}
+    assert not [w for w in recwarn if issubclass(w.category, TuningCacheWarning)]
+
+
 def _concurrent_writer(cache_dir: str, rank: int, barrier) -> None:
     cache = TuningCache(cache_dir, device="cpu", versions=VERSIONS)
     barrier.wait()  # start together so the read-merge-writes overlap
