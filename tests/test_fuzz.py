@@ -264,9 +264,20 @@ def _mutations(c: Call, data) -> dict:
         m["ids float"] = lambda: (put("teacher_ids", t["teacher_ids"].to(F64)), (TypeError, r"teacher_topk ids must be an integer tensor"))[1]
         m["k > V"] = lambda: (put("teacher_ids", torch.zeros(*c.leading, vocab + 1, dtype=torch.long)), put("teacher_logprobs", torch.zeros(*c.leading, vocab + 1)), (ValueError, rf"k={vocab + 1} > the student's vocabulary"))[2]
         m["ids/logprobs shapes"] = lambda: (put("teacher_logprobs", torch.zeros(*c.leading, t["teacher_ids"].shape[-1] + 1)), (ValueError, r"ids and logprobs must both be"))[1]
-        if n:
+        # An ignored row's ids are padding, never read nor checked: the bad id goes in row 0, made
+        # to count (labels absent: every row counts).
+        counted = [v for v in range(min(vocab, 2)) if v != kw["ignore_index"]]
+        if n and ("labels" not in t or counted):
             bad_id = data.draw(st.sampled_from([vocab, -1, 10**6]), label="bad id")
-            m["id out of range"] = lambda: (t["teacher_ids"].view(-1).__setitem__(0, bad_id), kw.update(validate=True), (ValueError, rf"teacher_topk ids has \d+ value\(s\) outside \[0, {vocab}\)"))[2]
+
+            def id_out_of_range():
+                t["teacher_ids"].view(n, -1)[0, 0] = bad_id
+                if "labels" in t:
+                    t["labels"].view(-1)[0] = counted[0]
+                kw.update(validate=True)
+                return ValueError, rf"teacher_topk ids has \d+ value\(s\) outside \[0, {vocab}\)"
+
+            m["id out of range"] = id_out_of_range
 
     # labels
     if "labels" in t:
