@@ -1,11 +1,12 @@
 """The chunked fused-linear distillation loss.
 
 Rows are the flattened leading dims of the hidden states, N = B*T. For each chunk of rows the
-student logits (and the teacher's, when it is given as hidden states + weight) are computed with
-one matmul each, the divergence, the hard cross-entropy and their gradient w.r.t. the student
-logits are computed by one compiled function (``torch.func.grad`` of the per-row loss, so any
-user divergence works), and the logit gradient is folded back into ``grad_hidden`` and a float32
-``grad_weight`` accumulator right away. The full ``(N, V)`` logits never exist.
+student logits (and the teacher's, when it is given as hidden states + weight) are computed by
+matmuls, the divergence, the hard cross-entropy and their gradient w.r.t. the student logits are
+computed by one compiled function (``torch.func.grad`` of the per-row loss, so any user divergence
+works), and the logit gradient is folded back into ``grad_hidden`` and a float32 ``grad_weight``
+accumulator right away. The full ``(N, V)`` logits never exist. Where the hand-written kernel
+runs, the teacher's logits come in blocks of a chunk's rows (``_Problem.teacher_blocks``).
 
 When the result is a scalar (``reduction="mean"`` or ``"sum"``) the gradients are computed in the
 forward pass and the backward only multiplies them by ``grad_output`` (a device tensor: no host
@@ -177,6 +178,11 @@ def _mark_rows_dynamic(*tensors: Tensor) -> None:
 # --------------------------------------------------------------------------------------------
 
 
+# Teacher logits rows computed at a time where the chunk kernel writes in place (see
+# _Problem.teacher_blocks). 2048: half a 4096-row chunk, the chunk the tuner picks at V = 128k.
+_TEACHER_ROWS = 2048
+
+
 @dataclass
 class _Problem:
     student_hidden: Tensor  # (N, Hs)
@@ -207,14 +213,32 @@ class _Problem:
         for start, stop in zip(starts, [*starts[1:], self.rows]):
             yield slice(start, stop)
 
-    def logits(self, rows: slice) -> tuple[Tensor, tuple[Tensor, ...]]:
-        """(student (C, V) raw logits, the teacher's chunk as _row_losses takes it) for ``rows``."""
-        student = F.linear(self.student_hidden[rows], self.student_weight, self.student_bias)
+    def student_logits(self, rows: slice) -> Tensor:
+        """The student's (C, V) raw logits for ``rows``."""
+        return F.linear(self.student_hidden[rows], self.student_weight, self.student_bias)
+
+    def teacher(self, rows: slice) -> tuple[Tensor, ...]:
+        """The teacher's rows as _row_losses takes them: ((C, V) raw logits,) or top-k (ids, logprobs)."""
         if self.teacher_topk_ids is not None:
-            return student, (self.teacher_topk_ids[rows], self.teacher_topk_logprobs[rows])
+            return self.teacher_topk_ids[rows], self.teacher_topk_logprobs[rows]
         if self.teacher_logits is not None:
-            return student, (self.teacher_logits[rows],)
-        return student, (F.linear(self.teacher_hidden[rows], self.teacher_weight, self.teacher_bias),)
+            return (self.teacher_logits[rows],)
+        return (F.linear(self.teacher_hidden[rows], self.teacher_weight, self.teacher_bias),)
+
+    def teacher_blocks(self, rows: slice) -> list[slice]:
+        """The parts of the chunk ``rows`` whose teacher logits are computed at a time.
+
+        The whole chunk, except where the hand-written kernel writes the logit gradient over the
+        student's block: rows are independent, so the teacher's logits (a matmul per chunk) can
+        then come ``_TEACHER_ROWS`` rows at a time, each block freed before the next is computed,
+        while the student's block, which feeds the gradient matmuls, keeps the chunk's length.
+        At 4096-row chunks and V = 128256 that is 0.5 GiB of teacher logits instead of 1 GiB.
+        """
+        spec = self.spec
+        in_place = spec.triton and not spec.sparse and not spec.wide_grad
+        if not in_place or self.teacher_hidden is None:
+            return [rows]
+        return [slice(s, min(s + _TEACHER_ROWS, rows.stop)) for s in range(rows.start, rows.stop, _TEACHER_ROWS)]
 
 
 def _doubled(args: list[Tensor]) -> list[Tensor]:
@@ -242,14 +266,29 @@ def _chunk(
     after_logits: Callable[[], None] | None = None,
 ) -> tuple[Tensor | None, tuple[Tensor, Tensor, Tensor]]:
     """(dlogits (C, V) or None, (loss, soft, hard)) of one chunk. A function of its own so the
-    teacher's (C, V) logits are freed on return, before the gradient matmuls run.
-    ``after_logits`` runs once the logits matmuls are queued (see _run's ``check``)."""
-    student, teacher = p.logits(rows)
-    if after_logits is not None:
-        after_logits()
-    args = [student, *teacher, p.labels[rows], p.valid[rows]]
-    if row_weight is not None:
-        args.append(row_weight)
+    teacher's logits are freed on return, before the gradient matmuls run.
+    ``after_logits`` runs once the first logits matmuls are queued (see _run's ``check``)."""
+    student = p.student_logits(rows)
+    outs = []
+    for i, block in enumerate(p.teacher_blocks(rows)):
+        teacher = p.teacher(block)
+        if i == 0 and after_logits is not None:
+            after_logits()
+        part = slice(block.start - rows.start, block.stop - rows.start)
+        rest = [p.labels[block], p.valid[block]] + ([] if row_weight is None else [row_weight[part]])
+        outs.append(_call(spec, fn, student[part], teacher, rest, p.scalars))
+        del teacher  # freed before the next block's teacher logits are computed
+    if row_weight is None:
+        outs = [(None, out) for out in outs]
+    if len(outs) == 1:
+        return outs[0]
+    # Several blocks only where the kernel wrote each block's gradient over its student rows.
+    return (None if row_weight is None else student), tuple(map(torch.cat, zip(*(out for _, out in outs))))
+
+
+def _call(spec: _Spec, fn: Callable, student: Tensor, teacher: tuple[Tensor, ...], rest: list[Tensor], scalars: Tensor):
+    """``fn`` on one block: its student logits, teacher, (labels, valid[, row_weight]) and the scalars."""
+    args = [student, *teacher, *rest]
     # torch.compile'd code: all of the generic path, the (C, k) part of the top-k kernel.
     compiled = spec.compiled and (spec.sparse or not spec.triton)
     lone = compiled and student.shape[0] == 1
@@ -257,10 +296,8 @@ def _chunk(
         args = _doubled(args)
     if compiled and not spec.triton:
         _mark_rows_dynamic(*args)
-    out = fn(args[0], tuple(args[1 : len(teacher) + 1]), *args[len(teacher) + 1 :], p.scalars)
-    if lone:
-        out = _first_row(out)
-    return out if row_weight is not None else (None, out)
+    out = fn(args[0], tuple(args[1 : len(teacher) + 1]), *args[len(teacher) + 1 :], scalars)
+    return _first_row(out) if lone else out
 
 
 def _half_with_scale(dlogits: Tensor) -> tuple[Tensor, float]:
