@@ -92,7 +92,7 @@ AUTO_TIME_BUDGET_S = 5.0
 compiles the core); candidates not reached by then are skipped and the entry marked partial."""
 # Chunk sizes within this fraction of the fastest are near-ties (run-to-run noise is ~1-2%): of
 # those the one with the smallest measured peak memory wins. On an H100 at 8B->1B, N=8192, chunks
-# of 2048, 4096 and 8192 rows time within 1% of each other at 2, 3 and 5 GiB.
+# of 2048, 4096 and 8192 rows time within 1-2% of each other at 2.0, 2.5 and 3.5 GiB.
 TIME_SLACK = 0.03
 # Rounds over the candidates (autotune.tune's ``rounds``), as far as the time budget goes: a GPU
 # at its power limit throttles within a second of load, and the first candidates measured would
