@@ -28,6 +28,7 @@ from torch import Tensor
 
 from . import divergences as D
 from . import topk as K
+from .tuning import TEACHER_ROWS as _TEACHER_ROWS
 from .tuning import resolve_chunk_size
 from .validate import check_inputs, check_normalizer, start_value_check
 
@@ -176,11 +177,6 @@ def _mark_rows_dynamic(*tensors: Tensor) -> None:
 # --------------------------------------------------------------------------------------------
 # Inputs, flattened and checked once per call.
 # --------------------------------------------------------------------------------------------
-
-
-# Teacher logits rows computed at a time where the chunk kernel writes in place (see
-# _Problem.teacher_blocks). 2048: half a 4096-row chunk, the chunk the tuner picks at V = 128k.
-_TEACHER_ROWS = 2048
 
 
 @dataclass

@@ -65,6 +65,8 @@ __all__ = [
     "describe",
     "distill_step",
     "estimate_bytes",
+    "runs_in_place",
+    "TEACHER_ROWS",
     "floor_step",
     "format_bytes",
     "free_memory",
@@ -237,25 +239,64 @@ def resolve_memory_budget(budget: MemoryBudget | None, device: torch.device) -> 
 # --------------------------------------------------------------------------------------------
 
 
+# Rows of teacher logits computed at a time where the chunk kernel writes the logit gradient over
+# the student's logits (kdfuse.fused._Problem.teacher_blocks): half a 4096-row chunk, the chunk
+# the tuner picks at V = 128k. Here because the memory estimate depends on it.
+TEACHER_ROWS = 2048
+
+
 def estimate_bytes(
-    chunk: int, vocab: int, student_hidden: int, dtype: torch.dtype, with_grad: bool, dense_teacher: bool = True
+    chunk: int,
+    vocab: int,
+    student_hidden: int,
+    dtype: torch.dtype,
+    with_grad: bool,
+    dense_teacher: bool = True,
+    in_place: bool = False,
 ) -> int:
-    """Peak extra bytes a chunk size needs, roughly: per (chunk, V) element the student and
-    (``dense_teacher``: a top-k teacher has no such block) teacher logits and, with gradients,
-    the logit gradient (each in ``dtype``) plus the compute-dtype copies of those logits; with
-    gradients also the ``(V, Hs)`` compute-dtype grad_weight accumulator. The compute dtype is
-    float32 (float64 for float64 inputs)."""
+    """Peak extra bytes a chunk size needs, roughly.
+
+    Per (chunk, V) element: the student and (``dense_teacher``: a top-k teacher has no such block)
+    teacher logits and, with gradients, the logit gradient (each in ``dtype``) plus the
+    compute-dtype copies of those logits: the generic ``torch.func`` path. ``in_place``: the
+    hand-written kernels, which write the logit gradient over the student's logits and make no
+    copies, so only the student's block and a teacher block of at most :data:`TEACHER_ROWS` rows.
+    With gradients also the ``(V, Hs)`` compute-dtype grad_weight accumulator. The compute dtype
+    is float32 (float64 for float64 inputs)."""
     item = dtype.itemsize
     compute = 8 if dtype == torch.float64 else 4
+    accumulator = vocab * student_hidden * compute if with_grad else 0
+    if in_place:
+        teacher_rows = min(chunk, TEACHER_ROWS) if dense_teacher else 0
+        return (chunk + teacher_rows) * vocab * item + accumulator
     blocks = 2 if dense_teacher else 1
     per_element = (blocks + with_grad) * item + blocks * compute
-    accumulator = vocab * student_hidden * compute if with_grad else 0
     return chunk * vocab * per_element + accumulator
 
 
-def _key_estimate(key: TuningKey) -> Callable[[int], int]:
+def runs_in_place(key: TuningKey, device_type: str) -> bool:
+    """Whether a compiled call with this key runs kdfuse's hand-written Triton kernels, which write
+    the logit gradient over the student's logits (:func:`estimate_bytes`' ``in_place``): a
+    built-in they implement, on CUDA, in bfloat16 or float32 (float16 keeps a float32 gradient
+    block, see kdfuse.fused). A divergence the key names but no built-in has runs the generic path."""
+    if device_type != "cuda" or key.dtype not in ("bfloat16", "float32"):
+        return False
+    from . import fused, triton_chunk, triton_topk  # (imports Triton: CUDA only)
+
+    try:
+        kernel, _ = fused._kernel_of(key.divergence)
+    except ValueError:  # a user's divergence, named by its function
+        return False
+    cuda = torch.device("cuda")
+    if key.topk is not None:
+        return triton_topk.supported(kernel, torch.float32, cuda, softcap=False)
+    return triton_chunk.supported(kernel, torch.float32, cuda)
+
+
+def _key_estimate(key: TuningKey, device_type: str) -> Callable[[int], int]:
+    in_place = runs_in_place(key, device_type)
     return lambda chunk: estimate_bytes(
-        chunk, key.vocab, key.student_hidden, key.torch_dtype, key.with_grad, dense_teacher=key.topk is None
+        chunk, key.vocab, key.student_hidden, key.torch_dtype, key.with_grad, key.topk is None, in_place
     )
 
 
@@ -283,7 +324,7 @@ def heuristic_choice(key: TuningKey, device_type: str) -> int:
     size = heuristic_chunk_size(key.rows_bucket, key.vocab, device_type)
     if key.memory_budget is None:
         return size
-    estimate, floor = _key_estimate(key), min(_MIN_CHUNK, size)
+    estimate, floor = _key_estimate(key, device_type), min(_MIN_CHUNK, size)
     while size > floor and estimate(size) > key.memory_budget:
         size //= 2
     return size
@@ -496,7 +537,7 @@ def run_sweep(
         candidates,
         lambda chunk: bench_chunk_size(problem, chunk, impl=impl, warmup=warmup, repeat=repeat),
         memory_budget=key.memory_budget,
-        estimate_bytes=_key_estimate(key),
+        estimate_bytes=_key_estimate(key, device.type),
         on_result=None if on_step is None else lambda _: on_step(),
         time_budget_s=time_budget_s,
         time_slack=TIME_SLACK,

@@ -179,6 +179,33 @@ def test_estimate_bytes():
     assert tuning.estimate_bytes(1024, 1000, 64, torch.bfloat16, True) == 1024 * 1000 * (3 * 2 + 2 * 4) + 1000 * 64 * 4
     assert tuning.estimate_bytes(1024, 1000, 64, torch.bfloat16, False) == 1024 * 1000 * (2 * 2 + 2 * 4)
     assert tuning.estimate_bytes(8, 10, 4, torch.float64, True) == 8 * 10 * (3 * 8 + 2 * 8) + 10 * 4 * 8
+    # The in-place kernels: the student's block, the teacher's at most TEACHER_ROWS rows, no copies.
+    rows = tuning.TEACHER_ROWS
+    assert tuning.estimate_bytes(4 * rows, 1000, 64, torch.bfloat16, True, in_place=True) == 5 * rows * 1000 * 2 + 1000 * 64 * 4
+    assert tuning.estimate_bytes(64, 1000, 64, torch.bfloat16, False, in_place=True) == 2 * 64 * 1000 * 2
+    assert tuning.estimate_bytes(4 * rows, 1000, 64, torch.bfloat16, True, False, True) == 4 * rows * 1000 * 2 + 1000 * 64 * 4
+
+
+def test_runs_in_place_names_the_kernels_path():
+    """Built-ins the Triton kernels implement, compiled on CUDA in bf16/fp32; nothing else."""
+    assert tuning.runs_in_place(key_for(), "cuda")
+    assert tuning.runs_in_place(key_for(divergence="jsd", dtype=torch.float32), "cuda")
+    assert tuning.runs_in_place(key_for(teacher_topk=64, divergence="topk_soft_ce_renormalize"), "cuda")
+    assert not tuning.runs_in_place(key_for(), "cpu")
+    assert not tuning.runs_in_place(key_for(dtype=torch.float16), "cuda")  # a float32 gradient block
+    assert not tuning.runs_in_place(key_for(divergence="mse_logits"), "cuda")  # a built-in on the generic path
+    assert not tuning.runs_in_place(key_for(divergence="my_divergence"), "cuda")  # a user's
+
+
+def test_memory_budget_prunes_by_the_path_that_runs():
+    """With a 3 GiB budget at 8B->1B the kernels' path keeps the heuristic's 2048 rows (2.1 GB
+    estimated: the generic path's copies would have forced 1024), and a tuning sweep on CUDA
+    is handed the same estimate."""
+    key = key_for(memory_budget=3 * 2**30)
+    assert tuning.heuristic_choice(key, "cuda") == 2048
+    assert tuning.heuristic_choice(tuning.make_key(**{**CALL, "memory_budget": 3 * 2**30, "divergence": "mse_logits"}), "cuda") == 1024
+    assert tuning._key_estimate(key, "cuda")(4096) == tuning.estimate_bytes(4096, 128256, 2048, torch.bfloat16, True, in_place=True)
+    assert tuning._key_estimate(key, "cpu")(4096) == tuning.estimate_bytes(4096, 128256, 2048, torch.bfloat16, True)
 
 
 def test_heuristic_is_a_function_of_the_bucket_and_fits_the_budget():
@@ -187,9 +214,9 @@ def test_heuristic_is_a_function_of_the_bucket_and_fits_the_budget():
     )
     assert tuning.heuristic_chunk_size(100, 128256, "cuda") == 128
     assert tuning.heuristic_choice(key_for(), "cuda") == 2048
-    estimate = lambda c: tuning.estimate_bytes(c, 128256, 2048, torch.bfloat16, True)
-    key = key_for(memory_budget=estimate(512))  # bucketed down, so 512 no longer fits
-    assert tuning.heuristic_choice(key, "cuda") == 256
+    estimate = lambda c: tuning.estimate_bytes(c, 128256, 2048, torch.bfloat16, True, in_place=True)
+    key = key_for(memory_budget=estimate(2048))  # bucketed down, so 2048 no longer fits
+    assert tuning.heuristic_choice(key, "cuda") == 1024
     assert tuning.heuristic_choice(key_for(memory_budget=10**6), "cuda") == 16  # nothing fits: the floor
 
 
@@ -390,11 +417,12 @@ def test_cache_identity_carries_versions(fake_cuda):
 
 
 def _estimate(chunk: int) -> int:
-    return tuning.estimate_bytes(chunk, CALL["vocab"], CALL["student_hidden"], torch.bfloat16, True)
+    """The estimate for CALL on (fake) CUDA: forward KL runs the in-place kernels there."""
+    return tuning.estimate_bytes(chunk, CALL["vocab"], CALL["student_hidden"], torch.bfloat16, True, in_place=True)
 
 
 def test_memory_budget_in_bytes_prunes_and_scores_peaks(monkeypatch, fake_cuda):
-    budget = 6 * GiB  # a bucket boundary itself
+    budget = 2 * GiB  # a bucket boundary itself
     assert _estimate(2048) <= budget < _estimate(4096)
     bench = FakeBench(monkeypatch, {256: 9.0, 512: 5.0, 1024: 4.0, 2048: 1.0}, peaks={2048: budget * 2})
     assert resolve(CUDA, memory_budget=budget) == 1024  # 2048 ran but went over; 4096+ pruned
@@ -478,7 +506,7 @@ def test_top_k_teacher_problem(one_thread):
     grad_h, grad_w = tuning.distill_step(replace(problem, key=replace(key, divergence="topk_forward_kl_bucket")), 64, "eager")()
     assert grad_h.shape == (256, 16) and torch.isfinite(grad_w).all() and grad_w.abs().sum() > 0
     assert len(tuning.floor_step(problem)()) == 3
-    assert tuning._key_estimate(key)(64) == tuning.estimate_bytes(64, 300, 16, torch.float32, True, dense_teacher=False)
+    assert tuning._key_estimate(key, "cpu")(64) == tuning.estimate_bytes(64, 300, 16, torch.float32, True, dense_teacher=False)
     assert tuning.estimate_bytes(1024, 1000, 64, torch.bfloat16, True, dense_teacher=False) == 1024 * 1000 * (2 * 2 + 4) + 1000 * 64 * 4
 
 
