@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Hashable, Sequence
 
 import torch
@@ -36,10 +36,12 @@ class Measurement:
 
 @dataclass(frozen=True)
 class TuneResult:
-    """The winning candidate (``None`` if none succeeded) and every measurement, in candidate order."""
+    """The winning candidate (``None`` if none succeeded), every measurement, in candidate order,
+    and each decided contest's median ratio to the fastest (see :func:`tune`), in contest order."""
 
     best: Hashable | None
     measurements: tuple[Measurement, ...]
+    contests: dict[Hashable, float] = field(default_factory=dict)
 
     @property
     def by_candidate(self) -> dict[Hashable, Measurement]:
@@ -57,16 +59,25 @@ def tune(
     time_slack: float = 0.0,
     rounds: int = 1,
     rerun_within: float | None = None,
+    pairs: int = 3,
 ) -> TuneResult:
     """Benchmark each candidate with ``bench(candidate) -> (ms, peak_bytes)`` and pick the fastest,
-    or with ``time_slack`` > 0 the leanest: the smallest measured peak among the candidates within
-    ``(1 + time_slack)`` times the fastest time (timing noise makes near-ties arbitrary anyway).
-    A leaner pick than the fastest is confirmed: every candidate within the slack is measured once
-    more, and those new measurements (which replace the old in the result) decide among them by
-    the same rule, so one noisy measurement cannot trade a real slowdown for memory. The
-    confirmation counts against ``time_budget_s`` too: if the budget runs out before every
-    near-tie is measured again, the leaner pick is not confirmed and the pick is the fastest
-    (the retakes taken so far replace the old measurements, as above).
+    or with ``time_slack`` > 0 the leanest near-tie: a candidate with a smaller measured peak
+    whose time, compared pair by pair with the fastest's, is within ``(1 + time_slack)`` of it.
+
+    The near-tie is decided by a paired contest, since timing noise (a few % between two
+    measurements of one candidate on a GPU at its power limit) is as large as the gaps the slack
+    is meant to forgive. A candidate leaner than the fastest and measured within
+    ``(1 + 2 * time_slack)`` of it (noise may have pushed a near-tie out of the slack) is measured
+    ``pairs`` more times, alternately just before and just after the fastest (c, f, f, c, c, f,
+    ...: a drifting clock hits both alike), and wins if the median of its ``pairs`` ratios to the
+    fastest is within the slack. Contests go nearest the fastest first; after a win only a leaner
+    candidate is contested. The pick is the last winner, else the fastest. When the time budget
+    runs out mid-contest, that contest is decided on the pairs it has (none: lost) and no other
+    runs. A contender whose measurement fails loses; if the fastest fails, the contests end and
+    the pick is the fastest of the rest. The contests' measurements join the candidates' others
+    (medians and peaks are over all of them) but are not reported to ``on_result``;
+    :attr:`TuneResult.contests` has each decided contest's median ratio.
 
     With ``rounds`` > 1 the candidates are benchmarked in that many rounds, each round running
     every candidate once (a, b, c, a, b, c, ...); a candidate's time is the median of its rounds'
@@ -92,6 +103,8 @@ def tune(
         raise ValueError(f"rounds must be >= 1, got {rounds}")
     if rerun_within is not None and not rerun_within >= 0:
         raise ValueError(f"rerun_within must be >= 0, got {rerun_within}")
+    if pairs < 1:
+        raise ValueError(f"pairs must be >= 1, got {pairs}")
     start = time.monotonic()
     runs: dict[Hashable, list[Measurement]] = {candidate: [] for candidate in candidates}
     for round_ in range(rounds):
@@ -111,18 +124,22 @@ def tune(
                 done.append(m)
             if on_result is not None:
                 on_result(m)
-    measurements = [_combine(runs[candidate]) for candidate in candidates]
-    best = _pick(measurements, time_slack)
-    if best != _pick(measurements, 0.0):
-        near, again = _near(measurements, time_slack), {}
-        for m in near:
+    fastest = _fastest([_combine(runs[candidate]) for candidate in candidates])
+    best, contests = fastest, {}
+    if time_slack and fastest is not None:
+
+        def evaluate(candidate: Hashable) -> Measurement | None:
+            """One more measurement of ``candidate``, kept with its others; ``None`` once the budget is spent."""
             if _budget_spent(start, time_budget_s):
-                break
-            again[m.candidate] = _evaluate(m.candidate, bench, memory_budget, estimate_bytes)
-        measurements = [again.get(m.candidate, m) for m in measurements]
-        # The leaner pick needs every near-tie retaken: the rule compares them with each other.
-        best = _pick(list(again.values()), time_slack) if len(again) == len(near) else _pick(measurements, 0.0)
-    return TuneResult(best, tuple(measurements))
+                return None
+            runs[candidate].append(_evaluate(candidate, bench, memory_budget, estimate_bytes))
+            return runs[candidate][-1]
+
+        best = _contest([_combine(runs[c]) for c in candidates], fastest, evaluate, time_slack, pairs, contests)
+    measurements = [_combine(runs[candidate]) for candidate in candidates]
+    if best is None:  # the fastest failed in a contest
+        best = _fastest(measurements)
+    return TuneResult(best, tuple(measurements), contests)
 
 
 def _budget_spent(start: float, time_budget_s: float | None) -> bool:
@@ -138,17 +155,62 @@ def _combine(runs: list[Measurement]) -> Measurement:
     return Measurement(runs[0].candidate, statistics.median(m.ms for m in runs), max(m.peak_bytes for m in runs))
 
 
-def _near(measurements: list[Measurement], time_slack: float) -> list[Measurement]:
-    """The finite measurements within ``(1 + time_slack)`` times the fastest, in order."""
+def _near(measurements: list[Measurement], slack: float) -> list[Measurement]:
+    """The finite measurements within ``(1 + slack)`` times the fastest, in order."""
     finite = [m for m in measurements if math.isfinite(m.ms)]
     fastest = min((m.ms for m in finite), default=math.inf)
-    return [m for m in finite if m.ms <= fastest * (1 + time_slack)]
+    return [m for m in finite if m.ms <= fastest * (1 + slack)]
 
 
-def _pick(measurements: list[Measurement], time_slack: float) -> Hashable | None:
-    near = _near(measurements, time_slack)
+def _fastest(measurements: list[Measurement]) -> Hashable | None:
+    """The candidate with the smallest finite time (the earlier one on ties), or ``None``."""
+    finite = [m for m in measurements if math.isfinite(m.ms)]
     # min() keeps the first of equal keys, so ties go to the earlier candidate.
-    return min(near, key=lambda m: (m.peak_bytes, m.ms) if time_slack else m.ms).candidate if near else None
+    return min(finite, key=lambda m: m.ms).candidate if finite else None
+
+
+def _contest(
+    measurements: list[Measurement],
+    fastest: Hashable,
+    evaluate: Callable[[Hashable], Measurement | None],
+    time_slack: float,
+    pairs: int,
+    ratios_out: dict[Hashable, float],
+) -> Hashable | None:
+    """The leanest candidate that wins a paired contest against ``fastest``, else ``fastest``
+    (see :func:`tune`); ``None`` if the fastest fails in one. Each decided contest's median
+    ratio goes into ``ratios_out``."""
+    best = lead = next(m for m in measurements if m.candidate == fastest)
+    contenders = [m for m in _near(measurements, 2 * time_slack) if m.peak_bytes < lead.peak_bytes]
+    # Nearest the fastest first (sorted() is stable: the earlier candidate on ties), so a time
+    # budget cuts the long shots; after a win only a leaner candidate can change the pick.
+    for contender in sorted(contenders, key=lambda m: m.ms):
+        if contender.peak_bytes >= best.peak_bytes:
+            continue
+        ratios, spent = [], False
+        for i in range(pairs):
+            ms = {}
+            for candidate in (contender.candidate, fastest) if i % 2 == 0 else (fastest, contender.candidate):
+                m = evaluate(candidate)
+                if m is None or not math.isfinite(m.ms):
+                    break
+                ms[candidate] = m.ms
+            if m is None:
+                spent = True  # the time budget: decided on the pairs it has
+                break
+            if len(ms) < 2:
+                if candidate == fastest:
+                    return None  # the fastest failed: nothing left to contest against
+                ratios = []  # the contender failed: it is out
+                break
+            ratios.append(ms[contender.candidate] / ms[fastest])
+        if ratios:
+            ratios_out[contender.candidate] = statistics.median(ratios)
+            if ratios_out[contender.candidate] <= 1 + time_slack:
+                best = contender
+        if spent:
+            break
+    return best.candidate
 
 
 def _evaluate(

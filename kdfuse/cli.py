@@ -10,7 +10,9 @@
 ``kdfuse tune`` measures every candidate chunk size for each token count's bucket (a full sweep,
 unlike the time-bounded tuning ``chunk_size="auto"`` does in-process), writes each winner to the
 cache ``chunk_size="auto"`` reads (``KDFUSE_CACHE_DIR``), and prints a table per shape: median
-time of forward + backward, its ratio to the GEMM floor, and the peak extra device memory. Shapes
+time of forward + backward, its ratio to the GEMM floor (timed after the candidates), the peak
+extra device memory, and for the leaner near-ties the median ratio of their times to the
+fastest's when timed in pairs with it (how the winner is decided, see autotune.tune). Shapes
 whose full sweep is already cached for this device and these software versions are reported
 without measuring, unless ``--force`` (or ``KDFUSE_FORCE_RETUNE=1``) is given.
 
@@ -143,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
         "tune",
         help="measure chunk sizes and cache the winner",
         description="Sweep the candidate chunk sizes for each shape and cache the winner (the leanest within "
-        f"{TIME_SLACK:.0%} of the fastest) for chunk_size='auto'. "
+        f"{TIME_SLACK:.0%} of the fastest, timed in pairs with it) for chunk_size='auto'. "
         "Explicit shape options override the preset's.",
         epilog="presets: " + "; ".join(f"{name}: {preset}" for name, preset in PRESETS.items()),
     )
@@ -290,9 +292,11 @@ def _table(result: ShapeResult, device: torch.device) -> Table:
         ratio = _ratio(m.ms, sweep.floor_ms)
         peak = format_bytes(m.peak_bytes) if device.type == "cuda" and math.isfinite(m.ms) else "-"
         won = m.candidate == sweep.best
+        paired = sweep.contests.get(m.candidate)
+        note = m.error or ("" if paired is None else f"paired: {paired:.3f}x the fastest")
         table.add_row(
             "★" if won else "", str(m.candidate), f"{m.ms:.3f}" if math.isfinite(m.ms) else "-",
-            "-" if ratio is None else f"{ratio:.2f}", peak, m.error or "", style="bold green" if won else None,
+            "-" if ratio is None else f"{ratio:.2f}", peak, note, style="bold green" if won else None,
         )  # fmt: skip
     return table
 
@@ -322,6 +326,7 @@ def _json(results: list[ShapeResult], cache: TuningCache, impl: str, device: tor
                         "x_floor": _ratio(m.ms, r.sweep.floor_ms),
                         "peak_bytes": m.peak_bytes,
                         "error": m.error,
+                        "paired_ratio": r.sweep.contests.get(m.candidate),
                     }
                     for m in r.sweep.measurements
                 ],

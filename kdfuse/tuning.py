@@ -11,7 +11,8 @@ budget):
    ``KDFUSE_FORCE_RETUNE=1``;
 3. on CUDA with ``KDFUSE_AUTOTUNE`` not ``0``: a sweep bounded to :data:`AUTO_TIME_BUDGET_S`
    seconds of measurement, tried nearest the heuristic first, persisted to the cache;
-   the winner is the leanest candidate within :data:`TIME_SLACK` of the fastest;
+   the winner is the leanest candidate within :data:`TIME_SLACK` of the fastest, timed in pairs
+   with it (:func:`autotune.tune`'s contest);
 4. otherwise (CPU, ``KDFUSE_AUTOTUNE=0``, or no candidate could be measured within the memory
    budget) :func:`heuristic_choice`.
 
@@ -37,7 +38,7 @@ import os
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Literal
 
 import torch
@@ -89,20 +90,29 @@ _MIN_CHUNK, _MAX_CHUNK = 16, 8192
 # weight-reload overhead there) and at 64 below this vocabulary size.
 _LARGE_VOCAB, _MIN_CANDIDATE, _MIN_CANDIDATE_SMALL_VOCAB = 32768, 256, 64
 
-AUTO_TIME_BUDGET_S = 5.0
+AUTO_TIME_BUDGET_S = 10.0
 """Seconds of measurement an in-process tuning may spend (after one untimed warm-up step that
-compiles the core); candidates not reached by then are skipped and the entry marked partial."""
-# Chunk sizes within this fraction of the fastest are near-ties (run-to-run noise is ~1-2%): of
-# those the one with the smallest measured peak memory wins. On an H100 at 8B->1B, N=8192, chunks
-# of 2048, 4096 and 8192 rows time within 1-2% of each other at 2.0, 2.5 and 3.5 GiB.
-TIME_SLACK = 0.03
+compiles the core); candidates not reached by then are skipped and the entry marked partial.
+On an H100 at 8B->1B, N=32768 (~0.55 s per measurement of a candidate) two rounds and one
+contest take 9 s; N=8192 needs half of it."""
+# Chunk sizes within this fraction of the fastest are near-ties: of those the one with the smallest
+# measured peak memory wins. On an H100 at 8B->1B (N = 8192 and 32768, the benchmark's 15-step
+# medians), 4096-row chunks time 0.3-2.3% behind 8192 at 1 GiB less (2.5-2.7 GiB against
+# 3.5-3.7), and 2048 rows 1-2% behind 4096 at 0.5 GiB less. A single measurement of a chunk size
+# spreads by 3-5% there, so the near-ties are decided by autotune.tune's paired contest.
+TIME_SLACK = 0.02
 # Rounds over the candidates (autotune.tune's ``rounds``), as far as the time budget goes: a GPU
 # at its power limit throttles within a second of load, and the first candidates measured would
 # otherwise catch the faster clocks. Short rounds (1 untimed step, the core is compiled by then;
-# 3 timed), and after the first only the candidates within 10% of the fastest run again: on an
-# H100 one candidate's rounds spread by 3-5%, so one 10% behind cannot win, and the budget (at
-# N=32768 a first round takes most of it) goes to the near-ties that decide the pick.
-_AUTO_WARMUP, _AUTO_REPEAT, _AUTO_ROUNDS, _AUTO_RERUN_WITHIN = 1, 3, 3, 0.10
+# 3 timed), and after the first only the candidates within 6% of the fastest run again: one
+# further behind would need its second measurement within 2% to reach the contest (4%, twice the
+# slack, on the median of its two). Two rounds only screen: the budget goes to the contest that
+# decides the pick.
+_AUTO_WARMUP, _AUTO_REPEAT, _AUTO_ROUNDS, _AUTO_RERUN_WITHIN = 1, 3, 2, 0.06
+# Pairs per contest (autotune.tune's ``pairs``). With 3, the median ratio of the same two chunk
+# sizes still spread from 0.99 to 1.034 over in-process tunings on an H100 (8B->1B, N=8192); a
+# time budget decides a contest on the pairs it has, so large N gets fewer.
+_CONTEST_PAIRS = 5
 
 _memo: dict[tuple, int] = {}
 
@@ -463,14 +473,16 @@ def bench_floor(problem: BenchProblem, *, warmup: int, repeat: int) -> tuple[flo
 @dataclass(frozen=True)
 class Sweep:
     """The measurements for one key: the winner (``None`` if every candidate failed or was
-    pruned), each candidate's result, the GEMM floor (``None`` if not measured) and whether every
-    candidate was reached (``False`` when a time budget cut the sweep short)."""
+    pruned), each candidate's result, the GEMM floor (``None`` if not measured), whether every
+    candidate was reached (``False`` when a time budget cut the sweep short) and the paired
+    contests' median ratios to the fastest (:class:`autotune.TuneResult`'s ``contests``)."""
 
     key: TuningKey
     best: int | None
     measurements: tuple[Measurement, ...]
     floor_ms: float | None
     complete: bool
+    contests: dict[int, float] = field(default_factory=dict)
 
     def to_entry(self) -> dict[str, object]:
         """The JSON cache value (infinite times stored as ``null``)."""
@@ -483,6 +495,7 @@ class Sweep:
                  "peak_bytes": m.peak_bytes, "error": m.error}
                 for m in self.measurements
             ],
+            "contests": [[chunk, ratio] for chunk, ratio in self.contests.items()],
         }  # fmt: skip
 
     @classmethod
@@ -493,11 +506,12 @@ class Sweep:
             measurements = tuple(_measurement(m) for m in entry["measurements"])
             floor_ms = None if entry["floor_ms"] is None else float(entry["floor_ms"])
             complete = bool(entry["complete"])
+            contests = {int(chunk): float(ratio) for chunk, ratio in entry.get("contests", ())}
         except (KeyError, TypeError, ValueError):
             return None
         if not (isinstance(best, int) and best > 0):
             return None
-        return cls(key, best, measurements, floor_ms, complete)
+        return cls(key, best, measurements, floor_ms, complete, contests)
 
 
 def _measurement(stored: dict) -> Measurement:
@@ -521,16 +535,11 @@ def run_sweep(
 ) -> Sweep:
     """Measure every candidate (and the GEMM floor, unless it runs out of memory) on
     :func:`build_problem`'s inputs, pruning and scoring by the key's memory budget, in ``rounds``
-    interleaved rounds (see :func:`autotune.tune`, also for ``rerun_within``). ``on_step`` is called after the floor and
-    after each candidate's every round. With ``time_budget_s``, one untimed step of the first
-    candidate runs first (it compiles the core, shared by all candidates) and the budget bounds
-    the measuring."""
+    interleaved rounds (see :func:`autotune.tune`, also for ``rerun_within``), the floor after
+    them. ``on_step`` is called after each candidate's every round and after the floor. With
+    ``time_budget_s``, one untimed step of the first candidate runs first (it compiles the core,
+    shared by all candidates) and the budget bounds the measuring."""
     problem = build_problem(key, device)
-    floor_ms = None
-    if with_floor:
-        floor_ms = _floor_ms(problem, warmup, repeat)
-        if on_step is not None:
-            on_step()
     if time_budget_s is not None:
         _warm_up(problem, candidates[0], impl)
     result = tune(
@@ -543,9 +552,18 @@ def run_sweep(
         time_slack=TIME_SLACK,
         rounds=rounds,
         rerun_within=rerun_within,
+        pairs=_CONTEST_PAIRS,
     )
+    floor_ms = None
+    if with_floor:
+        # Timed after the candidates, on a device as warm (and, at its power limit, as throttled)
+        # as they left it. Timed first, it caught the fresh clocks: 28.1 ms on an H100 at 8B->1B,
+        # N=8192, where the benchmark's interleaved rounds put it at 30-31 ms.
+        floor_ms = _floor_ms(problem, warmup, repeat)
+        if on_step is not None:
+            on_step()
     complete = not any(m.skipped for m in result.measurements)
-    return Sweep(key, result.best, result.measurements, floor_ms, complete)
+    return Sweep(key, result.best, result.measurements, floor_ms, complete, result.contests)
 
 
 def _floor_ms(problem: BenchProblem, warmup: int, repeat: int) -> float | None:

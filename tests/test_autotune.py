@@ -68,48 +68,89 @@ def test_tune_time_slack_picks_the_leanest_near_tie():
         tune(list(times), _bench_from(times, peaks), time_slack=-0.1)
 
 
-def test_tune_time_slack_confirms_a_leaner_pick_by_measuring_the_near_ties_again():
-    calls = []
-    first = {"a": 10.0, "b": 10.2, "c": 10.1, "d": 12.0}
-    peaks = {"a": 5, "b": 1, "c": 3, "d": 1}
+def _sequence_bench(times: dict, peaks: dict, calls: list):
+    """A bench whose candidate's i-th call returns ``times[c][i]`` (the last value once they run
+    out); an Exception value is raised instead."""
 
-    def bench(candidate):  # b measured 10.2 first, then 11.0 (noise): the retakes decide
+    def bench(candidate):
         calls.append(candidate)
-        return (11.0 if candidate == "b" and calls.count("b") > 1 else first[candidate]), peaks[candidate]
+        seq = times[candidate]
+        result = seq[min(calls.count(candidate), len(seq)) - 1]
+        if isinstance(result, Exception):
+            raise result
+        return result, peaks[candidate]
 
-    result = tune(list(first), bench, time_slack=0.03)
-    assert calls == ["a", "b", "c", "d", "a", "b", "c"] and result.best == "c"  # the next leanest
-    assert result.by_candidate["b"].ms == 11.0  # a retake replaces the first measurement
+    return bench
+
+
+def test_tune_time_slack_contest_measures_the_leaner_near_ties_in_pairs_with_the_fastest():
+    """b was measured 5% behind a (noise pushed it out of the 3% slack, not out of twice that):
+    paired with a, alternately before and after it, it times 1% behind, so it wins; c, 20% behind,
+    is not contested."""
+    calls = []
+    times = {"a": [10.0], "b": [10.5, 10.1], "c": [12.0]}
+    result = tune(list(times), _sequence_bench(times, {"a": 5, "b": 1, "c": 1}, calls), time_slack=0.03)
+    assert calls == ["a", "b", "c"] + ["b", "a", "a", "b", "b", "a"] and result.best == "b"
+    # The contest's measurements join the others: b's median over 10.5, 10.1, 10.1, 10.1.
+    assert result.by_candidate["b"].ms == 10.1 and result.by_candidate["a"].ms == 10.0
+    assert result.contests == {"b": pytest.approx(1.01)}
+    calls.clear()  # without slack, or with the fastest also the leanest, there is no contest
+    assert tune(list(times), _sequence_bench(times, {"a": 5, "b": 1, "c": 1}, calls)).best == "a"
+    assert calls == ["a", "b", "c"]
     calls.clear()
-    assert tune(list(first), _bench_from(first, peaks, calls), time_slack=0.03).best == "b"  # confirmed
-    assert calls == ["a", "b", "c", "d", "a", "b", "c"]
-    calls.clear()  # no slack, or the fastest is also the leanest: nothing is measured twice
-    assert tune(list(first), _bench_from(first, peaks, calls)).best == "a" and calls == list(first)
-    calls.clear()
-    assert tune(list(first), _bench_from(first, dict.fromkeys(first, 1), calls), time_slack=0.03).best == "a"
-    assert calls == list(first)
+    assert tune(list(times), _sequence_bench(times, dict.fromkeys(times, 1), calls), time_slack=0.03).best == "a"
+    assert calls == ["a", "b", "c"]
+    with pytest.raises(ValueError, match="pairs"):
+        tune(list(times), _sequence_bench(times, dict.fromkeys(times, 1), calls), pairs=0)
+
+
+def test_tune_time_slack_contest_goes_nearest_first_then_only_leaner():
+    calls = []
+    # c (nearer) wins; b (leaner still), measured within the slack first, is 6% behind in its
+    # contest: c stays the pick. d (leaner than a, 20% behind) is not contested.
+    times = {"a": [10.0], "b": [10.2, 10.6], "c": [10.1], "d": [12.0]}
+    result = tune(list(times), _sequence_bench(times, {"a": 5, "b": 1, "c": 3, "d": 1}, calls), time_slack=0.03)
+    assert calls == ["a", "b", "c", "d"] + ["c", "a", "a", "c", "c", "a"] + ["b", "a", "a", "b", "b", "a"]
+    assert result.best == "c" and result.by_candidate["b"].ms == 10.6
+    assert result.contests == {"c": pytest.approx(1.01), "b": pytest.approx(1.06)}
+    calls.clear()  # the same, but b, heavier than c, cannot make the pick leaner: not contested
+    result = tune(list(times), _sequence_bench(times, {"a": 5, "b": 4, "c": 3, "d": 1}, calls), time_slack=0.03)
+    assert calls == ["a", "b", "c", "d"] + ["c", "a", "a", "c", "c", "a"] and result.best == "c"
+    calls.clear()  # b's contest fails (an exception): b is scored as failed and c is contested
+    times = {"a": [10.0], "b": [10.1, RuntimeError("boom")], "c": [10.2]}
+    result = tune(list(times), _sequence_bench(times, {"a": 5, "b": 1, "c": 3}, calls), time_slack=0.03)
+    assert calls == ["a", "b", "c"] + ["b"] + ["c", "a", "a", "c", "c", "a"]
+    assert result.best == "c" and result.by_candidate["b"].error == "RuntimeError: boom"
+    assert list(result.contests) == ["c"]  # b's contest did not finish
+    calls.clear()  # the fastest fails in a contest: the contests end, the pick is the fastest left
+    times = {"a": [10.0, RuntimeError("boom")], "b": [10.1]}
+    result = tune(list(times), _sequence_bench(times, {"a": 5, "b": 1}, calls), time_slack=0.03)
+    assert calls == ["a", "b", "b", "a"] and result.best == "b"
 
 
 @pytest.mark.parametrize(
-    "budget,retaken,best",
+    "budget,contests,best",
     [
-        (3.5, [], "a"),  # spent by the first pass: no confirmation, the fastest
-        (4.5, ["a"], "a"),  # spent after one retake: b unconfirmed, the fastest
-        (7.5, ["a", "b", "c"], "b"),  # room for every retake: the leaner pick confirmed
+        (3.5, [], "a"),  # spent by the rounds: no contest, the fastest
+        (4.5, ["c"], "a"),  # spent before c's first pair is complete: c lost
+        (7.5, ["c", "a", "a", "c"], "c"),  # spent after two of c's three pairs: decided on those
+        (10.5, ["c", "a", "a", "c", "c", "a", "b"], "c"),  # spent in b's contest: c's win stands
+        (16.5, ["c", "a", "a", "c", "c", "a", "b", "a", "a", "b", "b", "a"], "b"),  # both won: the leaner
     ],
 )
-def test_tune_time_slack_confirmation_stops_when_the_time_budget_is_spent(monkeypatch, budget, retaken, best):
+def test_tune_time_slack_contest_stops_when_the_time_budget_is_spent(monkeypatch, budget, contests, best):
     clock, calls = [0.0], []
     monkeypatch.setattr(autotune.tuner, "time", types.SimpleNamespace(monotonic=lambda: clock[0]))
-    times = {"a": 10.0, "b": 10.2, "c": 10.1, "d": 12.0}
-    canned = _bench_from(times, {"a": 5, "b": 1, "c": 3, "d": 1}, calls)
+    times = {"a": [10.0], "b": [10.2], "c": [10.1], "d": [12.0]}
+    canned = _sequence_bench(times, {"a": 5, "b": 1, "c": 3, "d": 1}, calls)
 
     def bench(candidate):
         clock[0] += 1.0  # each measurement takes one fake second
         return canned(candidate)
 
     result = tune(list(times), bench, time_slack=0.03, time_budget_s=budget)
-    assert calls == list(times) + retaken and result.best == best
+    assert calls == list(times) + contests and result.best == best
+    assert list(result.contests) == ["c", "b"][: (len(contests) >= 4) + (len(contests) >= 10)]
 
 
 def test_tune_prunes_by_estimate_without_running():

@@ -100,9 +100,41 @@ def test_json_output_parses(monkeypatch, capsys):
     assert first["tokens"] == [256] and first["chunk_size"] == 256 and first["cached"] is False
     assert second["key"]["rows_bucket"] == 1024 and second["chunk_size"] == 512 and second["floor_ms"] == 1.0
     assert [m["chunk_size"] for m in second["measurements"]] == [64, 128, 256, 512, 1024]
-    assert second["measurements"][3] == {"chunk_size": 512, "ms": 2.0, "x_floor": 2.0, "peak_bytes": 0, "error": None}
+    assert second["measurements"][3] == {
+        "chunk_size": 512, "ms": 2.0, "x_floor": 2.0, "peak_bytes": 0, "error": None, "paired_ratio": None,
+    }  # fmt: skip
     again = json.loads(run(capsys, "tune", "--json"))
     assert [s["cached"] for s in again["shapes"]] == [True, True]
+
+
+def test_the_floor_is_timed_after_the_candidates(monkeypatch, capsys):
+    """On a GPU at its power limit the floor, timed first, would catch the fresh clocks."""
+    bench = FakeBench(monkeypatch)
+    monkeypatch.setattr(tuning, "bench_floor", lambda problem, *, warmup, repeat: bench.calls.append("floor") or (1.0, 0))
+    run(capsys, "tune", "--tokens", "256")
+    assert bench.calls == [64, 128, 256] * 3 + ["floor"]
+
+
+def test_a_leaner_near_tie_wins_its_paired_contest_and_the_table_says_so(monkeypatch, capsys):
+    """Peaks grow with the chunk: 256 rows, 1% slower than the fastest 512 when timed in pairs
+    with it, is the pick; the table, the JSON and the cache entry carry that ratio."""
+    bench = FakeBench(monkeypatch)
+    times = {64: 3.0, 128: 2.5, 256: 2.02, 512: 2.0, 1024: 2.3}
+
+    def bench_with_peaks(problem, chunk_size, *, impl, warmup, repeat):
+        bench.record(problem, chunk_size)
+        return times[chunk_size], chunk_size * 2**20
+
+    monkeypatch.setattr(tuning, "bench_chunk_size", bench_with_peaks)
+    monkeypatch.setattr(tuning, "_can_tune", lambda device: True)  # peaks count, as on CUDA
+    out = run(capsys, "tune", "--tokens", "1024")
+    pairs = [c for i in range(tuning._CONTEST_PAIRS) for c in ((256, 512) if i % 2 == 0 else (512, 256))]
+    assert bench.calls == [64, 128, 256, 512, 1024] * 3 + pairs
+    assert "chunk_size=256" in out and "paired: 1.010x the fastest" in out
+    doc = json.loads(run(capsys, "tune", "--tokens", "1024", "--json"))  # from the cache
+    (shape,) = doc["shapes"]
+    assert shape["cached"] and shape["chunk_size"] == 256
+    assert [m["paired_ratio"] for m in shape["measurements"]] == [None, None, pytest.approx(1.01), None, None]
 
 
 def test_explicit_shapes_override_the_preset(monkeypatch, capsys):

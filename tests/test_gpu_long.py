@@ -77,7 +77,7 @@ def test_131072_rows_bf16_within_memory_and_exact(tmp_path, tuning_env):
     device = torch.device("cuda")  # tuning_env (conftest): KDFUSE_CACHE_DIR=tmp_path/cache, default knobs
     t = _inputs(device)
 
-    # Warm-up: tunes the chunk size (<= 5 s of measuring, saved to tmp_path) and compiles.
+    # Warm-up: tunes the chunk size (<= 10 s of measuring, saved to tmp_path) and compiles.
     _step(t)
     assert list((tmp_path / "cache").glob("*.json")), "chunk_size='auto' did not tune into KDFUSE_CACHE_DIR"
     chunk = tuning.resolve_chunk_size(

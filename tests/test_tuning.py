@@ -271,7 +271,7 @@ def test_cuda_miss_tunes_persists_and_prints(monkeypatch, capsys, fake_cuda):
     assert resolve(CUDA) == 4096
     assert fake_cuda.built == [key_for()] and fake_cuda.warmed == [2048]
     assert bench.chunks[0] == 2048  # the CUDA heuristic's choice first
-    # Rounds, interleaved; after the first only the candidates within 10% of the fastest (4096:
+    # Rounds, interleaved; after the first only the candidates within 6% of the fastest (4096:
     # 2 ms, the rest 10+ ms) run again.
     assert bench.calls == bench.chunks + [4096] * (tuning._AUTO_ROUNDS - 1)
     assert next(iter(stored(CUDA).values()))["chunk_size"] == 4096
@@ -311,16 +311,16 @@ def test_time_budget_cuts_the_sweep_and_marks_it_partial(monkeypatch, fake_cuda)
     real_bench = bench.bench
 
     def slow_bench(*args, **kwargs):
-        clock[0] += 2.0  # each candidate takes two fake seconds
+        clock[0] += 4.0  # each candidate takes four fake seconds
         return real_bench(*args, **kwargs)
 
     monkeypatch.setattr(tuning, "bench_chunk_size", slow_bench)
-    assert tuning.AUTO_TIME_BUDGET_S == 5.0
+    assert tuning.AUTO_TIME_BUDGET_S == 10.0
     assert resolve(CUDA) == 1024
-    assert bench.chunks == [2048, 1024, 4096]  # three fit in 5 s
+    assert bench.chunks == [2048, 1024, 4096]  # three fit in 10 s
     entry = next(iter(stored(CUDA).values()))
     assert entry["complete"] is False
-    assert [m["error"] for m in entry["measurements"]][3:] == ["skipped: time budget of 5.0s exhausted"] * 3
+    assert [m["error"] for m in entry["measurements"]][3:] == ["skipped: time budget of 10.0s exhausted"] * 3
 
 
 def test_a_single_candidate_is_not_measured(monkeypatch, fake_cuda):
