@@ -41,7 +41,7 @@ class TuneResult:
 
     best: Hashable | None
     measurements: tuple[Measurement, ...]
-    contests: dict[Hashable, float] = field(default_factory=dict)
+    contests: dict[Hashable, float] = field(default_factory=dict, hash=False)
 
     @property
     def by_candidate(self) -> dict[Hashable, Measurement]:
@@ -71,13 +71,15 @@ def tune(
     ``(1 + 2 * time_slack)`` of it (noise may have pushed a near-tie out of the slack) is measured
     ``pairs`` more times, alternately just before and just after the fastest (c, f, f, c, c, f,
     ...: a drifting clock hits both alike), and wins if the median of its ``pairs`` ratios to the
-    fastest is within the slack. Contests go nearest the fastest first; after a win only a leaner
-    candidate is contested. The pick is the last winner, else the fastest. When the time budget
-    runs out mid-contest, that contest is decided on the pairs it has (none: lost) and no other
-    runs. A contender whose measurement fails loses; if the fastest fails, the contests end and
-    the pick is the fastest of the rest. The contests' measurements join the candidates' others
-    (medians and peaks are over all of them) but are not reported to ``on_result``;
-    :attr:`TuneResult.contests` has each decided contest's median ratio.
+    fastest is within the slack and its peak, contests included, is still below the pick's so far.
+    Contests go nearest the fastest first; after a win only a leaner candidate is contested. The
+    pick is the last winner, else the fastest. When the time budget runs out mid-contest, that
+    contest is decided on the pairs it has (none: lost), and no other runs. A contender whose measurement fails loses and is reported failed;
+    if the fastest fails, the contests end, and with no winner yet the pick is the fastest of the
+    rest. A candidate's reported time stays its rounds' median (the fastest, run in every
+    contest, would otherwise gather the extra runs of a drifting clock), its peak is the largest
+    of all its runs; contest runs are not reported to ``on_result``. :attr:`TuneResult.contests`
+    has each decided contest's median ratio.
 
     With ``rounds`` > 1 the candidates are benchmarked in that many rounds, each round running
     every candidate once (a, b, c, a, b, c, ...); a candidate's time is the median of its rounds'
@@ -124,19 +126,21 @@ def tune(
                 done.append(m)
             if on_result is not None:
                 on_result(m)
-    fastest = _fastest([_combine(runs[candidate]) for candidate in candidates])
+    rounds_only = [_combine(runs[candidate]) for candidate in candidates]
+    fastest = _fastest(rounds_only)
     best, contests = fastest, {}
+    extra: dict[Hashable, list[Measurement]] = {candidate: [] for candidate in candidates}
     if time_slack and fastest is not None:
 
         def evaluate(candidate: Hashable) -> Measurement | None:
-            """One more measurement of ``candidate``, kept with its others; ``None`` once the budget is spent."""
+            """One more measurement of ``candidate``, kept in ``extra``; ``None`` once the budget is spent."""
             if _budget_spent(start, time_budget_s):
                 return None
-            runs[candidate].append(_evaluate(candidate, bench, memory_budget, estimate_bytes))
-            return runs[candidate][-1]
+            extra[candidate].append(_evaluate(candidate, bench, memory_budget, estimate_bytes))
+            return extra[candidate][-1]
 
-        best = _contest([_combine(runs[c]) for c in candidates], fastest, evaluate, time_slack, pairs, contests)
-    measurements = [_combine(runs[candidate]) for candidate in candidates]
+        best = _contest(rounds_only, fastest, evaluate, time_slack, pairs, contests)
+    measurements = [_with_contest(m, extra[m.candidate]) for m in rounds_only]
     if best is None:  # the fastest failed in a contest
         best = _fastest(measurements)
     return TuneResult(best, tuple(measurements), contests)
@@ -153,6 +157,17 @@ def _combine(runs: list[Measurement]) -> Measurement:
     if not math.isfinite(runs[-1].ms):
         return runs[-1]
     return Measurement(runs[0].candidate, statistics.median(m.ms for m in runs), max(m.peak_bytes for m in runs))
+
+
+def _with_contest(rounds: Measurement, contest: list[Measurement]) -> Measurement:
+    """A candidate's rounds' measurement with its contest's runs: its failure if one failed, else
+    the rounds' time (the fastest, run in every contest, would otherwise carry a drifting clock's
+    extra runs into its median) with the largest peak of all."""
+    if not contest or not math.isfinite(rounds.ms):
+        return rounds
+    if not math.isfinite(contest[-1].ms):
+        return contest[-1]
+    return Measurement(rounds.candidate, rounds.ms, max(rounds.peak_bytes, *(m.peak_bytes for m in contest)))
 
 
 def _near(measurements: list[Measurement], slack: float) -> list[Measurement]:
@@ -178,39 +193,50 @@ def _contest(
     ratios_out: dict[Hashable, float],
 ) -> Hashable | None:
     """The leanest candidate that wins a paired contest against ``fastest``, else ``fastest``
-    (see :func:`tune`); ``None`` if the fastest fails in one. Each decided contest's median
-    ratio goes into ``ratios_out``."""
-    best = lead = next(m for m in measurements if m.candidate == fastest)
-    contenders = [m for m in _near(measurements, 2 * time_slack) if m.peak_bytes < lead.peak_bytes]
+    (see :func:`tune`); ``None`` if the fastest fails before any win. Each decided contest's
+    median ratio goes into ``ratios_out``."""
+    peaks = {m.candidate: m.peak_bytes for m in measurements}  # the largest so far, contests included
+    best = fastest
+    contenders = [m for m in _near(measurements, 2 * time_slack) if m.peak_bytes < peaks[fastest]]
     # Nearest the fastest first (sorted() is stable: the earlier candidate on ties), so a time
     # budget cuts the long shots; after a win only a leaner candidate can change the pick.
-    for contender in sorted(contenders, key=lambda m: m.ms):
-        if contender.peak_bytes >= best.peak_bytes:
+    for contender in (m.candidate for m in sorted(contenders, key=lambda m: m.ms)):
+        if peaks[contender] >= peaks[best]:
             continue
         ratios, spent = [], False
         for i in range(pairs):
             ms = {}
-            for candidate in (contender.candidate, fastest) if i % 2 == 0 else (fastest, contender.candidate):
+            for candidate in (contender, fastest) if i % 2 == 0 else (fastest, contender):
                 m = evaluate(candidate)
                 if m is None or not math.isfinite(m.ms):
                     break
-                ms[candidate] = m.ms
+                ms[candidate], peaks[candidate] = m.ms, max(peaks[candidate], m.peak_bytes)
             if m is None:
-                spent = True  # the time budget: decided on the pairs it has
+                spent = True
                 break
             if len(ms) < 2:
-                if candidate == fastest:
-                    return None  # the fastest failed: nothing left to contest against
+                if candidate == fastest:  # nothing left to contest against
+                    return None if best == fastest else best
                 ratios = []  # the contender failed: it is out
                 break
-            ratios.append(ms[contender.candidate] / ms[fastest])
+            ratios.append(_ratio(ms[contender], ms[fastest]))
+        # A contest the time budget cut is decided on the pairs it has: one pair, measured back
+        # to back, is noisier than ``pairs`` but still shares the clock's drift, which the
+        # rounds' medians do not; falling back to the fastest would pick the heaviest near-tie.
         if ratios:
-            ratios_out[contender.candidate] = statistics.median(ratios)
-            if ratios_out[contender.candidate] <= 1 + time_slack:
+            ratios_out[contender] = statistics.median(ratios)
+            if ratios_out[contender] <= 1 + time_slack and peaks[contender] < peaks[best]:
                 best = contender
         if spent:
             break
-    return best.candidate
+    return best
+
+
+def _ratio(ms: float, fastest_ms: float) -> float:
+    """``ms / fastest_ms``, where a 0 ms fastest (a stubbed or too coarse clock) is matched only by 0 ms."""
+    if fastest_ms > 0:
+        return ms / fastest_ms
+    return 1.0 if ms == 0 else math.inf
 
 
 def _evaluate(

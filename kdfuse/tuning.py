@@ -93,10 +93,13 @@ _LARGE_VOCAB, _MIN_CANDIDATE, _MIN_CANDIDATE_SMALL_VOCAB = 32768, 256, 64
 AUTO_TIME_BUDGET_S = 10.0
 """Seconds of measurement an in-process tuning may spend (after one untimed warm-up step that
 compiles the core); candidates not reached by then are skipped and the entry marked partial.
-On an H100 at 8B->1B, N=32768 (~0.55 s per measurement of a candidate) two rounds and one
-contest take 9 s; N=8192 needs half of it."""
+The budget is checked before each measurement, so the last one runs over it. On an H100 at
+8B->1B, N=32768 (~0.55 s per measurement of a candidate, 0.65 s for JSD) the budget ends in the
+first contest, which is then decided on the pairs it has (10.2-10.5 s in all); N=8192 takes
+2-5 s."""
 # Chunk sizes within this fraction of the fastest are near-ties: of those the one with the smallest
-# measured peak memory wins. On an H100 at 8B->1B (N = 8192 and 32768, the benchmark's 15-step
+# measured peak memory wins, each timed in pairs with the fastest (autotune.tune's contest, for
+# those its rounds put within twice this fraction). On an H100 at 8B->1B (N = 8192 and 32768, the benchmark's 15-step
 # medians), 4096-row chunks time 0.3-2.3% behind 8192 at 1 GiB less (2.5-2.7 GiB against
 # 3.5-3.7), and 2048 rows 1-2% behind 4096 at 0.5 GiB less. A single measurement of a chunk size
 # spreads by 3-5% there, so the near-ties are decided by autotune.tune's paired contest.
@@ -482,7 +485,7 @@ class Sweep:
     measurements: tuple[Measurement, ...]
     floor_ms: float | None
     complete: bool
-    contests: dict[int, float] = field(default_factory=dict)
+    contests: dict[int, float] = field(default_factory=dict, hash=False)
 
     def to_entry(self) -> dict[str, object]:
         """The JSON cache value (infinite times stored as ``null``)."""
@@ -506,12 +509,22 @@ class Sweep:
             measurements = tuple(_measurement(m) for m in entry["measurements"])
             floor_ms = None if entry["floor_ms"] is None else float(entry["floor_ms"])
             complete = bool(entry["complete"])
-            contests = {int(chunk): float(ratio) for chunk, ratio in entry.get("contests", ())}
+            contests = _contests(entry.get("contests", []))
         except (KeyError, TypeError, ValueError):
             return None
         if not (isinstance(best, int) and best > 0):
             return None
         return cls(key, best, measurements, floor_ms, complete, contests)
+
+
+def _contests(stored: object) -> dict[int, float]:
+    """The ``[[chunk_size, ratio], ...]`` list :meth:`Sweep.to_entry` writes, as a dict; raises
+    TypeError or ValueError on anything else."""
+    if not isinstance(stored, list) or not all(isinstance(x, list) and len(x) == 2 for x in stored):
+        raise TypeError(f"not a list of [chunk_size, ratio] pairs: {stored!r}")
+    if not all(isinstance(chunk, int) and isinstance(ratio, (int, float)) for chunk, ratio in stored):
+        raise ValueError(f"not a list of [chunk_size, ratio] pairs: {stored!r}")
+    return {chunk: float(ratio) for chunk, ratio in stored}
 
 
 def _measurement(stored: dict) -> Measurement:
@@ -535,8 +548,9 @@ def run_sweep(
 ) -> Sweep:
     """Measure every candidate (and the GEMM floor, unless it runs out of memory) on
     :func:`build_problem`'s inputs, pruning and scoring by the key's memory budget, in ``rounds``
-    interleaved rounds (see :func:`autotune.tune`, also for ``rerun_within``), the floor after
-    them. ``on_step`` is called after each candidate's every round and after the floor. With
+    interleaved rounds (see :func:`autotune.tune`, also for ``rerun_within``), then the contests
+    that decide the near-ties, then the floor. ``on_step`` is called after each candidate's every
+    round and after the floor (not during the contests). With
     ``time_budget_s``, one untimed step of the first candidate runs first (it compiles the core,
     shared by all candidates) and the budget bounds the measuring."""
     problem = build_problem(key, device)

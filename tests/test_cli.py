@@ -126,7 +126,6 @@ def test_a_leaner_near_tie_wins_its_paired_contest_and_the_table_says_so(monkeyp
         return times[chunk_size], chunk_size * 2**20
 
     monkeypatch.setattr(tuning, "bench_chunk_size", bench_with_peaks)
-    monkeypatch.setattr(tuning, "_can_tune", lambda device: True)  # peaks count, as on CUDA
     out = run(capsys, "tune", "--tokens", "1024")
     pairs = [c for i in range(tuning._CONTEST_PAIRS) for c in ((256, 512) if i % 2 == 0 else (512, 256))]
     assert bench.calls == [64, 128, 256, 512, 1024] * 3 + pairs

@@ -357,12 +357,18 @@ def test_sweep_entry_round_trip():
         (Measurement(256, 2.0, 10), Measurement(512, 1.0, 20), Measurement(1024, math.inf, 0, "OOM: x")),
         0.5,
         True,
+        {256: 1.015},
     )
     entry = json.loads(json.dumps(sweep.to_entry(), allow_nan=False))
-    assert entry["measurements"][2]["ms"] is None
+    assert entry["measurements"][2]["ms"] is None and entry["contests"] == [[256, 1.015]]
     assert Sweep.from_entry(key_for(), entry) == sweep
     assert Sweep.from_entry(key_for(), None) is None
     assert Sweep.from_entry(key_for(), {**entry, "chunk_size": None}) is None
+    # An entry from before the contests has none; a malformed list is no entry at all.
+    old = {k: v for k, v in entry.items() if k != "contests"}
+    assert Sweep.from_entry(key_for(), old).contests == {}
+    for bad in ("12", None, [[256]], [["256", 1.0]], [[256, "x"]], [256, 1.0]):
+        assert Sweep.from_entry(key_for(), {**entry, "contests": bad}) is None, bad
 
 
 # --- environment knobs ------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """How repeatable chunk_size="auto"'s in-process tuning is: its pick, the pick's peak and the
-seconds it took, several times per shape, each from scratch (the tuning runs the same code as
-the first ``"auto"`` call of a process; nothing is read from or written to the cache).
+seconds it took, several times per shape (the tuning runs the same code as the first ``"auto"``
+call of a process, though after the first run of a shape the compiled kernels are warm; nothing
+is read from or written to the cache).
 
     python tools/tune_probe.py [--shapes 8b-1b:8192 8b-1b:32768] [--divergences forward_kl jsd_beta0.5] [--runs 3]
 
@@ -58,6 +59,9 @@ def main() -> None:
                 start = time.monotonic()
                 sweep = tuning._tune_in_process(key, device, preferred)
                 seconds = time.monotonic() - start
+                if sweep is None:
+                    print(f"{spec} {divergence} run {run}: nothing could be measured, {seconds:.1f} s")
+                    continue
                 fastest = min(m.ms for m in sweep.measurements)
                 pick = sweep.measurements[[m.candidate for m in sweep.measurements].index(sweep.best)]
                 ratios = " ".join(
