@@ -18,7 +18,14 @@ from kdfuse.tuning import Sweep
 CPU = torch.device("cpu")
 
 
-pytestmark = pytest.mark.usefixtures("tuning_env")
+pytestmark = pytest.mark.usefixtures("tuning_env", "cpu_default")
+
+
+@pytest.fixture
+def cpu_default(monkeypatch):
+    """The command's default device is CUDA when there is one; these tests state the CPU's
+    defaults (eager timing, the CPU's cache file), so they hide a GPU if the machine has one."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
 
 
 class FakeBench(SweepCalls):
