@@ -74,12 +74,12 @@ def tune(
     fastest is within the slack and its peak, contests included, is still below the pick's so far.
     Contests go nearest the fastest first; after a win only a leaner candidate is contested. The
     pick is the last winner, else the fastest. When the time budget runs out mid-contest, that
-    contest is decided on the pairs it has (none: lost), and no other runs. A contender whose measurement fails loses and is reported failed;
-    if the fastest fails, the contests end, and with no winner yet the pick is the fastest of the
-    rest. A candidate's reported time stays its rounds' median (the fastest, run in every
-    contest, would otherwise gather the extra runs of a drifting clock), its peak is the largest
-    of all its runs; contest runs are not reported to ``on_result``. :attr:`TuneResult.contests`
-    has each decided contest's median ratio.
+    contest is decided on the pairs it has (none: lost), and no other runs. A contender whose
+    measurement fails loses and is reported failed; if the fastest fails, the contests end, and
+    with no winner yet the pick is the fastest of the rest. A candidate's reported time stays its
+    rounds' median (the fastest, run in every contest, would otherwise gather the extra runs of a
+    drifting clock), its peak is the largest of all its runs; contest runs are not reported to
+    ``on_result``. :attr:`TuneResult.contests` has each decided contest's median ratio.
 
     With ``rounds`` > 1 the candidates are benchmarked in that many rounds, each round running
     every candidate once (a, b, c, a, b, c, ...); a candidate's time is the median of its rounds'
