@@ -98,11 +98,11 @@ The budget is checked before each measurement, so the last one runs over it. On 
 first contest, which is then decided on the pairs it has (10.2-10.5 s in all); N=8192 takes
 2-5 s."""
 # Chunk sizes within this fraction of the fastest are near-ties: of those the one with the smallest
-# measured peak memory wins, each timed in pairs with the fastest (autotune.tune's contest, for
-# those its rounds put within twice this fraction). On an H100 at 8B->1B (N = 8192 and 32768, the benchmark's 15-step
+# measured peak memory wins. On an H100 at 8B->1B (N = 8192 and 32768, the benchmark's 15-step
 # medians), 4096-row chunks time 0.3-2.3% behind 8192 at 1 GiB less (2.5-2.7 GiB against
 # 3.5-3.7), and 2048 rows 1-2% behind 4096 at 0.5 GiB less. A single measurement of a chunk size
-# spreads by 3-5% there, so the near-ties are decided by autotune.tune's paired contest.
+# spreads by 3-5% there, so the near-ties (those the rounds put within twice this fraction) are
+# timed in pairs with the fastest: autotune.tune's contest.
 TIME_SLACK = 0.02
 # Rounds over the candidates (autotune.tune's ``rounds``), as far as the time budget goes: a GPU
 # at its power limit throttles within a second of load, and the first candidates measured would
@@ -550,9 +550,9 @@ def run_sweep(
     :func:`build_problem`'s inputs, pruning and scoring by the key's memory budget, in ``rounds``
     interleaved rounds (see :func:`autotune.tune`, also for ``rerun_within``), then the contests
     that decide the near-ties, then the floor. ``on_step`` is called after each candidate's every
-    round and after the floor (not during the contests). With
-    ``time_budget_s``, one untimed step of the first candidate runs first (it compiles the core,
-    shared by all candidates) and the budget bounds the measuring."""
+    round and after the floor (not during the contests). With ``time_budget_s``, one untimed
+    step of the first candidate runs first (it compiles the core, shared by all candidates) and
+    the budget bounds the measuring."""
     problem = build_problem(key, device)
     if time_budget_s is not None:
         _warm_up(problem, candidates[0], impl)

@@ -23,7 +23,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import autotune  # noqa: E402
 import bench  # noqa: E402
 from kdfuse import tuning  # noqa: E402
 
@@ -36,13 +35,6 @@ def main() -> None:
     parser.add_argument("--slack", type=float, default=tuning.TIME_SLACK)
     args = parser.parse_args()
     tuning.TIME_SLACK = args.slack
-    results = []  # each tuning's autotune.TuneResult, for its contests
-
-    def tune(*a, **k):
-        results.append(autotune.tune(*a, **k))
-        return results[-1]
-
-    tuning.tune = tune
     device = torch.device("cuda")
     print(f"{torch.cuda.get_device_name()}; in-process budget {tuning.AUTO_TIME_BUDGET_S} s, slack {tuning.TIME_SLACK:.0%}")
     for spec in args.shapes:
@@ -63,12 +55,12 @@ def main() -> None:
                     print(f"{spec} {divergence} run {run}: nothing could be measured, {seconds:.1f} s")
                     continue
                 fastest = min(m.ms for m in sweep.measurements)
-                pick = sweep.measurements[[m.candidate for m in sweep.measurements].index(sweep.best)]
+                pick = next(m for m in sweep.measurements if m.candidate == sweep.best)
                 ratios = " ".join(
                     f"{m.candidate}:{m.ms / fastest:.3f}" if math.isfinite(m.ms) else f"{m.candidate}:-"
                     for m in sorted(sweep.measurements, key=lambda m: m.candidate)
                 )
-                contests = " ".join(f"{c}:{r:.3f}" for c, r in results[-1].contests.items())
+                contests = " ".join(f"{c}:{r:.3f}" for c, r in sweep.contests.items())
                 print(
                     f"{spec} {divergence} run {run}: pick {sweep.best} ({pick.peak_bytes / 2**30:.2f} GiB), "
                     f"{seconds:.1f} s; medians {ratios}; paired {contests or '-'}",
