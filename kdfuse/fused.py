@@ -313,15 +313,30 @@ def _half_with_scale(dlogits: Tensor) -> tuple[Tensor, float]:
     return (dlogits * 2.0**exponent).half(), 2.0**-exponent
 
 
+# Reductions longer than this run through kdfuse.triton_mm's promoted GEMM on a Hopper GPU: a
+# cuBLAS bf16 GEMM drifts from exact by about 1.2e-9·K there (docs/benchmarks.md, "Gradient
+# error"): 1.5e-4 at K = V = 128256 (grad_hidden), 5e-6 at K = 8192 (grad_weight of an 8192-row
+# chunk), enough to put the gradient 2.2e-4 from exact in bf16; at 4096 it is 1.6e-4.
+_PROMOTED_MIN_K = 4096
+
+
 def _accumulate_mm(acc: Tensor, a: Tensor, b: Tensor, first: bool, alpha: float = 1.0) -> None:
     """acc = alpha · a @ b (first chunk) or acc += alpha · a @ b, acc float32/float64, a and b
     maybe half.
 
-    On CUDA the product is written by cuBLAS straight into the wide accumulator (no rounding of
-    each chunk's contribution to bf16, which is where Liger's 2e-3 grad_weight error comes from).
-    The first chunk overwrites instead of adding, which saves zero-filling and re-reading the
-    (V, H) float32 accumulator once.
+    On CUDA the product is written straight into the wide accumulator (no rounding of each
+    chunk's contribution to bf16, which is where Liger's 2e-3 grad_weight error comes from): by
+    the promoted GEMM for reductions over more than ``_PROMOTED_MIN_K`` (grad_hidden's over the
+    vocabulary, grad_weight's over a chunk of more rows), by cuBLAS otherwise. The first chunk
+    overwrites instead of adding, which saves zero-filling and re-reading the (V, H) float32
+    accumulator once.
     """
+    if a.is_cuda and a.shape[1] > _PROMOTED_MIN_K:
+        from . import triton_mm  # imports Triton: only on CUDA
+
+        if triton_mm.supported(acc, a, b):
+            triton_mm.promoted_mm(acc, a, b, accumulate=not first, alpha=alpha)
+            return
     if a.dtype != acc.dtype and not a.is_cuda:
         a, b = a.to(acc.dtype), b.to(acc.dtype)
     wide = {"out_dtype": acc.dtype} if a.dtype != acc.dtype else {}
@@ -353,7 +368,7 @@ def _run(
     device = p.student_hidden.device
     loss, soft, hard = (torch.zeros(n, dtype=cdt, device=device) for _ in range(3))
     want_hidden, want_weight, want_bias = need
-    # grad_hidden is written in the compute dtype and rounded once at the end: cuBLAS may otherwise
+    # grad_hidden is written in the compute dtype and rounded once at the end: a GEMM may otherwise
     # reduce a bf16 product's long V-dim split-K partials in bf16.
     grad_h = torch.empty(p.student_hidden.shape, dtype=cdt, device=device) if want_hidden else None
     # The first chunk overwrites grad_w, so it needs zeros (a 1 GiB fill at V=128k, H=2048) only

@@ -1,14 +1,16 @@
-"""How far cuBLAS's bf16 GEMMs put the KD gradient from exact, and what splitting the reduction costs.
+"""How far the bf16 gradient GEMMs put the KD gradient from exact, and what accuracy costs.
 
-    python tools/gemm_error_probe.py [--shape 8b-1b] [--rows 4096]
+    python tools/gemm_error_probe.py [--shape 8b-1b] [--rows 4096] [--configs 128x128x64:p16:s4:w8 ...]
 
 Takes one block of the benchmark's inputs (tools/bench.py) and its exact logit gradient ``dl``
 (bf16, as autograd rounds it), and computes grad_hidden = dl @ W, a reduction over the vocabulary
-(K = V), in float64 (exact), in cuBLAS's bf16 GEMM (fp32 output), in an fp32 SGEMM (TF32 off),
-and split over the vocabulary into S GEMMs summed in fp32 (``addmm``, beta = 1), with the time of
-each; then grad_weight = dlᵀ @ h summed over row blocks of K rows. For each it prints the error
-before rounding (‖g − g_exact‖/‖g_exact‖) and after rounding both sides to bf16 (the benchmark's
-``grad err``), which shows a pre-rounding difference δ as ≈ √(δ·2⁻⁸).
+(K = V), in float64 (exact), in an fp32 SGEMM (TF32 off), in cuBLAS's bf16 GEMM (fp32 output),
+split over the vocabulary into S cuBLAS GEMMs summed in fp32 (``addmm``, beta = 1), and in
+kdfuse's promoted Triton GEMM (``kdfuse.triton_mm``) with partials of P K-blocks; then
+grad_weight += dlᵀ @ h (K = the block's rows) into a float32 accumulator, by cuBLAS and by the
+promoted GEMM. For each it prints the error before rounding (‖g − g_exact‖/‖g_exact‖) and after
+rounding both sides to bf16 (the benchmark's ``grad err``, which shows a pre-rounding difference
+δ as ≈ √(δ·2⁻⁸)), and the median time, all GEMMs of a kind timed in interleaved rounds.
 """
 
 from __future__ import annotations
@@ -24,8 +26,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import bench  # noqa: E402
-from autotune import measure  # noqa: E402
+from autotune import measure_interleaved  # noqa: E402
 from kdfuse import divergences as D  # noqa: E402
+from kdfuse.triton_mm import MMConfig, promoted_mm  # noqa: E402
 
 
 def logit_gradient(cfg: bench.Config, inputs, rows: slice) -> torch.Tensor:
@@ -40,29 +43,65 @@ def logit_gradient(cfg: bench.Config, inputs, rows: slice) -> torch.Tensor:
     return dl
 
 
-def errors(g: torch.Tensor, exact: torch.Tensor) -> str:
+def errors(g: torch.Tensor, exact: torch.Tensor) -> tuple[float, float]:
+    """(before rounding, after rounding both sides to bf16), relative to exact."""
     rounded = (g.to(torch.bfloat16).double() - exact.to(torch.bfloat16).double()).norm() / exact.norm()
-    return f"before rounding {bench.rel(g, exact):.2e}, after {rounded:.2e}"
+    return bench.rel(g, exact), float(rounded)
+
+
+def label(c: MMConfig) -> str:
+    return f"{c.bm}x{c.bn}x{c.bk}:p{c.promote}:s{c.stages}:w{c.warps}:g{c.group}"
+
+
+def parse(text: str) -> MMConfig:
+    """The MMConfig of a ``label``."""
+    tile, *rest = text.split(":")
+    bm, bn, bk = map(int, tile.split("x"))
+    keys = {"p": "promote", "s": "stages", "w": "warps", "g": "group"}
+    return MMConfig(bm=bm, bn=bn, bk=bk, **{keys[part[0]]: int(part[1:]) for part in rest})
+
+
+def report(title: str, out: torch.Tensor, exact: torch.Tensor, fns: dict, rounds: int) -> None:
+    """Run each of ``fns`` (each writes ``out``) once for its error, then time them all in rounds."""
+    from rich.console import Console
+    from rich.table import Table
+
+    errs = {}
+    for name, fn in fns.items():
+        fn()
+        errs[name] = errors(out, exact)
+    times = measure_interleaved(fns, rounds=rounds, warmup=3, repeat=10)
+    base = times[next(iter(fns))][0]
+    table = Table(title=title)
+    table.add_column("GEMM", no_wrap=True)
+    for col in ("before rounding", "after (grad err)", "ms", "× first"):
+        table.add_column(col)
+    for name, (ms, _) in times.items():
+        table.add_row(name, f"{errs[name][0]:.2e}", f"{errs[name][1]:.2e}", f"{ms:.3f}", f"{ms / base:.3f}")
+    Console(width=140).print(table)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", default="8b-1b", choices=list(bench.SHAPES))
     parser.add_argument("--rows", type=int, default=4096)
-    parser.add_argument("--splits", type=int, nargs="+", default=[4, 8, 16, 32, 64])
+    parser.add_argument("--splits", type=int, nargs="+", default=[16, 32])
+    parser.add_argument("--configs", nargs="+", default=[label(MMConfig())], help="promoted GEMMs, BMxBNxBK:pPROMOTE:sSTAGES:wWARPS[:gGROUP]")
+    parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = False
     dev = torch.device("cuda")
     inputs = bench.make_inputs(bench.SHAPES[args.shape], args.rows)
     h, w = inputs[0].detach(), inputs[1].detach()
     dl = logit_gradient(bench.CONFIGS["fkl_ce"], inputs, slice(0, args.rows))
-    exact = dl.double() @ w.double()
-    print(f"{torch.cuda.get_device_name()}: grad_hidden = dl ({args.rows} x {w.shape[0]}) @ W ({w.shape[0]} x {w.shape[1]})")
-    out = torch.empty(args.rows, w.shape[1], device=dev)
-    ms, _ = measure(lambda: torch.mm(dl, w, out=out, out_dtype=torch.float32), warmup=3, repeat=10, device=dev)
-    print(f"  cuBLAS bf16, K = {w.shape[0]}: {errors(out, exact)}; {ms:.3f} ms")
-    print(f"  fp32 SGEMM: {errors(dl.float() @ w.float(), exact)}")
     vocab = w.shape[0]
+    configs = {f"promoted {text}": parse(text) for text in args.configs}
+
+    exact = dl.double() @ w.double()
+    out = torch.empty(args.rows, w.shape[1], device=dev)
+    print(f"{torch.cuda.get_device_name()}: fp32 SGEMM (TF32 off), K = {vocab}: before/after rounding "
+          "{:.2e} / {:.2e}".format(*errors(dl.float() @ w.float(), exact)))  # fmt: skip
+    fns = {f"cuBLAS, K = {vocab}": lambda: torch.mm(dl, w, out=out, out_dtype=torch.float32)}
     for splits in args.splits:
         size = -(-vocab // splits)
 
@@ -71,16 +110,30 @@ def main() -> None:
                 part = slice(start, start + size)
                 torch.addmm(out, dl[:, part], w[part], beta=0.0 if start == 0 else 1.0, out=out, out_dtype=torch.float32)
 
-        split_mm()
-        err = errors(out, exact)
-        ms, _ = measure(split_mm, warmup=3, repeat=10, device=dev)
-        print(f"  {splits:3} GEMMs of K = {size}: {err}; {ms:.3f} ms")
-    exact_w = dl.double().t() @ h.double()
-    for block in (1024, 2048, 4096):
-        gw = torch.zeros(w.shape, device=dev)
-        for start in range(0, args.rows, block):
-            torch.addmm(gw, dl[start : start + block].t(), h[start : start + block], out=gw, out_dtype=torch.float32)
-        print(f"grad_weight over blocks of K = {block} rows: {errors(gw, exact_w)}")
+        fns[f"cuBLAS, {splits} × K = {size}"] = split_mm
+    for name, cfg in configs.items():
+        fns[name] = lambda cfg=cfg: promoted_mm(out, dl, w, accumulate=False, config=cfg)
+    report(f"grad_hidden = dl ({args.rows} x {vocab}) @ W ({vocab} x {w.shape[1]})", out, exact, fns, args.rounds)
+
+    # grad_weight += dlᵀ @ h into an accumulator that already holds a first chunk's product
+    # (here: that of the same block, so the exact sum is twice one block's).
+    first = dl.t().float() @ h.float()
+    exact_w = 2 * (dl.double().t() @ h.double())
+    acc = torch.empty(w.shape, device=dev)
+
+    def into(fn):
+        def run():
+            acc.copy_(first)
+            fn()
+
+        return run
+
+    fns = {"copy alone": lambda: acc.copy_(first)}
+    fns[f"cuBLAS addmm, K = {args.rows}"] = into(lambda: torch.addmm(acc, dl.t(), h, out=acc, out_dtype=torch.float32))
+    for name, cfg in configs.items():
+        fns[name] = into(lambda cfg=cfg: promoted_mm(acc, dl.t(), h, accumulate=True, config=cfg))
+    report(f"grad_weight += dlᵀ ({vocab} x {args.rows}) @ h ({args.rows} x {w.shape[1]}), times include a copy",
+           acc, exact_w, fns, args.rounds)  # fmt: skip
 
 
 if __name__ == "__main__":
