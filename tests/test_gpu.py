@@ -312,3 +312,28 @@ def test_teacher_logits_in_blocks_bound_the_peak(monkeypatch):
     mib = 2**20
     # student block 256 + teacher block 64 + float32 grad_weight 8 + bf16 grads ~4.5, small tensors
     assert extra < (256 + 2 * 64 + 32) * mib, extra / mib
+
+
+def test_inside_a_users_compiled_step():
+    """A step the user compiles with torch.compile, calling fused_linear_distill inside, gets the
+    eager step's loss and gradients. V = 8200 > 4096: the Triton chunk kernel and (on Hopper) the
+    promoted gradient GEMM both run under it."""
+    n, v = 700, 8200
+    gen = torch.Generator(device="cuda").manual_seed(3)
+    h, w, th, tw = (
+        (torch.randn(*shape, generator=gen, device="cuda") * scale).bfloat16()
+        for shape, scale in (((n, HS), 1.0), ((v, HS), 3 / math.sqrt(HS)), ((n, HT), 1.0), ((v, HT), 3 / math.sqrt(HT)))
+    )
+    labels = torch.randint(0, v, (n,), generator=gen, device="cuda")
+
+    def step(h, w):
+        loss = fused_linear_distill(h, w, th, tw, labels=labels, hard_weight=0.5, chunk_size=256)
+        return loss, torch.autograd.grad(loss, (h, w))
+
+    leaves = [t.detach().requires_grad_() for t in (h, w)]
+    loss, grads = step(*leaves)
+    torch._dynamo.reset()
+    c_loss, c_grads = torch.compile(step)(*leaves)
+    assert rel_err(c_loss, loss) < 1e-6, (c_loss.item(), loss.item())
+    for got, want in zip(c_grads, grads):
+        assert got.dtype == want.dtype and rel_err(got, want) < 2.0**-8, rel_err(got, want)
