@@ -6,10 +6,9 @@ H100 a cuBLAS bf16 GEMM with float32 accumulation drifts from the exact product 
 to K (about 1.2e-9·K relative, 1.5e-4 at K = 128256; see docs/benchmarks.md, "Gradient error");
 our reading: the tensor cores' accumulator does not round to nearest. Summing the products of
 short K slices in float32 on the CUDA cores removes the drift (measured). This kernel does that
-inside one GEMM: each
-tile's MMAs accumulate ``PROMOTE`` K-blocks into a fresh partial, which is then added to the
-tile's float32 total (the "promotion" DeepSeek-V3 uses for FP8 GEMMs), so the drift is that of
-a ``PROMOTE·BK``-long GEMM, whatever K is.
+inside one GEMM: each tile's MMAs accumulate ``PROMOTE`` K-blocks into a fresh partial, which is
+then added to the tile's float32 total (the "promotion" DeepSeek-V3 uses for FP8 GEMMs), so the
+drift is that of a ``PROMOTE·BK``-long GEMM, whatever K is.
 """
 
 from __future__ import annotations
