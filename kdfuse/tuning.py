@@ -39,7 +39,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 from torch import Tensor
@@ -67,7 +67,9 @@ __all__ = [
     "distill_step",
     "estimate_bytes",
     "runs_in_place",
+    "TEACHER_FORMS",
     "TEACHER_ROWS",
+    "TeacherForm",
     "floor_step",
     "format_bytes",
     "free_memory",
@@ -150,6 +152,11 @@ def format_bytes(n: float) -> str:
 # --------------------------------------------------------------------------------------------
 
 
+# How a call gives its teacher (see TuningKey.teacher_form); estimate_bytes depends on it.
+TeacherForm = Literal["hidden", "logits", "topk"]
+TEACHER_FORMS: tuple[str, ...] = get_args(TeacherForm)
+
+
 @dataclass(frozen=True)
 class TuningKey:
     """What a tuned chunk size is specific to (besides the device and software versions, which
@@ -169,6 +176,14 @@ class TuningKey:
     @property
     def torch_dtype(self) -> torch.dtype:
         return getattr(torch, self.dtype)
+
+    @property
+    def teacher_form(self) -> TeacherForm:
+        """How the teacher is given: computed from its ``"hidden"`` states, as ``"logits"`` or
+        as ``"topk"`` log-probs."""
+        if self.topk is not None:
+            return "topk"
+        return "logits" if self.teacher_hidden == "logits" else "hidden"
 
     @property
     def topk(self) -> int | None:
@@ -264,26 +279,30 @@ def estimate_bytes(
     student_hidden: int,
     dtype: torch.dtype,
     with_grad: bool,
-    dense_teacher: bool = True,
+    teacher: TeacherForm = "hidden",
     in_place: bool = False,
 ) -> int:
     """Peak extra bytes a chunk size needs, roughly.
 
-    Per (chunk, V) element: the student and (``dense_teacher``: a top-k teacher has no such block)
-    teacher logits and, with gradients, the logit gradient (each in ``dtype``) plus the
-    compute-dtype copies of those logits: the generic ``torch.func`` path. ``in_place``: the
-    hand-written kernels, which write the logit gradient over the student's logits and make no
-    copies, so only the student's block and a teacher block of at most :data:`TEACHER_ROWS` rows.
-    With gradients also the ``(V, Hs)`` compute-dtype grad_weight accumulator. The compute dtype
-    is float32 (float64 for float64 inputs)."""
+    Per (chunk, V) element: the student's logits and, with gradients, the logit gradient (each in
+    ``dtype``), the teacher's logits where this call computes them (``teacher="hidden"``; given
+    as ``"logits"`` they are the caller's tensor, read in place; ``"topk"`` has no such block),
+    plus the compute-dtype copies of the dense logits: the generic ``torch.func`` path.
+    ``in_place``: the hand-written kernels, which write the logit gradient over the student's
+    logits and make no copies, so only the student's block and, for ``"hidden"``, a teacher block
+    of at most :data:`TEACHER_ROWS` rows. With gradients also the ``(V, Hs)`` compute-dtype
+    grad_weight accumulator. The compute dtype is float32 (float64 for float64 inputs)."""
+    if teacher not in TEACHER_FORMS:
+        raise ValueError(f"teacher must be one of {TEACHER_FORMS}, got {teacher!r}")
     item = dtype.itemsize
     compute = 8 if dtype == torch.float64 else 4
     accumulator = vocab * student_hidden * compute if with_grad else 0
+    computed = teacher == "hidden"  # a teacher block this call allocates
     if in_place:
-        teacher_rows = min(chunk, TEACHER_ROWS) if dense_teacher else 0
+        teacher_rows = min(chunk, TEACHER_ROWS) if computed else 0
         return (chunk + teacher_rows) * vocab * item + accumulator
-    blocks = 2 if dense_teacher else 1
-    per_element = (blocks + with_grad) * item + blocks * compute
+    copies = 1 if teacher == "topk" else 2
+    per_element = (1 + computed + with_grad) * item + copies * compute
     return chunk * vocab * per_element + accumulator
 
 
@@ -309,7 +328,7 @@ def runs_in_place(key: TuningKey, device_type: str) -> bool:
 def _key_estimate(key: TuningKey, device_type: str) -> Callable[[int], int]:
     in_place = runs_in_place(key, device_type)
     return lambda chunk: estimate_bytes(
-        chunk, key.vocab, key.student_hidden, key.torch_dtype, key.with_grad, key.topk is None, in_place
+        chunk, key.vocab, key.student_hidden, key.torch_dtype, key.with_grad, key.teacher_form, in_place
     )
 
 

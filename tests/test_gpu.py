@@ -314,6 +314,43 @@ def test_teacher_logits_in_blocks_bound_the_peak(monkeypatch):
     assert extra < (256 + 2 * 64 + 32) * mib, extra / mib
 
 
+@pytest.mark.parametrize("teacher", ["hidden", "logits", "topk"])
+def test_estimate_bytes_is_the_measured_peak(teacher):
+    """kdfuse.tuning.estimate_bytes for the Triton kernels' path against the measured peak of a
+    fwd+bwd step (two 2048-row chunks, V = 32768): equal up to what lives across chunks (the
+    bf16 gradients, grad_hidden in float32, per-row values: ~6 MiB), neither under nor over.
+    Teacher logits the caller gives are read in place; estimating a teacher block for them (as
+    before) would put the estimate 128 MiB above the peak."""
+    from kdfuse import teacher_topk, tuning
+
+    n, chunk, v, h = 4096, 2048, 32768, 64
+    gen = torch.Generator(device="cuda").manual_seed(11)
+
+    def randn(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=gen, device="cuda") * scale).bfloat16()
+
+    hidden, weight = randn(n, h).requires_grad_(), randn(v, h, scale=h**-0.5).requires_grad_()
+    kwargs = dict(hard_weight=0.5, labels=torch.randint(0, v, (n,), generator=gen, device="cuda"), chunk_size=chunk)
+    t_hidden, t_weight = randn(n, h), randn(v, h, scale=h**-0.5)
+    if teacher == "hidden":
+        kwargs.update(teacher_hidden=t_hidden, teacher_weight=t_weight)
+    elif teacher == "logits":
+        kwargs.update(teacher_logits=(t_hidden @ t_weight.t()))
+    else:
+        kwargs.update(teacher_topk=teacher_topk(t_hidden, t_weight, 64), divergence="topk_forward_kl_bucket")
+    for _ in range(2):  # the first call compiles and warms the allocator; the second is measured
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fused_linear_distill(hidden, weight, **kwargs).backward()
+        torch.cuda.synchronize()
+        hidden.grad = weight.grad = None
+    extra = torch.cuda.max_memory_allocated() - base
+    estimate = tuning.estimate_bytes(chunk, v, h, torch.bfloat16, True, teacher, in_place=True)
+    mib = 2**20
+    assert estimate - 2 * mib < extra < estimate + 12 * mib, (extra / mib, estimate / mib)
+
+
 def test_inside_a_users_compiled_step():
     """A step the user compiles with torch.compile, calling fused_linear_distill inside, gets the
     eager step's loss and gradients. V = 8200 > 4096: the Triton chunk kernel and (on Hopper) the

@@ -183,7 +183,22 @@ def test_estimate_bytes():
     rows = tuning.TEACHER_ROWS
     assert tuning.estimate_bytes(4 * rows, 1000, 64, torch.bfloat16, True, in_place=True) == 5 * rows * 1000 * 2 + 1000 * 64 * 4
     assert tuning.estimate_bytes(64, 1000, 64, torch.bfloat16, False, in_place=True) == 2 * 64 * 1000 * 2
-    assert tuning.estimate_bytes(4 * rows, 1000, 64, torch.bfloat16, True, False, True) == 4 * rows * 1000 * 2 + 1000 * 64 * 4
+    assert tuning.estimate_bytes(4 * rows, 1000, 64, torch.bfloat16, True, "topk", True) == 4 * rows * 1000 * 2 + 1000 * 64 * 4
+    # Teacher logits the caller gives are read where they are: no teacher block of ours, on
+    # either path (the generic one still makes its float32 copy).
+    assert tuning.estimate_bytes(4 * rows, 1000, 64, torch.bfloat16, True, "logits", True) == 4 * rows * 1000 * 2 + 1000 * 64 * 4
+    assert tuning.estimate_bytes(1024, 1000, 64, torch.bfloat16, True, "logits") == 1024 * 1000 * (2 * 2 + 2 * 4) + 1000 * 64 * 4
+    with pytest.raises(ValueError, match="teacher must be one of"):
+        tuning.estimate_bytes(1024, 1000, 64, torch.bfloat16, True, "dense")
+
+
+def test_key_names_the_teacher_form():
+    assert key_for().teacher_form == "hidden"
+    assert key_for(teacher_hidden=None).teacher_form == "logits"
+    assert key_for(teacher_topk=64).teacher_form == "topk"
+    logits_key = key_for(teacher_hidden=None)
+    estimate = tuning.estimate_bytes(4096, 128256, 2048, torch.bfloat16, True, "logits", in_place=True)
+    assert tuning._key_estimate(logits_key, "cuda")(4096) == estimate
 
 
 def test_runs_in_place_names_the_kernels_path():
@@ -512,8 +527,8 @@ def test_top_k_teacher_problem(one_thread):
     grad_h, grad_w = tuning.distill_step(replace(problem, key=replace(key, divergence="topk_forward_kl_bucket")), 64, "eager")()
     assert grad_h.shape == (256, 16) and torch.isfinite(grad_w).all() and grad_w.abs().sum() > 0
     assert len(tuning.floor_step(problem)()) == 3
-    assert tuning._key_estimate(key, "cpu")(64) == tuning.estimate_bytes(64, 300, 16, torch.float32, True, dense_teacher=False)
-    assert tuning.estimate_bytes(1024, 1000, 64, torch.bfloat16, True, dense_teacher=False) == 1024 * 1000 * (2 * 2 + 4) + 1000 * 64 * 4
+    assert tuning._key_estimate(key, "cpu")(64) == tuning.estimate_bytes(64, 300, 16, torch.float32, True, teacher="topk")
+    assert tuning.estimate_bytes(1024, 1000, 64, torch.bfloat16, True, teacher="topk") == 1024 * 1000 * (2 * 2 + 4) + 1000 * 64 * 4
 
 
 def test_fused_call_reaches_the_tuner_with_its_teacher_form_and_a_stable_name(monkeypatch):
