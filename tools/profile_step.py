@@ -1,8 +1,11 @@
 """Where does a kdfuse fwd+bwd spend its time? Kernel-level breakdown with torch.profiler.
 
     python tools/profile_step.py --tokens 8192 --chunk 4096 [--divergence jsd_beta0.5] [--steps 3] [--no-validate]
+        [--warm-steps 40]
 
-Prints the CUDA kernels by total time for one step (after warm-up), then the step's timeline: its
+Prints the CUDA kernels by total time for one step (after ``--warm-steps`` unprofiled steps: a
+few catch the clock a rested GPU starts at, ~40 (over a second of load) the power-capped clock
+that timed runs see), then the step's timeline: its
 span on the device (first kernel start to last kernel end), the time kernels ran, the idle time
 between them and the largest idle gaps (with the kernel each follows), next to the median step
 time measured the way tools/bench.py measures it (CUDA events around back-to-back steps), how
@@ -26,21 +29,27 @@ from autotune import measure  # noqa: E402
 from kdfuse import tuning  # noqa: E402
 
 
-def timeline(prof: profile, top: int = 5) -> str:
-    """Span, busy and idle time of the profiled step's device activity, and its largest gaps."""
+def timeline(prof: profile, steps: int, top: int = 5) -> str:
+    """Per step: span, busy and idle time of the profiled steps' device activity (busy split into
+    kernels and copies/fills), and the largest gaps."""
     spans = sorted(
         (e.time_range.start, e.time_range.end, e.name) for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
     )
     if not spans:
         return "no device activity recorded"
     busy, gaps, reach = 0.0, [], spans[0][0]
+    copies = sum(end - start for start, end, name in spans if name.startswith(("Memcpy", "Memset")))
     for start, end, name in spans:
         if start > reach:
             gaps.append((start - reach, name))
         busy += max(0, end - max(start, reach))
         reach = max(reach, end)
     span = reach - spans[0][0]
-    lines = [f"device span {span / 1e3:.2f} ms, kernels busy {busy / 1e3:.2f} ms, idle {(span - busy) / 1e3:.2f} ms"]
+    ms = 1e3 * steps
+    lines = [
+        f"per step: device span {span / ms:.2f} ms, busy {busy / ms:.2f} ms (kernels {(busy - copies) / ms:.2f}, "
+        f"copies and fills {copies / ms:.2f}), idle {(span - busy) / ms:.2f} ms"
+    ]
     for gap, name in sorted(gaps, reverse=True)[:top]:
         lines.append(f"  idle {gap:8.1f} us before {name[:80]}")
     return "\n".join(lines)
@@ -56,6 +65,7 @@ def main() -> None:
     ap.add_argument("--divergence", default="forward_kl")
     ap.add_argument("--no-validate", action="store_true", help="validate=False: no value check (and its one host sync)")
     ap.add_argument("--steps", type=int, default=1, help="steps profiled back to back (the table sums them)")
+    ap.add_argument("--warm-steps", type=int, default=3, help="steps run back to back just before the profiled ones")
     args = ap.parse_args()
     key = tuning.make_key(
         rows=args.tokens, vocab=args.vocab, student_hidden=args.student_hidden, teacher_hidden=args.teacher_hidden,
@@ -66,16 +76,16 @@ def main() -> None:
     step = tuning.distill_step(problem, args.chunk, validate=not args.no_validate)
     floor = tuning.floor_step(problem)
     for name, fn in (("kdfuse", step), ("floor", floor)):
-        for _ in range(3):
+        for _ in range(args.warm_steps):
             fn()
-        torch.cuda.synchronize()
+        torch.cuda.synchronize()  # (too short for the clock to recover)
         # Back to back, as in training and in tools/bench.py: no sync between the steps.
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             for _ in range(args.steps):
                 fn()
             torch.cuda.synchronize()
-        if name == "kdfuse":
-            print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=70))
+        print(f"{name}:")
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14 if name == "kdfuse" else 6, max_name_column_width=70))
         ms, _ = measure(fn, warmup=3, repeat=10)
         torch.cuda.synchronize()
         t0 = time.perf_counter()
@@ -89,7 +99,7 @@ def main() -> None:
         # (kdfuse without --no-validate) the host also waits for each step's check, so "queued"
         # then includes those waits: compare with --no-validate.
         print(f"{name}: 10 steps queued by the host in {queued * 1e3:.1f} ms, done on the device after {done * 1e3:.1f} ms")
-        print(f"{name}, {args.steps} steps: {timeline(prof)}")
+        print(f"{name}, {args.steps} steps profiled, {timeline(prof, args.steps)}")
         print(f"{name}: median step (CUDA events, back to back, as tools/bench.py times it): {ms:.2f} ms")
 
 if __name__ == "__main__":
