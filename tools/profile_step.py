@@ -3,14 +3,14 @@
     python tools/profile_step.py --tokens 8192 --chunk 4096 [--divergence jsd_beta0.5] [--steps 3] [--no-validate]
         [--warm-steps 40]
 
-Prints the CUDA kernels by total time for one step (after ``--warm-steps`` unprofiled steps: a
-few catch the clock a rested GPU starts at, ~40 (over a second of load) the power-capped clock
-that timed runs see), then the step's timeline: its
-span on the device (first kernel start to last kernel end), the time kernels ran, the idle time
-between them and the largest idle gaps (with the kernel each follows), next to the median step
-time measured the way tools/bench.py measures it (CUDA events around back-to-back steps), how
-long the host takes to queue steps against how long the device takes to run them; and the
-same for the floor (the four GEMMs alone, kdfuse.tuning.floor_step).
+Prints, for kdfuse and then the floor (the four GEMMs alone, kdfuse.tuning.floor_step), the
+CUDA kernels by total time over ``--steps`` profiled steps, run after ``--warm-steps``
+unprofiled ones (a few catch the clock a rested GPU starts at; ~40, over a second of load, the
+power-capped clock that timed runs see). Then, per step: the span on the device (first kernel
+start to last kernel end), the time kernels and copies ran, the idle time between them and the
+largest idle gaps (with the activity each precedes); next to it the median step time measured
+the way tools/bench.py measures it (CUDA events around back-to-back steps), and how long the
+host takes to queue steps against how long the device takes to run them.
 """
 
 from __future__ import annotations
