@@ -9,11 +9,16 @@ log-sum-exps, at T = 2 and 1; teacher K = 4096 with one):
   cublas     ``torch.mm`` (what kdfuse runs now), bf16 out
   triton     a persistent TMA Triton GEMM (tiles in grouped order), bf16 out, no epilogue work
   triton+lse the same plus the per-tile row statistics of the rounded logits
+  gluon      ``tools/gluon_epilogue.py``'s warp-specialised GEMM, its epilogue warps only storing
+  gluon+lse  the same with the statistics, computed by the epilogue's warps while the main
+             loop's warps run the next tile
+  gluon+lse² the student's two statistics (τ = 1/2 and 1) from one exp per element
 
-and prints each against cuBLAS, with the saving pass 1 would give (its bytes at the device copy
-rate). The fused path pays off only if (triton+lse − cublas) < that saving.
+and prints each against cuBLAS, timed in rounds (the GPU at its power limit) and as single calls
+after a rest ("cold": at its boost clock), with the saving pass 1 would give (its bytes at the
+device copy rate). The fused path pays off only if (GEMM+lse − cublas) < that saving.
 
-    python tools/epilogue_probe.py [--rows 4096] [--vocab 128256]
+    python tools/epilogue_probe.py [--rows 4096] [--vocab 128256] [--triton-configs N]
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from autotune import measure_interleaved  # noqa: E402
+import gluon_epilogue as gluon_logits  # noqa: E402  (tools/, beside this file)
 
 
 @triton.jit
@@ -102,17 +108,54 @@ CONFIGS = [
 ]
 
 
+def _cold(fns: dict, rounds: int = 3, rest_s: float = 1.0) -> dict:
+    """Median time of single calls, each after ``rest_s`` of idle: the GPU at its boost clock, not
+    yet at its power limit (the rounds above time it at the limit, where work costs its energy)."""
+    import statistics
+    import time
+
+    out = {key: [] for key in fns}
+    for _ in range(rounds):
+        for key, fn in fns.items():
+            torch.cuda.synchronize()
+            time.sleep(rest_s)
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            out[key].append(start.elapsed_time(end))
+    return {key: statistics.median(v) for key, v in out.items()}
+
+
+def _stats_error(out: torch.Tensor, stats: torch.Tensor) -> float:
+    """Largest relative error of the Gluon kernel's per-tile statistics (at τ = 1/2, then 1) against
+    float64 ones of its own output (only the statistics: the product is checked against cuBLAS)."""
+    bn = gluon_logits.BLOCK_N
+    rows, n = out.shape
+    x = torch.full((rows, stats.shape[1] * bn), float("-inf"), device=out.device, dtype=torch.float64)
+    x[:, :n] = out.double()
+    x = x.view(rows, -1, bn)
+    m = x.amax(-1)
+    err = ((stats[..., 0].double() - m).abs() / m.abs().clamp_min(1)).max()
+    for j, tau in enumerate((0.5, 1.0)[: stats.shape[-1] - 1]):
+        want = ((x - m[..., None]) * tau).exp().sum(-1)
+        err = torch.maximum(err, ((stats[..., 1 + j].double() - want).abs() / want).max())
+    return err.item()
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=4096)
     parser.add_argument("--vocab", type=int, default=128256)
+    parser.add_argument("--triton-configs", type=int, default=len(CONFIGS), help="how many of CONFIGS to time")
     args = parser.parse_args(argv)
     from rich.console import Console
     from rich.table import Table
 
     g = torch.Generator(device="cuda").manual_seed(0)
     table = Table(title=f"{torch.cuda.get_device_name()}: logits GEMMs of one {args.rows}-row chunk, V = {args.vocab}")
-    for col in ("GEMM", "impl", "config", "ms", "× cuBLAS", "max |Δ| vs cuBLAS; regs, spills, shared"):
+    for col in ("GEMM", "impl", "config", "ms", "× cuBLAS", "cold × cuBLAS; max |Δ| vs cuBLAS; regs, spills, shared"):
         table.add_column(col)
     for name, k, lse in (("student", 2048, 2), ("teacher", 4096, 1)):
         a = torch.randn(args.rows, k, device="cuda", generator=g).bfloat16()
@@ -121,7 +164,19 @@ def main(argv: list[str] | None = None) -> None:
         stats = torch.empty(args.rows * triton.cdiv(args.vocab, 128) * 4, device="cuda")
         ref = torch.mm(a, b.t())
         fns, notes = {("cublas", ""): functools.partial(torch.mm, a, b.t(), out=c)}, {}
-        for cfg in CONFIGS:
+        scale = torch.full((1,), 0.5, device="cuda")
+        fn = functools.partial(gluon_logits.logits_with_stats, a, b, scale, lse == 2)
+        try:
+            out, got = fn()
+            notes["gluon+lse", "ws"] = f"{(out.float() - ref.float()).abs().max().item():.2g}; stats {_stats_error(out, got):.2g}"
+            fns["gluon+lse", "ws"] = fn
+        except Exception as exc:
+            notes["gluon+lse", "ws"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:60]}"
+        fns["gluon", "ws"] = functools.partial(gluon_logits._launch, a, b, scale, 0)
+        if lse == 2:  # τ = 1/2 and 1 from one exp per element
+            fns["gluon+lse²", "ws"] = functools.partial(gluon_logits._launch, a, b, scale, 3)
+            notes["gluon+lse²", "ws"] = f"stats {_stats_error(*fns['gluon+lse²', 'ws']()):.2g}"
+        for cfg in CONFIGS[: args.triton_configs]:
             label = "{BM}x{BN}x{BK} g{GROUP} s{stages} w{warps} p{per_sm}".format(**cfg)
             for epi in (0, lse):
                 impl = "triton" + (f"+lse×{epi}" if epi else "")
@@ -139,8 +194,10 @@ def main(argv: list[str] | None = None) -> None:
         # In rounds: this GPU's clocks drift under GEMM load (see autotune.measure_interleaved).
         times = measure_interleaved(fns, rounds=3, warmup=3, repeat=10)
         base = times["cublas", ""][0]
+        cold = _cold(fns)
         for (impl, label), (ms, _) in times.items():
-            table.add_row(name, impl, label, f"{ms:.3f}", f"{ms / base:.3f}", notes.get((impl, label), ""))
+            note = f"cold ×{cold[impl, label] / cold['cublas', '']:.3f}; " + notes.get((impl, label), "")
+            table.add_row(name, impl, label, f"{ms:.3f}", f"{ms / base:.3f}", note)
         for (impl, label), note in notes.items():
             if (impl, label) not in times:
                 table.add_row(name, impl, label, "", "", note)
