@@ -6,14 +6,19 @@ For the built-ins whose logit gradient has a closed form in a few per-row statis
 does the least work a row needs, one program per row, looping over the vocabulary:
 
 * pass 1 reads the student and teacher logits once for the online log-sum-exps (temperature-
-  scaled student and teacher, and the student at temperature 1 for the CE) and the label's logit;
+  scaled student and teacher, and the student at temperature 1 for the CE);
 * pass 2 reads them again, back to front (the blocks pass 1 read last may still be in L2), for
   the divergence value and, for ``forward_kl``/``soft_ce``, writes the logit gradient in the same
   loop;
-* ``reverse_kl``/``jsd`` need the row's divergence inside their gradient, so a pass 3 writes it.
+* ``reverse_kl``/``jsd`` need the row's divergence inside their gradient, so a pass 3 writes it;
+* the label's element is written once more, with the CE's one-hot (its logits read up front).
 
 The loops are software-pipelined (``tl.range(num_stages=...)``): the next blocks' loads are in
-flight while a block's reductions wait on each other.
+flight while a block computes. The kernel issues instructions about as fast as it moves bytes
+(ncu: ~70% of the SMs' issue slots at 66% of the memory bandwidth, before this layout), so the
+loops carry as few per element as they can: base-2 exponents with the scales folded into one
+FMA, per-lane log-sum-exp sums instead of a block reduction per block, no bound checks but on
+the row's last block, no one-hot compare (the label's element is rewritten after the loop).
 
 So 2 reads of both logit tensors plus one write of the gradient (3 reads for reverse KL / JSD),
 all in the logits' own dtype, against ~6 float32 passes for the generic path. The math is the
@@ -47,10 +52,10 @@ _KERNEL_IDS = {
     D._reverse_kl: _REVERSE_KL,
     D._jsd_mixture: _JSD,
 }
-# tools/kernel_bench.py on an H100, 4096 x 128256 bf16 logits, + CE (ms; BLOCK/warps/stages):
-# forward KL 2.12 (1024/4/3), 2.23 (1024/4/2), 2.31 (1024/4/1), 2.24 (2048/4/3), 2.39 (2048/4/1);
-# JSD        3.86 (1024/4/2), 4.02 (1024/4/3), 3.89 (1024/4/1), 3.95 (2048/4/1), 5.43 (2048/4/3).
-# (Before pipelining and the back-to-front pass 2: 2.40 and 3.98 ms at 2048/4.)
+# tools/kernel_bench.py on an H100, 4096 x 128256 bf16 logits, + CE (ms; BLOCK/warps, default
+# stages), 2026-11-24: forward KL 1.76 (1024/4), 1.74 (2048/4), 1.85 (1024/8), a device copy's
+# rate; JSD 2.96 (1024/4), 3.61 (2048/4), 3.79 (1024/8). (Before the instruction diet,
+# docs/benchmarks.md "What moved": 2.12 and 3.86 ms at 1024/4.)
 _BLOCK = 1024
 _NUM_WARPS = 4
 _STAGES = {D._forward_kl: 3, D._soft_ce: 3, D._reverse_kl: 2, D._jsd_mixture: 2}
@@ -61,30 +66,43 @@ def supported(kernel, compute_dtype: torch.dtype, device: torch.device) -> bool:
     return kernel in _KERNEL_IDS and compute_dtype == torch.float32 and device.type == "cuda"
 
 
-@triton.jit
-def _online_lse(m, z, x, x_max):
-    """Fold the block ``x`` (whose max is ``x_max``) into the running (max, sum of exp(x − max))
-    scalars.
+# Base-2 arithmetic: exp2 is the special-function unit's own instruction (exp is exp2 after a
+# multiply by log2 e), so the kernel's log-probs, log-sum-exps and KL sums are in bits, and the
+# temperature's 1/T is folded with log2 e into one multiplier per row. Values are turned into
+# nats once per row.
+_LOG2E = tl.constexpr(1.4426950408889634)
+_LN2 = tl.constexpr(0.6931471805599453)
+# divergences.LOGPROB_FLOOR in bits: max(log p, F) = ln 2 · max(log2 p, F · log2 e).
+_FLOOR2 = tl.constexpr(D.LOGPROB_FLOOR * 1.4426950408889634)
 
-    Rescaling once per block (not per lane and element) keeps this at one exp per element: the
-    kernel is otherwise limited by the special-function unit. The caller passes the max so that a
-    block shared by two log-sum-exps (x at T and at 1) is reduced once. (Per-lane sums, one
-    reduction per block fewer, measured no faster on an H100 and need more registers; per-lane
-    maxes too, with no reduction until the row's end and still one exp per element, exp(−|x − m|),
-    measured slower: 2.21 vs 2.14 ms forward KL, 4.33 vs 3.86 JSD, docs/benchmarks.md.)
+
+@triton.jit
+def _shift(m, scale):
+    """The exponent offset m·scale of a running max m (0 while m is −inf)."""
+    return tl.where(m == float("-inf"), 0.0, m * scale)
+
+
+@triton.jit
+def _fold(z, x, m_old, m_new, scale):
+    """Fold the block ``x`` into a running base-2 log-sum-exp of x·scale: z per lane holds
+    Σ 2^(x·scale − shift(m)), m the running max of x (before and after this block).
+
+    Per element: one FMA for the exponent, one exp2, one FMA for the sum; the rescale to the new
+    max is a scalar. Per-lane sums, added up once per row, spare a block-wide reduction per block
+    and log-sum-exp (the kernel issues instructions at ~70% of the SMs' rate, ncu, so each
+    counts: docs/benchmarks.md).
     """
-    m_new = tl.maximum(m, x_max)
-    safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    z = z * tl.exp(m - safe) + tl.sum(tl.exp(x - safe), axis=0)
-    return m_new, z
+    new = _shift(m_new, scale)
+    rescale = tl.where(m_old == float("-inf"), 0.0, tl.exp2(_shift(m_old, scale) - new))
+    return z * rescale + tl.exp2(x * scale - new)
 
 
 @triton.jit
-def _lse_finish(m, z):
-    """log Σ exp from :func:`_online_lse`'s (max, sum), as (m, log z) with m finite:
-    a log-prob is then formed as (x − m) − log z, exact near the max, never as x − lse, which
-    carries the rounding of a logit-sized lse (eps·|x|: ~2e-6 at |x| = 30)."""
-    return tl.where(m == float("-inf"), 0.0, m), tl.log(z)
+def _finish(z, m, scale):
+    """(shift(m), log2 Σ z) of :func:`_fold`'s state. A log-prob (in bits) is then formed as
+    (x·scale − shift) − log2 z, exact near the max, never as x·scale − lse, which carries the
+    rounding of a logit-sized lse (eps·|x|: ~2e-6 at |x| = 30)."""
+    return _shift(m, scale), tl.log2(tl.sum(z, axis=0))
 
 
 @triton.jit
@@ -95,34 +113,130 @@ def _cap(x, cap, SOFTCAP: tl.constexpr):
 
 
 @triton.jit
-def _scaled_logprobs(s_ptr, t_ptr, idx, mask, cap, inv_t, m_s, lz_s, m_t, lz_t, SOFTCAP: tl.constexpr):
-    """One block: (capped student logits a, student log-probs ls, teacher log-probs lt) at T."""
-    a = _cap(tl.load(s_ptr + idx, mask=mask, other=0.0).to(tl.float32), cap, SOFTCAP)
-    b = _cap(tl.load(t_ptr + idx, mask=mask, other=float("-inf")).to(tl.float32), cap, SOFTCAP)
-    b = tl.where(mask, b, float("-inf"))
-    return a, (a * inv_t - m_s) - lz_s, (b * inv_t - m_t) - lz_t
+def _load(ptr, idx, mask, other, cap, SOFTCAP: tl.constexpr, MASKED: tl.constexpr):
+    """A block of (capped) logits in float32. Only the row's last block is MASKED: its lanes
+    past the row's end hold ``other``; full blocks load without a per-element bound check."""
+    if MASKED:
+        x = _cap(tl.load(ptr + idx, mask=mask, other=other).to(tl.float32), cap, SOFTCAP)
+        if SOFTCAP:  # cap(other) is not other
+            x = tl.where(mask, x, other)
+    else:
+        x = _cap(tl.load(ptr + idx).to(tl.float32), cap, SOFTCAP)
+    return x
+
+
+@triton.jit
+def _pass1(s_ptr, t_ptr, idx, mask, cap, tau2, m_s, z_s, z_a, m_t, z_t,
+           HAS_CE: tl.constexpr, SOFTCAP: tl.constexpr, MASKED: tl.constexpr):  # fmt: skip
+    """One block of pass 1: the running log-sum-exps of the student at T (z_s) and 1 (z_a), which
+    share the student's max m_s, and of the teacher at T (z_t, max m_t)."""
+    a = _load(s_ptr, idx, mask, float("-inf"), cap, SOFTCAP, MASKED)
+    b = _load(t_ptr, idx, mask, float("-inf"), cap, SOFTCAP, MASKED)
+    m_s_new = tl.maximum(m_s, tl.max(a, axis=0))
+    m_t_new = tl.maximum(m_t, tl.max(b, axis=0))
+    z_s = _fold(z_s, a, m_s, m_s_new, tau2)
+    if HAS_CE:
+        z_a = _fold(z_a, a, m_s, m_s_new, _LOG2E)
+    z_t = _fold(z_t, b, m_t, m_t_new, tau2)
+    return m_s_new, z_s, z_a, m_t_new, z_t
+
+
+@triton.jit
+def _logprobs(s_ptr, t_ptr, idx, mask, cap, tau2, c_s, lz_s, c_t, lz_t,
+              SOFTCAP: tl.constexpr, MASKED: tl.constexpr):  # fmt: skip
+    """One block: (capped student logits a (0 past the row's end), student and teacher log-probs
+    at T in bits)."""
+    a = _load(s_ptr, idx, mask, 0.0, cap, SOFTCAP, MASKED)
+    b = _load(t_ptr, idx, mask, float("-inf"), cap, SOFTCAP, MASKED)
+    return a, (a * tau2 - c_s) - lz_s, (b * tau2 - c_t) - lz_t
 
 
 @triton.jit
 def _log_mix(lt, ls, log_beta, log_1m_beta):
-    """log(β·p_t + (1−β)·p_s), a two-term log-sum-exp."""
+    """log2(β·p_t + (1−β)·p_s) from log-probs in bits, a two-term log-sum-exp."""
     hi = tl.maximum(log_beta + lt, log_1m_beta + ls)
     lo = tl.minimum(log_beta + lt, log_1m_beta + ls)
-    return hi + tl.log(1.0 + tl.exp(lo - hi))
+    return hi + tl.log2(1.0 + tl.exp2(lo - hi))
 
 
 @triton.jit
-def _store_grad(dx_ptr, idx, mask, g, a, m_a, lz_a, label, w, soft_w, hard_w, inv_t, cap,
-                HAS_CE: tl.constexpr, SOFTCAP: tl.constexpr):  # fmt: skip
-    """Chain dD/ds (``g``) with the CE and softcap terms and store w·dL/dx."""
-    da = soft_w * inv_t * g
+def _grad_ds(ls, lt, ps, pt, kl, log_beta, log_1m_beta, DIV: tl.constexpr):
+    """dD/ds, up to the row factor :func:`_kd_chunk_kernel` puts in ``c_soft`` (ln 2 for reverse
+    KL, (1 − β)·ln 2 for JSD: their log terms are in bits here, as is ``kl``)."""
+    if DIV <= 1:
+        g = ps - pt
+    elif DIV == 2:
+        g = ps * (tl.maximum(ls, _FLOOR2) - tl.maximum(lt, _FLOOR2) - kl)
+    else:
+        g = ps * (tl.maximum(ls, _FLOOR2) - tl.maximum(_log_mix(lt, ls, log_beta, log_1m_beta), _FLOOR2) - kl)
+    return g
+
+
+@triton.jit
+def _dlogit(g, a, c_a, lz_a, c_soft, c_hard, onehot, cap, HAS_CE: tl.constexpr, SOFTCAP: tl.constexpr):
+    """w·dL/dx: c_soft·g + c_hard·(softmax(a) − onehot), chained through the softcap (the row
+    weight w is in c_soft = w·soft_w·τ·(factor) and c_hard = w·hard_w)."""
+    da = c_soft * g
     if HAS_CE:
-        da += hard_w * (tl.exp((a - m_a) - lz_a) - tl.where(idx == label, 1.0, 0.0))
+        da += c_hard * (tl.exp2((a * _LOG2E - c_a) - lz_a) - onehot)
     if SOFTCAP:
         r = a / cap
         da = da * (1.0 - r * r)
+    return da
+
+
+@triton.jit
+def _store(dx_ptr, idx, mask, da, w, MASKED: tl.constexpr):
     # An ignored row (w = 0) may hold garbage, e.g. an all -inf teacher row: 0 · nan is nan.
-    tl.store(dx_ptr + idx, tl.where(w != 0, da * w, 0.0).to(dx_ptr.dtype.element_ty), mask=mask)
+    da = tl.where(w != 0, da, 0.0).to(dx_ptr.dtype.element_ty)
+    if MASKED:
+        tl.store(dx_ptr + idx, da, mask=mask)
+    else:
+        tl.store(dx_ptr + idx, da)
+
+
+@triton.jit
+def _pass2(s_ptr, t_ptr, dx_ptr, idx, mask, cap, tau2, c_s, lz_s, c_t, lz_t, c_a, lz_a,
+           acc_a, acc_b, log_beta, log_1m_beta, w, c_soft, c_hard,
+           DIV: tl.constexpr, HAS_CE: tl.constexpr, SOFTCAP: tl.constexpr, WITH_GRAD: tl.constexpr,
+           MASKED: tl.constexpr):  # fmt: skip
+    """One block of pass 2: the divergence's terms, in bits, into the per-lane sums acc_a (the
+    divergence, or KL(P_t‖M) for JSD) and acc_b (KL(P_s‖M) for JSD); for forward KL / soft CE
+    also the gradient. No ``p > 0`` test guards the ``p · (log-prob difference)`` terms: both
+    log-probs are floored, so a zero p gives zero; the one case where p is nan (a teacher row
+    all −inf) is zeroed for the whole row by the caller."""
+    a, ls, lt = _logprobs(s_ptr, t_ptr, idx, mask, cap, tau2, c_s, lz_s, c_t, lz_t, SOFTCAP, MASKED)
+    ps = tl.exp2(ls)
+    if MASKED:
+        ps = tl.where(mask, ps, 0.0)
+    pt = tl.exp2(lt)
+    ls_c = tl.maximum(ls, _FLOOR2)
+    lt_c = tl.maximum(lt, _FLOOR2)
+    if DIV == 0:
+        acc_a += pt * (lt_c - ls_c)
+    elif DIV == 1:
+        acc_a -= pt * ls_c
+    elif DIV == 2:
+        acc_a += ps * (ls_c - lt_c)
+    else:
+        lm_c = tl.maximum(_log_mix(lt, ls, log_beta, log_1m_beta), _FLOOR2)
+        acc_a += pt * (lt_c - lm_c)
+        acc_b += ps * (ls_c - lm_c)
+    if WITH_GRAD:
+        if DIV <= 1:
+            da = _dlogit(ps - pt, a, c_a, lz_a, c_soft, c_hard, 0.0, cap, HAS_CE, SOFTCAP)
+            _store(dx_ptr, idx, mask, da, w, MASKED)
+    return acc_a, acc_b
+
+
+@triton.jit
+def _pass3(s_ptr, t_ptr, dx_ptr, idx, mask, cap, tau2, c_s, lz_s, c_t, lz_t, c_a, lz_a,
+           kl, log_beta, log_1m_beta, w, c_soft, c_hard,
+           DIV: tl.constexpr, HAS_CE: tl.constexpr, SOFTCAP: tl.constexpr, MASKED: tl.constexpr):  # fmt: skip
+    """One block of pass 3 (reverse KL, JSD): the gradient, which needs the row's ``kl``."""
+    a, ls, lt = _logprobs(s_ptr, t_ptr, idx, mask, cap, tau2, c_s, lz_s, c_t, lz_t, SOFTCAP, MASKED)
+    g = _grad_ds(ls, lt, tl.exp2(ls), tl.exp2(lt), kl, log_beta, log_1m_beta, DIV)
+    _store(dx_ptr, idx, mask, _dlogit(g, a, c_a, lz_a, c_soft, c_hard, 0.0, cap, HAS_CE, SOFTCAP), w, MASKED)
 
 
 @triton.jit
@@ -135,117 +249,123 @@ def _kd_chunk_kernel(
     row = tl.program_id(0).to(tl.int64)
     s_ptr = S + row * stride_s
     t_ptr = T + row * stride_t
+    dx_ptr = DX + row * stride_dx
     inv_t = tl.load(SCALARS + 0)
     soft_w = tl.load(SCALARS + 1)
     hard_w = tl.load(SCALARS + 2)
     cap = tl.load(SCALARS + 3)
-    FLOOR: tl.constexpr = -1.0e4
+    tau2 = inv_t * _LOG2E
     ninf = float("-inf")
     offs = tl.arange(0, BLOCK)
-    n_blocks = tl.cdiv(V, BLOCK)
+    # Full blocks run unmasked; the row's last, partial block (if any) masked.
+    n_full = V // BLOCK
+    tail = n_full * BLOCK + offs
 
     label = tl.load(LABELS + row)
     valid = tl.load(VALID + row) != 0
+    in_vocab = (label >= 0) & (label < V)
+    at = tl.minimum(tl.maximum(label, 0), V - 1)
+    # The label's logits, read before a pass writes the gradient over the student's row.
+    a_label = _cap(tl.load(s_ptr + at).to(tl.float32), cap, SOFTCAP)
+    b_label = _cap(tl.load(t_ptr + at).to(tl.float32), cap, SOFTCAP)
 
-    # Pass 1: online log-sum-exp of s = cap(x)·τ, t = cap(y)·τ and (for CE) a = cap(x).
+    # Pass 1: the log-sum-exps of s = cap(x)·τ, t = cap(y)·τ and (for CE) a = cap(x).
     m_s = ninf
-    z_s = 0.0
     m_t = ninf
-    z_t = 0.0
-    m_a = ninf
-    z_a = 0.0
-    picked = tl.zeros([BLOCK], tl.float32)
-    # The loops are software-pipelined (STAGES): the loads of the next blocks are in flight while
-    # this block's reductions wait on each other.
-    for start in tl.range(0, V, BLOCK, num_stages=STAGES):
-        idx = start + offs
-        mask = idx < V
-        a = _cap(tl.load(s_ptr + idx, mask=mask, other=ninf).to(tl.float32), cap, SOFTCAP)
-        b = _cap(tl.load(t_ptr + idx, mask=mask, other=ninf).to(tl.float32), cap, SOFTCAP)
-        a = tl.where(mask, a, ninf)
-        b = tl.where(mask, b, ninf)
-        # max(τ·a) = τ·max(a) exactly (τ > 0, rounding is monotonic): one reduction serves both.
-        a_max = tl.max(a, axis=0)
-        m_s, z_s = _online_lse(m_s, z_s, a * inv_t, a_max * inv_t)
-        m_t, z_t = _online_lse(m_t, z_t, b * inv_t, tl.max(b, axis=0) * inv_t)
-        if HAS_CE:
-            m_a, z_a = _online_lse(m_a, z_a, a, a_max)
-            picked += tl.where(idx == label, a, 0.0)
-    m_s, lz_s = _lse_finish(m_s, z_s)
-    m_t, lz_t = _lse_finish(m_t, z_t)
-    hard = 0.0
+    z_s = tl.zeros([BLOCK], tl.float32)
+    z_a = tl.zeros([BLOCK], tl.float32)
+    z_t = tl.zeros([BLOCK], tl.float32)
+    # Software-pipelined (STAGES): the next blocks' loads are in flight while this one computes.
+    for i in tl.range(0, n_full, num_stages=STAGES):
+        m_s, z_s, z_a, m_t, z_t = _pass1(s_ptr, t_ptr, i * BLOCK + offs, None, cap, tau2, m_s, z_s, z_a, m_t, z_t,
+                                         HAS_CE, SOFTCAP, False)  # fmt: skip
+    if n_full * BLOCK < V:
+        m_s, z_s, z_a, m_t, z_t = _pass1(s_ptr, t_ptr, tail, tail < V, cap, tau2, m_s, z_s, z_a, m_t, z_t,
+                                         HAS_CE, SOFTCAP, True)  # fmt: skip
+    teacher_empty = m_t == ninf  # a teacher row all −inf: its p_t are nan, its KL terms 0
+    c_s, lz_s = _finish(z_s, m_s, tau2)
+    c_t, lz_t = _finish(z_t, m_t, tau2)
+    c_a = 0.0
     lz_a = 0.0
+    hard = 0.0
     if HAS_CE:
-        m_a, lz_a = _lse_finish(m_a, z_a)
-        hard = tl.where(valid & (label != ignore_index), (m_a - tl.sum(picked, axis=0)) + lz_a, 0.0)
+        c_a, lz_a = _finish(z_a, m_s, _LOG2E)
+        # log Σ exp(a) = m + ln 2 · (log2 z + (c_a − m·log2 e)); the bracket's second term, the
+        # rounding of c_a, is exact by FMA, so no logit-sized number is rounded.
+        lse_a = m_s + _LN2 * (lz_a + tl.fma(m_s, -_LOG2E, c_a))
+        picked = tl.where(in_vocab, a_label, 0.0)
+        hard = tl.where(valid & (label != ignore_index), lse_a - picked, 0.0)
 
+    log_beta = 0.0
+    log_1m_beta = 0.0
+    one_m_beta = 0.0
+    beta = 0.0
     if DIV == 3:
         # (β, 1 − β, log β, log(1 − β)), each computed in float64 (see divergences._mixing).
         beta = tl.load(SCALARS + 4)
         one_m_beta = tl.load(SCALARS + 5)
-        log_beta = tl.load(SCALARS + 6)
-        log_1m_beta = tl.load(SCALARS + 7)
-    else:
-        beta = 0.0
-        one_m_beta = 0.0
-        log_beta = 0.0
-        log_1m_beta = 0.0
+        log_beta = tl.load(SCALARS + 6) * _LOG2E
+        log_1m_beta = tl.load(SCALARS + 7) * _LOG2E
 
-    # Pass 2: the divergence's value (and, when the gradient needs no row value, the gradient).
-    acc_a = tl.zeros([BLOCK], tl.float32)  # the divergence, or KL(P_t‖M) for JSD
-    acc_b = tl.zeros([BLOCK], tl.float32)  # KL(P_s‖M) for JSD
+    # The row factors of the gradient (w the row weight; ln 2 turns bits into nats).
     w = 0.0
     if WITH_GRAD:
         w = tl.load(ROW_W + row).to(tl.float32)
-    dx_ptr = DX + row * stride_dx
-    for i in tl.range(0, n_blocks, num_stages=STAGES):
-        # Back to front: the blocks pass 1 read last are the likeliest to be still in L2.
-        idx = (n_blocks - 1 - i) * BLOCK + offs
-        mask = idx < V
-        a, ls, lt = _scaled_logprobs(s_ptr, t_ptr, idx, mask, cap, inv_t, m_s, lz_s, m_t, lz_t, SOFTCAP)
-        ps = tl.where(mask, tl.exp(ls), 0.0)
-        pt = tl.exp(lt)
-        ls_c = tl.maximum(ls, FLOOR)
-        lt_c = tl.maximum(lt, FLOOR)
-        if DIV == 0:
-            acc_a += tl.where(pt > 0, pt * (lt_c - ls_c), 0.0)
-        elif DIV == 1:
-            acc_a += tl.where(pt > 0, -pt * ls_c, 0.0)
-        elif DIV == 2:
-            acc_a += tl.where(ps > 0, ps * (ls_c - lt_c), 0.0)
-        else:
-            lm_c = tl.maximum(_log_mix(lt, ls, log_beta, log_1m_beta), FLOOR)
-            acc_a += tl.where(pt > 0, pt * (lt_c - lm_c), 0.0)
-            acc_b += tl.where(ps > 0, ps * (ls_c - lm_c), 0.0)
-        if WITH_GRAD:
-            if DIV <= 1:
-                _store_grad(dx_ptr, idx, mask, ps - pt, a, m_a, lz_a, label, w, soft_w, hard_w, inv_t, cap, HAS_CE, SOFTCAP)
-    kl_a = tl.sum(acc_a, axis=0)
+    c_soft = w * soft_w * inv_t
+    if DIV == 2:
+        c_soft = c_soft * _LN2
+    elif DIV == 3:
+        c_soft = c_soft * (one_m_beta * _LN2)
+    c_hard = w * hard_w
+
+    # Pass 2: the divergence's value (and, when the gradient needs no row value, the gradient).
+    # Back to front: the blocks pass 1 read last are the likeliest to be still in L2.
+    acc_a = tl.zeros([BLOCK], tl.float32)
+    acc_b = tl.zeros([BLOCK], tl.float32)
+    if n_full * BLOCK < V:
+        acc_a, acc_b = _pass2(s_ptr, t_ptr, dx_ptr, tail, tail < V, cap, tau2, c_s, lz_s, c_t, lz_t, c_a, lz_a,
+                              acc_a, acc_b, log_beta, log_1m_beta, w, c_soft, c_hard,
+                              DIV, HAS_CE, SOFTCAP, WITH_GRAD, True)  # fmt: skip
+    for i in tl.range(0, n_full, num_stages=STAGES):
+        acc_a, acc_b = _pass2(s_ptr, t_ptr, dx_ptr, (n_full - 1 - i) * BLOCK + offs, None, cap, tau2, c_s, lz_s,
+                              c_t, lz_t, c_a, lz_a, acc_a, acc_b, log_beta, log_1m_beta, w, c_soft, c_hard,
+                              DIV, HAS_CE, SOFTCAP, WITH_GRAD, False)  # fmt: skip
+    kl_a = tl.sum(acc_a, axis=0)  # bits
     kl_b = tl.sum(acc_b, axis=0)
+    if DIV != 2:
+        kl_a = tl.where(teacher_empty, 0.0, kl_a)
     if DIV == 3:
-        soft = beta * kl_a + one_m_beta * kl_b
+        soft = _LN2 * (beta * kl_a + one_m_beta * kl_b)
     else:
-        soft = kl_a
+        soft = _LN2 * kl_a
     soft = tl.where(valid, soft, 0.0)
     tl.store(SOFT + row, soft)
     tl.store(HARD + row, hard)
     tl.store(LOSS + row, soft_w * soft + hard_w * hard)
 
-    # Pass 3 (reverse KL, JSD): the gradient, which needs the row's KL.
     if WITH_GRAD:
+        # Pass 3 (reverse KL, JSD): the gradient, which needs the row's KL; front to back.
+        kl = kl_a
+        if DIV == 3:
+            kl = kl_b
         if DIV >= 2:
-            for start in tl.range(0, V, BLOCK, num_stages=STAGES):  # front to back, likewise
-                idx = start + offs
-                mask = idx < V
-                a, ls, lt = _scaled_logprobs(s_ptr, t_ptr, idx, mask, cap, inv_t, m_s, lz_s, m_t, lz_t, SOFTCAP)
-                ps = tl.exp(ls)
-                ls_c = tl.maximum(ls, FLOOR)
-                if DIV == 2:
-                    g = ps * (ls_c - tl.maximum(lt, FLOOR) - kl_a)
-                else:
-                    lm_c = tl.maximum(_log_mix(lt, ls, log_beta, log_1m_beta), FLOOR)
-                    g = one_m_beta * ps * (ls_c - lm_c - kl_b)
-                _store_grad(dx_ptr, idx, mask, g, a, m_a, lz_a, label, w, soft_w, hard_w, inv_t, cap, HAS_CE, SOFTCAP)
+            for i in tl.range(0, n_full, num_stages=STAGES):
+                _pass3(s_ptr, t_ptr, dx_ptr, i * BLOCK + offs, None, cap, tau2, c_s, lz_s, c_t, lz_t, c_a, lz_a,
+                       kl, log_beta, log_1m_beta, w, c_soft, c_hard, DIV, HAS_CE, SOFTCAP, False)  # fmt: skip
+            if n_full * BLOCK < V:
+                _pass3(s_ptr, t_ptr, dx_ptr, tail, tail < V, cap, tau2, c_s, lz_s, c_t, lz_t, c_a, lz_a,
+                       kl, log_beta, log_1m_beta, w, c_soft, c_hard, DIV, HAS_CE, SOFTCAP, True)  # fmt: skip
+        # The CE's one-hot, at the label only: the passes above wrote softmax(a) there; once
+        # their stores are done, that one element is written again with the one-hot subtracted
+        # (a compare and select per element fewer in the loop).
+        if HAS_CE:
+            if in_vocab:
+                tl.debug_barrier()
+                ls = (a_label * tau2 - c_s) - lz_s
+                lt = (b_label * tau2 - c_t) - lz_t
+                g = _grad_ds(ls, lt, tl.exp2(ls), tl.exp2(lt), kl, log_beta, log_1m_beta, DIV)
+                da = _dlogit(g, a_label, c_a, lz_a, c_soft, c_hard, 1.0, cap, HAS_CE, SOFTCAP)
+                tl.store(dx_ptr + at, tl.where(w != 0, da, 0.0).to(dx_ptr.dtype.element_ty))
 
 
 def chunk_step(

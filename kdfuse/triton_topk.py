@@ -40,7 +40,6 @@ import triton.language as tl
 from torch import Tensor
 
 from .divergences import LOGPROB_FLOOR
-from .triton_chunk import _online_lse
 
 __all__ = ["supported", "chunk_step"]
 
@@ -53,6 +52,16 @@ _NUM_WARPS = 4
 def supported(kernel, compute_dtype: torch.dtype, device: torch.device, softcap: bool) -> bool:
     """Whether :func:`chunk_step` runs this sparse divergence here (a built-in, float32, CUDA)."""
     return hasattr(kernel, "__kdfuse_reduced__") and compute_dtype == torch.float32 and device.type == "cuda" and not softcap
+
+
+@triton.jit
+def _online_lse(m, z, x, x_max):
+    """Fold the block ``x`` (whose max is ``x_max``) into the running (max, sum of exp(x − max))
+    scalars, rescaling once per block: one exp per element."""
+    m_new = tl.maximum(m, x_max)
+    safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    z = z * tl.exp(m - safe) + tl.sum(tl.exp(x - safe), axis=0)
+    return m_new, z
 
 
 @triton.jit
@@ -69,7 +78,7 @@ def _complement_lse_kernel(X, STATS, SCALARS, V, stride_x, HAS_CE: tl.constexpr,
     for start in range(0, V, BLOCK):
         idx = start + offs
         x = tl.load(x_ptr + idx, mask=idx < V, other=float("-inf")).to(tl.float32)
-        x_max = tl.max(x, axis=0)  # max(τx) = τ·max(x), see triton_chunk's pass 1
+        x_max = tl.max(x, axis=0)  # max(τx) = τ·max(x) exactly (τ > 0, rounding is monotonic)
         m_t, z_t = _online_lse(m_t, z_t, x * inv_t, x_max * inv_t)
         if HAS_CE:
             m_1, z_1 = _online_lse(m_1, z_1, x, x_max)
