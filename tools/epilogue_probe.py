@@ -36,17 +36,8 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from autotune import measure_interleaved  # noqa: E402
+from kdfuse.triton_mm import _tile_of  # noqa: E402
 import gluon_epilogue as gluon_logits  # noqa: E402  (tools/, beside this file)
-
-
-@triton.jit
-def _tile_of(tile, n_m, n_n, GROUP: tl.constexpr):
-    """(pid_m, pid_n) of ``tile`` in grouped order: GROUP row tiles sweep the columns together,
-    so the B tiles they share stay in L2."""
-    per_group = GROUP * n_n
-    first_m = (tile // per_group) * GROUP
-    rows = tl.minimum(n_m - first_m, GROUP)
-    return first_m + (tile % per_group) % rows, (tile % per_group) // rows
 
 
 @triton.jit

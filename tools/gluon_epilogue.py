@@ -35,6 +35,8 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 )
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
+from kdfuse.triton_mm import _tile_of as _tile  # a Triton function: Gluon calls it as its own
+
 __all__ = ["supported", "logits_with_stats", "BLOCK_N"]  # and _launch, for the probe
 
 BLOCK_M, BLOCK_N, BLOCK_K = 128, 256, 64
@@ -44,15 +46,6 @@ _MMA_WARPS, _EPILOGUE_WARPS = 8, 4
 _EPILOGUE_REGS = 80  # per thread; the main loop's warps get the rest of maxnreg × 12 warps (208)
 _MAXNREG = 168
 _SUB_ROWS = 16  # output-tile rows the epilogue loads at a time: 32 values per thread, no spills
-
-
-@gluon.jit
-def _tile(t, n_m, n_n, GROUP: gl.constexpr):
-    """(pid_m, pid_n) of output tile ``t``: GROUP row tiles sweep the columns together."""
-    per_group = GROUP * n_n
-    first_m = (t // per_group) * GROUP
-    rows = gl.minimum(n_m - first_m, GROUP)
-    return first_m + (t % per_group) % rows, (t % per_group) // rows
 
 
 @gluon.jit
