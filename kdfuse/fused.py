@@ -354,6 +354,19 @@ class _Grads(NamedTuple):
 
 def _run(
     p: _Problem,
+    row_weight: Tensor | None,
+    need: tuple[bool, bool, bool],
+    check: Callable[[], None] | None = None,
+) -> tuple[Tensor, Tensor, Tensor, _Grads]:
+    """:func:`_run_chunks` with the inputs' GPU current: Triton launches its kernels on the
+    current device, which need not be the one the tensors are on."""
+    device = p.student_hidden.device
+    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+        return _run_chunks(p, row_weight, need, check)
+
+
+def _run_chunks(
+    p: _Problem,
     row_weight: Tensor | None,  # (N,) compute dtype, or None for loss only
     need: tuple[bool, bool, bool],  # grads for (hidden, weight, bias)
     check: Callable[[], None] | None = None,

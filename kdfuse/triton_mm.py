@@ -41,6 +41,12 @@ class MMConfig:
     stages: int = 4
     warps: int = 8
 
+    def __post_init__(self) -> None:
+        # One K-block per partial leaves a loop Triton folds away, and `total += dot(a, b)`
+        # becomes one tensor-core accumulation over all of K: no promotion at all.
+        if self.promote < 2:
+            raise ValueError(f"promote must be at least 2 K-blocks per partial, got {self.promote}")
+
 
 @triton.jit
 def _tile_of(tile, n_m, n_n, GROUP: tl.constexpr):
@@ -94,6 +100,10 @@ def supported(
     the TMA descriptors can address."""
     if not (out.is_cuda and torch.cuda.get_device_capability(out.device)[0] == 9):
         return False
+    if a.device != out.device or b.device != out.device or not a.dim() == b.dim() == out.dim() == 2:
+        return False
+    if out.stride(0) < out.shape[1]:  # rows that overlap (an expanded view) would race
+        return False
     if a.dtype not in (torch.bfloat16, torch.float16) or b.dtype != a.dtype or out.dtype != torch.float32:
         return False
     return _tma_ok(out) and _tma_ok(b) and (_tma_ok(a) or _tma_ok(a.t()))
@@ -110,6 +120,8 @@ def promoted_mm(
     """out = alpha · a @ b, or out += alpha · a @ b when ``accumulate``; float32 sums of
     ``promote·bk``-long partial products (see the module's docstring). Needs ``supported``."""
     (m, k), n = a.shape, b.shape[1]
+    if b.shape[0] != k or tuple(out.shape) != (m, n):
+        raise ValueError(f"promoted_mm: out {tuple(out.shape)} = a {tuple(a.shape)} @ b {tuple(b.shape)} does not fit")
     if not (m and n):
         return
     if not k:  # an empty reduction: a @ b is zero

@@ -374,3 +374,11 @@ def test_inside_a_users_compiled_step():
     assert rel_err(c_loss, loss) < 1e-6, (c_loss.item(), loss.item())
     for got, want in zip(c_grads, grads):
         assert got.dtype == want.dtype and rel_err(got, want) < 2.0**-8, rel_err(got, want)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_inputs_on_a_gpu_other_than_the_current_one():
+    # Triton launches on the current device: kdfuse makes the inputs' GPU current for the call.
+    inputs = {k: v.to("cuda:1") if isinstance(v, torch.Tensor) else v for k, v in make_inputs(N, torch.bfloat16, seed=3).items()}
+    with torch.cuda.device(0):
+        check(inputs, torch.bfloat16, chunk_size=CHUNK, divergence="forward_kl", hard_weight=0.5)

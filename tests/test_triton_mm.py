@@ -157,3 +157,19 @@ def test_fused_step_routes_long_reductions_to_the_promoted_gemm(monkeypatch, n, 
     for got, want in zip((gh, gw), torch.autograd.grad(ref, (h64, w64))):
         inherent = ((want.bfloat16().double() - want).norm() / want.norm()).item()
         assert ((got.double() - want).norm() / want.norm()).item() < 6 * 2.0**-8 + inherent
+
+
+def test_a_config_without_promotion_is_refused():
+    # promote = 1 compiles to one tensor-core accumulation over all of K (a review found it).
+    with pytest.raises(ValueError, match="promote"):
+        _mm().MMConfig(promote=1)
+    assert _mm().MMConfig(promote=2).promote == 2
+
+
+@pytest.mark.parametrize("a_shape, b_shape, out_shape", [((40, 16), (24, 40), (40, 40)), ((40, 16), (16, 40), (40, 48))])
+def test_mismatched_shapes_are_refused(a_shape, b_shape, out_shape):
+    a = torch.zeros(a_shape, dtype=DTYPES[0], device=DEVICE)
+    b = torch.zeros(b_shape, dtype=DTYPES[0], device=DEVICE)
+    out = torch.zeros(out_shape, device=DEVICE)
+    with pytest.raises(ValueError, match="does not fit"):
+        _mm().promoted_mm(out, a, b, accumulate=False)
