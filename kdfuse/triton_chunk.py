@@ -365,7 +365,7 @@ def _kd_chunk_kernel(
                 lt = (b_label * tau2 - c_t) - lz_t
                 g = _grad_ds(ls, lt, tl.exp2(ls), tl.exp2(lt), kl, log_beta, log_1m_beta, DIV)
                 da = _dlogit(g, a_label, c_a, lz_a, c_soft, c_hard, 1.0, cap, HAS_CE, SOFTCAP)
-                tl.store(dx_ptr + at, tl.where(w != 0, da, 0.0).to(dx_ptr.dtype.element_ty))
+                _store(dx_ptr, at, None, da, w, False)
 
 
 def chunk_step(

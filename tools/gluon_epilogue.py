@@ -16,7 +16,7 @@ between warps (Gluon's ``warp_specialize``, Hopper): eight warps run the TMA loa
 main loop and hand each finished tile over in shared memory; four others store it (TMA) and
 compute its statistics while the eight are already on the next tile.
 
-Hopper (sm_90) only, bf16/fp16 operands with TMA-aligned rows; :func:`supported` says when.
+Hopper (sm_90) only, bf16/fp16 operands, contiguous, with 16-byte-aligned rows (TMA).
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from kdfuse.triton_mm import _tile_of as _tile  # a Triton function: Gluon calls it as its own
 
-__all__ = ["supported", "logits_with_stats", "BLOCK_N"]  # and _launch, for the probe
+__all__ = ["logits_with_stats", "BLOCK_N"]  # and _launch, for the probe
 
 BLOCK_M, BLOCK_N, BLOCK_K = 128, 256, 64
 _STAGES = 3  # 3 × 48 KiB of operands + the 64 KiB output tile: 208 of the 227 KiB of shared memory
@@ -162,23 +162,6 @@ def _logits_stats_kernel(a_desc, b_desc, c_desc, stats, scale_ptr, M, N,
         ],
         [EPILOGUE_WARPS],
         [EPILOGUE_REGS],
-    )
-
-
-def supported(hidden: Tensor, weight: Tensor) -> bool:
-    """Whether :func:`logits_with_stats` runs ``hidden @ weight.T`` here: a Hopper GPU, both
-    operands bf16 (or both fp16), contiguous, rows 16-byte aligned (TMA)."""
-    return (
-        hidden.is_cuda
-        and torch.cuda.get_device_capability(hidden.device) == (9, 0)
-        and hidden.dtype in (torch.bfloat16, torch.float16)
-        and weight.dtype == hidden.dtype
-        and hidden.is_contiguous()
-        and weight.is_contiguous()
-        and hidden.shape[1] % 8 == 0
-        and weight.shape[0] % 8 == 0
-        and hidden.data_ptr() % 16 == 0
-        and weight.data_ptr() % 16 == 0
     )
 
 
