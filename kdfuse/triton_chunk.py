@@ -22,7 +22,8 @@ the row's last block, no one-hot compare (the label's element is rewritten after
 
 So 2 reads of both logit tensors plus one write of the gradient (3 reads for reverse KL / JSD),
 all in the logits' own dtype, against ~6 float32 passes for the generic path. The math is the
-divergences module's, term by term (same ``LOGPROB_FLOOR`` clamps), so values agree with the
+divergences module's, term by term (same ``LOGPROB_FLOOR`` clamps; the JSD mixture's log is taken
+of β·p_t + (1−β)·p_s rather than as a log-sum-exp, see ``_log_mix``), so values agree with the
 generic path to float32 rounding; tests check values and gradients against it.
 
 Closed forms, with s, t the temperature-scaled logits, p = softmax, F the floor, w the row
@@ -40,6 +41,7 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from triton.language.extra.cuda import libdevice
 
 from . import divergences as D
 
@@ -151,16 +153,36 @@ def _logprobs(s_ptr, t_ptr, idx, mask, cap, tau2, c_s, lz_s, c_t, lz_t,
     return a, (a * tau2 - c_s) - lz_s, (b * tau2 - c_t) - lz_t
 
 
-@triton.jit
-def _log_mix(lt, ls, log_beta, log_1m_beta):
-    """log2(β·p_t + (1−β)·p_s) from log-probs in bits, a two-term log-sum-exp."""
-    hi = tl.maximum(log_beta + lt, log_1m_beta + ls)
-    lo = tl.minimum(log_beta + lt, log_1m_beta + ls)
-    return hi + tl.log2(1.0 + tl.exp2(lo - hi))
+# tl.log2 compiles to a software log2 of ~20 instructions per element (exponent split,
+# polynomial, subnormal fix-up); the special-function unit's lg2.approx is one, with an absolute
+# error of ~2^-22 (bits) and subnormal inputs flushed to 0. Triton's interpreter (the CPU tests)
+# has no libdevice: there it is tl.log2.
+_FAST_LOG2 = tl.constexpr(not triton.knobs.runtime.interpret)
 
 
 @triton.jit
-def _grad_ds(ls, lt, ps, pt, kl, log_beta, log_1m_beta, DIV: tl.constexpr):
+def _log2(x):
+    if _FAST_LOG2:
+        y = libdevice.fast_log2f(x)
+    else:
+        y = tl.log2(x)
+    return y
+
+
+@triton.jit
+def _log_mix(pt, ps, beta, one_m_beta):
+    """log2(β·p_t + (1−β)·p_s), in bits, from the probabilities the pass has already formed: one
+    special-function log2 per element, where the two-term log-sum-exp of the log-probs took an
+    exp2, a software log2 and six more instructions (the JSD passes issue ~35% fewer). Within
+    ~2^-22 bits of the log-sum-exp's value wherever the mixture is a normal float; where it
+    underflows (β·p_t and (1−β)·p_s both below 2^-126) its log is −inf, floored like any other,
+    and the terms it enters are p·(log p − floor) with p < 2^-126 / min(β, 1−β): each below
+    1.2e-14 (nats) for β in [1e-20, 1 − 1e-20], below 3e-34 at β = 0.5."""
+    return _log2(beta * pt + one_m_beta * ps)
+
+
+@triton.jit
+def _grad_ds(ls, lt, ps, pt, kl, beta, one_m_beta, DIV: tl.constexpr):
     """dD/ds, up to the row factor :func:`_kd_chunk_kernel` puts in ``c_soft`` (ln 2 for reverse
     KL, (1 − β)·ln 2 for JSD: their log terms are in bits here, as is ``kl``)."""
     if DIV <= 1:
@@ -168,7 +190,7 @@ def _grad_ds(ls, lt, ps, pt, kl, log_beta, log_1m_beta, DIV: tl.constexpr):
     elif DIV == 2:
         g = ps * (tl.maximum(ls, _FLOOR2) - tl.maximum(lt, _FLOOR2) - kl)
     else:
-        g = ps * (tl.maximum(ls, _FLOOR2) - tl.maximum(_log_mix(lt, ls, log_beta, log_1m_beta), _FLOOR2) - kl)
+        g = ps * (tl.maximum(ls, _FLOOR2) - tl.maximum(_log_mix(pt, ps, beta, one_m_beta), _FLOOR2) - kl)
     return g
 
 
@@ -197,7 +219,7 @@ def _store(dx_ptr, idx, mask, da, w, MASKED: tl.constexpr):
 
 @triton.jit
 def _pass2(s_ptr, t_ptr, dx_ptr, idx, mask, cap, tau2, c_s, lz_s, c_t, lz_t, c_a, lz_a,
-           acc_a, acc_b, log_beta, log_1m_beta, w, c_soft, c_hard,
+           acc_a, acc_b, beta, one_m_beta, w, c_soft, c_hard,
            DIV: tl.constexpr, HAS_CE: tl.constexpr, SOFTCAP: tl.constexpr, WITH_GRAD: tl.constexpr,
            MASKED: tl.constexpr):  # fmt: skip
     """One block of pass 2: the divergence's terms, in bits, into the per-lane sums acc_a (the
@@ -219,7 +241,7 @@ def _pass2(s_ptr, t_ptr, dx_ptr, idx, mask, cap, tau2, c_s, lz_s, c_t, lz_t, c_a
     elif DIV == 2:
         acc_a += ps * (ls_c - lt_c)
     else:
-        lm_c = tl.maximum(_log_mix(lt, ls, log_beta, log_1m_beta), _FLOOR2)
+        lm_c = tl.maximum(_log_mix(pt, ps, beta, one_m_beta), _FLOOR2)
         acc_a += pt * (lt_c - lm_c)
         acc_b += ps * (ls_c - lm_c)
     if WITH_GRAD:
@@ -231,11 +253,11 @@ def _pass2(s_ptr, t_ptr, dx_ptr, idx, mask, cap, tau2, c_s, lz_s, c_t, lz_t, c_a
 
 @triton.jit
 def _pass3(s_ptr, t_ptr, dx_ptr, idx, mask, cap, tau2, c_s, lz_s, c_t, lz_t, c_a, lz_a,
-           kl, log_beta, log_1m_beta, w, c_soft, c_hard,
+           kl, beta, one_m_beta, w, c_soft, c_hard,
            DIV: tl.constexpr, HAS_CE: tl.constexpr, SOFTCAP: tl.constexpr, MASKED: tl.constexpr):  # fmt: skip
     """One block of pass 3 (reverse KL, JSD): the gradient, which needs the row's ``kl``."""
     a, ls, lt = _logprobs(s_ptr, t_ptr, idx, mask, cap, tau2, c_s, lz_s, c_t, lz_t, SOFTCAP, MASKED)
-    g = _grad_ds(ls, lt, tl.exp2(ls), tl.exp2(lt), kl, log_beta, log_1m_beta, DIV)
+    g = _grad_ds(ls, lt, tl.exp2(ls), tl.exp2(lt), kl, beta, one_m_beta, DIV)
     _store(dx_ptr, idx, mask, _dlogit(g, a, c_a, lz_a, c_soft, c_hard, 0.0, cap, HAS_CE, SOFTCAP), w, MASKED)
 
 
@@ -296,16 +318,13 @@ def _kd_chunk_kernel(
         picked = tl.where(in_vocab, a_label, 0.0)
         hard = tl.where(valid & (label != ignore_index), lse_a - picked, 0.0)
 
-    log_beta = 0.0
-    log_1m_beta = 0.0
     one_m_beta = 0.0
     beta = 0.0
     if DIV == 3:
-        # (β, 1 − β, log β, log(1 − β)), each computed in float64 (see divergences._mixing).
+        # β and 1 − β, each computed in float64 (see divergences._mixing; the logs that follow
+        # them there are not needed here).
         beta = tl.load(SCALARS + 4)
         one_m_beta = tl.load(SCALARS + 5)
-        log_beta = tl.load(SCALARS + 6) * _LOG2E
-        log_1m_beta = tl.load(SCALARS + 7) * _LOG2E
 
     # The row factors of the gradient (w the row weight; ln 2 turns bits into nats).
     w = 0.0
@@ -324,11 +343,11 @@ def _kd_chunk_kernel(
     acc_b = tl.zeros([BLOCK], tl.float32)
     if n_full * BLOCK < V:
         acc_a, acc_b = _pass2(s_ptr, t_ptr, dx_ptr, tail, tail < V, cap, tau2, c_s, lz_s, c_t, lz_t, c_a, lz_a,
-                              acc_a, acc_b, log_beta, log_1m_beta, w, c_soft, c_hard,
+                              acc_a, acc_b, beta, one_m_beta, w, c_soft, c_hard,
                               DIV, HAS_CE, SOFTCAP, WITH_GRAD, True)  # fmt: skip
     for i in tl.range(0, n_full, num_stages=STAGES):
         acc_a, acc_b = _pass2(s_ptr, t_ptr, dx_ptr, (n_full - 1 - i) * BLOCK + offs, None, cap, tau2, c_s, lz_s,
-                              c_t, lz_t, c_a, lz_a, acc_a, acc_b, log_beta, log_1m_beta, w, c_soft, c_hard,
+                              c_t, lz_t, c_a, lz_a, acc_a, acc_b, beta, one_m_beta, w, c_soft, c_hard,
                               DIV, HAS_CE, SOFTCAP, WITH_GRAD, False)  # fmt: skip
     kl_a = tl.sum(acc_a, axis=0)  # bits
     kl_b = tl.sum(acc_b, axis=0)
@@ -351,10 +370,10 @@ def _kd_chunk_kernel(
         if DIV >= 2:
             for i in tl.range(0, n_full, num_stages=STAGES):
                 _pass3(s_ptr, t_ptr, dx_ptr, i * BLOCK + offs, None, cap, tau2, c_s, lz_s, c_t, lz_t, c_a, lz_a,
-                       kl, log_beta, log_1m_beta, w, c_soft, c_hard, DIV, HAS_CE, SOFTCAP, False)  # fmt: skip
+                       kl, beta, one_m_beta, w, c_soft, c_hard, DIV, HAS_CE, SOFTCAP, False)  # fmt: skip
             if n_full * BLOCK < V:
                 _pass3(s_ptr, t_ptr, dx_ptr, tail, tail < V, cap, tau2, c_s, lz_s, c_t, lz_t, c_a, lz_a,
-                       kl, log_beta, log_1m_beta, w, c_soft, c_hard, DIV, HAS_CE, SOFTCAP, True)  # fmt: skip
+                       kl, beta, one_m_beta, w, c_soft, c_hard, DIV, HAS_CE, SOFTCAP, True)  # fmt: skip
         # The CE's one-hot, at the label only: the passes above wrote softmax(a) there; once
         # their stores are done, that one element is written again with the one-hot subtracted
         # (a compare and select per element fewer in the loop).
@@ -363,7 +382,7 @@ def _kd_chunk_kernel(
                 tl.debug_barrier()
                 ls = (a_label * tau2 - c_s) - lz_s
                 lt = (b_label * tau2 - c_t) - lz_t
-                g = _grad_ds(ls, lt, tl.exp2(ls), tl.exp2(lt), kl, log_beta, log_1m_beta, DIV)
+                g = _grad_ds(ls, lt, tl.exp2(ls), tl.exp2(lt), kl, beta, one_m_beta, DIV)
                 da = _dlogit(g, a_label, c_a, lz_a, c_soft, c_hard, 1.0, cap, HAS_CE, SOFTCAP)
                 _store(dx_ptr, at, None, da, w, False)
 
