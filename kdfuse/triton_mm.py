@@ -27,8 +27,11 @@ __all__ = ["MMConfig", "promoted_mm", "supported"]
 @dataclass(frozen=True)
 class MMConfig:
     """Tile and pipeline of ``promoted_mm``. The default was the fastest in
-    ``tools/gemm_error_probe.py`` on an H100 (docs/benchmarks.md, "Gradient error"): 0.91-1.09×
-    cuBLAS's time for grad_hidden. Two float32 (BM, BN) accumulators, the total and the partial,
+    ``tools/gemm_error_probe.py`` on an H100 (docs/benchmarks.md, "Gradient error"): 1.03×
+    cuBLAS's time and 1.06× its energy for grad_hidden at 4096 × 128256 × 2048. Partials of 32
+    K-blocks: 16 drift half as far (1.3e-6 against 2.5e-6 before rounding, 8.0e-5 against 1.1e-4
+    after) for 1.06× cuBLAS's time and 1.08× its energy; the gradient's error stays under 2e-4 with
+    either. Two float32 (BM, BN) accumulators, the total and the partial,
     live in registers; 128 × 256 over 8 warps (2 × 128 per thread) sits at the register limit,
     but 128 × 128 tiles, which fit, fetch 4/3 as many operand bytes per product from L2 and ran
     1.15-1.26× cuBLAS's time."""
@@ -37,7 +40,7 @@ class MMConfig:
     bn: int = 256
     bk: int = 64
     group: int = 16  # row tiles that sweep the columns together, so the B blocks they share stay in L2
-    promote: int = 16  # K-blocks per partial: the drift of a 1024-long reduction
+    promote: int = 32  # K-blocks per partial: the drift of a 2048-long reduction
     stages: int = 4
     warps: int = 8
 
