@@ -47,15 +47,20 @@ def measure_interleaved(
     warmup: int = 3,
     repeat: int = 10,
     device: torch.device | str | None = None,
+    settle: float = 0.0,
 ) -> dict[K, tuple[float, int]]:
     """:func:`measure` for several functions, in ``rounds`` rounds that each run every function
-    (``warmup`` untimed calls, then ``repeat`` timed, back to back).
+    (``warmup`` untimed calls, and more until ``settle`` seconds have passed, then ``repeat``
+    timed, back to back).
 
     Returns ``{key: (median milliseconds over all its timed calls, largest peak extra bytes)}``.
     Why rounds: a GPU at its power limit changes its clocks over a second or so of load (an H100
     under back-to-back GEMMs went from 1980 to 1110-1275 MHz, its steps from 27 to 30-36 ms), so
     functions timed one after the other see different clocks and their ratios depend on their
-    order; interleaved, they share the device's recent history.
+    order; interleaved, they share the device's recent history. A few untimed calls leave each
+    function's timed ones with the clock its predecessor's load left; ``settle`` (about a second
+    on an H100) runs each one long enough to time it at the clock its own load settles at, the
+    clock it runs at when called over and over, as a training loop calls it.
     """
     if rounds < 1:
         raise ValueError(f"need rounds >= 1, got {rounds}")
@@ -65,7 +70,7 @@ def measure_interleaved(
     peaks = dict.fromkeys(fns, 0)
     for _ in range(rounds):
         for key, fn in fns.items():
-            calls, peak = timed_calls(fn, warmup=warmup, repeat=repeat, device=device)
+            calls, peak = timed_calls(fn, warmup=warmup, repeat=repeat, device=device, settle=settle)
             times[key] += calls
             peaks[key] = max(peaks[key], peak)
     return {key: (statistics.median(times[key]), peaks[key]) for key in fns}
@@ -82,15 +87,18 @@ def timed_calls(
     warmup: int = 3,
     repeat: int = 10,
     device: torch.device | str | None = None,
+    settle: float = 0.0,
 ) -> tuple[list[float], int]:
     """:func:`measure`'s calls, each one's time kept: ``([milliseconds per timed call], peak extra
-    bytes)``, e.g. to watch the clocks drift over back-to-back calls."""
+    bytes)``, e.g. to watch the clocks drift over back-to-back calls. The untimed calls go on past
+    ``warmup`` until ``settle`` seconds have passed (see :func:`measure_interleaved`)."""
     _check_counts(warmup, repeat)
+    if settle < 0:
+        raise ValueError(f"need settle >= 0, got {settle}")
     device = resolve_device(device)
     if device.type == "cuda":
-        return _timed_calls_cuda(fn, warmup, repeat, device)
-    for _ in range(warmup):
-        fn()
+        return _timed_calls_cuda(fn, warmup, repeat, device, settle)
+    _warm_up(fn, warmup, settle, sync=lambda: None)
     times = []
     for _ in range(repeat):
         start = time.perf_counter()
@@ -99,11 +107,24 @@ def timed_calls(
     return times, 0
 
 
-def _timed_calls_cuda(fn: Callable[[], object], warmup: int, repeat: int, device: torch.device) -> tuple[list[float], int]:
+def _warm_up(fn: Callable[[], object], warmup: int, settle: float, sync: Callable[[], None]) -> None:
+    """``warmup`` calls, and more until ``settle`` seconds have passed. Each call past the first
+    ``warmup`` waits for the device (``sync``): the seconds are the device's, not those of a
+    host running ahead of it."""
+    start = time.perf_counter()
+    for _ in range(warmup):
+        fn()
+    while time.perf_counter() - start < settle:
+        fn()
+        sync()
+
+
+def _timed_calls_cuda(
+    fn: Callable[[], object], warmup: int, repeat: int, device: torch.device, settle: float
+) -> tuple[list[float], int]:
     with torch.cuda.device(device):
         # Warm-up first so compilation, autotuning and allocator growth are not charged to the timing.
-        for _ in range(warmup):
-            fn()
+        _warm_up(fn, warmup, settle, sync=torch.cuda.synchronize)
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         baseline = torch.cuda.memory_allocated()

@@ -366,6 +366,24 @@ def test_timed_calls_keeps_each_timed_call(monkeypatch):
     assert times == pytest.approx([4.0, 1.0, 3.0]) and peak == 0
 
 
+def test_timed_calls_settle_runs_untimed_calls_until_the_seconds_have_passed(monkeypatch):
+    """``settle``: past ``warmup``, untimed calls go on until that many seconds (since the first
+    warm-up call) have passed; only the ``repeat`` calls after them are timed."""
+    clock = [0.0]
+    monkeypatch.setattr(autotune.timing, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+    durations = iter([0.4, 0.4, 0.4, 0.004, 0.001, 0.003])  # 0.8 s < settle after 2 calls, 1.2 s after 3
+    calls = []
+
+    def fn():
+        calls.append(None)
+        clock[0] += next(durations)
+
+    times, _ = autotune.timed_calls(fn, warmup=1, repeat=3, device="cpu", settle=1.0)
+    assert len(calls) == 6 and times == pytest.approx([4.0, 1.0, 3.0])
+    with pytest.raises(ValueError):
+        autotune.timed_calls(fn, device="cpu", settle=-1.0)
+
+
 def test_measure_interleaved_runs_rounds_and_pools_the_timed_calls(monkeypatch):
     """Each round runs every function (warm-up, then timed calls); a function's median is over
     its timed calls of all rounds, so a slow round (a throttled device) weighs on all alike."""

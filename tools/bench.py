@@ -2,9 +2,12 @@
 
 Every contender runs forward + backward (gradients for the student hidden states and lm_head
 weight) on the same inputs in one process; we report the median time after warm-up (timed in
-rounds over all contenders, so that they share the GPU's clock drift), the peak
-device memory above the inputs (``torch.cuda.max_memory_allocated``), the ratio to the floor,
-and the gradient error against a reference.
+rounds over all contenders; in each round a contender first runs ``--settle`` seconds untimed,
+so it is timed at the clock its own load settles at, as in a training loop), the energy per
+step (NVML's counter over ``--energy`` seconds of back-to-back steps: on a GPU at its power
+limit the time follows it), the peak device memory above the inputs
+(``torch.cuda.max_memory_allocated``), the ratios to the floor, and the gradient error against a
+reference.
 
     python tools/bench.py                                   # every shape and config
     python tools/bench.py --cases 8b-1b:8192 --configs fkl_ce --json out.json --png out.png
@@ -38,6 +41,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -47,8 +51,10 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import energy_probe  # noqa: E402
 import kdfuse  # noqa: E402
 from autotune import measure_interleaved  # noqa: E402
 from kdfuse import divergences as D  # noqa: E402
@@ -96,6 +102,8 @@ class Row:
     ms: float = math.nan
     peak_gib: float = math.nan
     ratio: float = math.nan
+    joules: float = math.nan  # per step
+    joules_ratio: float = math.nan  # to the floor's
     grad_err: float = math.nan
     grad_err_exact: float = math.nan
     loss_err: float = math.nan
@@ -288,16 +296,30 @@ def run_case(case: str, cfg_key: str, args) -> list[Row]:
         rows.append(row)
         print(f"  {case} {cfg_key} {name}: first call {row.first_call_s:.1f} s {row.note}", flush=True)
     ran = {r.contender: steps[r.contender] for r in rows if math.isfinite(r.first_call_s)}
-    timings = measure_interleaved(ran, rounds=args.rounds, warmup=args.warmup, repeat=args.repeat)
+    timings = measure_interleaved(ran, rounds=args.rounds, warmup=args.warmup, repeat=args.repeat, settle=args.settle)
+    joules = energy_rounds(ran, args.rounds, args.settle, args.energy) if args.energy else {}
     for r in rows:
         if r.contender in timings:
             r.ms, peak = timings[r.contender]
             r.peak_gib = peak / GiB
-    floor = next((r.ms for r in rows if r.contender == "floor"), math.nan)
+            r.joules = joules.get(r.contender, math.nan)
+    floor = next((r for r in rows if r.contender == "floor"), Row(case, cfg_key, "floor"))
     for r in rows:
-        r.ratio = r.ms / floor
+        r.ratio, r.joules_ratio = r.ms / floor.ms, r.joules / floor.joules
     print_table(rows)
     return rows
+
+
+def energy_rounds(steps: dict[str, Step], rounds: int, settle: float, seconds: float) -> dict[str, float]:
+    """Each step's energy per call (J), the median of ``rounds`` rounds over all steps, each
+    reading ``seconds`` of back-to-back calls after ``settle`` seconds of them (tools/energy_probe.py):
+    one reading moves by ~2% from run to run."""
+    nvml = energy_probe.Nvml(torch.device("cuda"))
+    readings: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(rounds):
+        for name, step in steps.items():
+            readings[name].append(energy_probe.read(nvml, step, seconds, settle=settle).joules)
+    return {name: statistics.median(js) for name, js in readings.items()}
 
 
 def print_table(rows: list[Row]) -> None:
@@ -306,11 +328,12 @@ def print_table(rows: list[Row]) -> None:
     from rich.table import Table
 
     table = Table(title=f"KD loss fwd+bwd on {torch.cuda.get_device_name()} (bf16)", box=box.MARKDOWN)
-    for col in ("case", "config", "contender", "× floor", "ms", "peak GiB", "grad err", "vs exact", "loss err", "1st call s", "note"):
+    cols = ("case", "config", "contender", "× floor", "ms", "J × floor", "J", "peak GiB", "grad err", "vs exact", "loss err", "1st call s", "note")
+    for col in cols:
         table.add_column(col, justify="left" if col in ("case", "config", "contender", "note") else "right")
     for r in rows:
         table.add_row(
-            r.case, r.config, r.contender, f"{r.ratio:.3f}", f"{r.ms:.2f}", f"{r.peak_gib:.2f}",
+            r.case, r.config, r.contender, f"{r.ratio:.3f}", f"{r.ms:.2f}", f"{r.joules_ratio:.3f}", f"{r.joules:.2f}", f"{r.peak_gib:.2f}",
             f"{r.grad_err:.1e}", f"{r.grad_err_exact:.2e}", f"{r.loss_err:.1e}", f"{r.first_call_s:.1f}", r.note,
         )  # fmt: skip
     Console(width=200).print(table)
@@ -344,6 +367,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeat", type=int, default=5, help="timed calls per contender per round")
     parser.add_argument("--rounds", type=int, default=3, help="rounds over all contenders (see autotune.measure_interleaved)")
+    parser.add_argument("--settle", type=float, default=1.0, help="seconds each contender runs untimed before its timed calls, each round")
+    parser.add_argument("--energy", type=float, default=1.0, help="seconds of steps whose energy is read per contender (0: none)")
     parser.add_argument("--json", help="write all rows here")
     parser.add_argument("--png", help="draw time/floor per case here")
     args = parser.parse_args(argv)

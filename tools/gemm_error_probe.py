@@ -10,7 +10,9 @@ kdfuse's promoted Triton GEMM (``kdfuse.triton_mm``) with partials of P K-blocks
 grad_weight += dlᵀ @ h (K = the block's rows) into a float32 accumulator, by cuBLAS and by the
 promoted GEMM. For each it prints the error before rounding (‖g − g_exact‖/‖g_exact‖) and after
 rounding both sides to bf16 (the benchmark's ``grad err``, which shows a pre-rounding difference
-δ as ≈ √(δ·2⁻⁸)), and the median time, all GEMMs of a kind timed in interleaved rounds.
+δ as ≈ √(δ·2⁻⁸)), and the median time, all GEMMs of a kind timed in interleaved rounds; with ``--energy S``, also
+the energy per call, each GEMM run back to back for S seconds (tools/energy_probe.py: on a GPU
+at its power limit, energy is what a step's time follows).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import bench  # noqa: E402
+import energy_probe  # noqa: E402
 from autotune import measure_interleaved  # noqa: E402
 from kdfuse import divergences as D  # noqa: E402
 from kdfuse.triton_mm import MMConfig, promoted_mm  # noqa: E402
@@ -61,8 +64,9 @@ def parse(text: str) -> MMConfig:
     return MMConfig(bm=bm, bn=bn, bk=bk, **{keys[part[0]]: int(part[1:]) for part in rest})
 
 
-def report(title: str, out: torch.Tensor, exact: torch.Tensor, fns: dict, rounds: int) -> None:
-    """Run each of ``fns`` (each writes ``out``) once for its error, then time them all in rounds."""
+def report(title: str, out: torch.Tensor, exact: torch.Tensor, fns: dict, rounds: int, energy: float) -> None:
+    """Run each of ``fns`` (each writes ``out``) once for its error, then time them all in rounds
+    (and, with ``energy`` seconds, read each one's energy per call)."""
     from rich.console import Console
     from rich.table import Table
 
@@ -72,12 +76,19 @@ def report(title: str, out: torch.Tensor, exact: torch.Tensor, fns: dict, rounds
         errs[name] = errors(out, exact)
     times = measure_interleaved(fns, rounds=rounds, warmup=3, repeat=10)
     base = times[next(iter(fns))][0]
+    joules = {}
+    if energy:
+        nvml = energy_probe.Nvml(out.device)
+        joules = {name: energy_probe.read(nvml, fn, energy).joules for name, fn in fns.items()}
     table = Table(title=title)
     table.add_column("GEMM", no_wrap=True)
-    for col in ("before rounding", "after (grad err)", "ms", "× first"):
+    for col in ("before rounding", "after (grad err)", "ms", "× first", *(("J", "J × first") if energy else ())):
         table.add_column(col)
     for name, (ms, _) in times.items():
-        table.add_row(name, f"{errs[name][0]:.2e}", f"{errs[name][1]:.2e}", f"{ms:.3f}", f"{ms / base:.3f}")
+        cells = [f"{errs[name][0]:.2e}", f"{errs[name][1]:.2e}", f"{ms:.3f}", f"{ms / base:.3f}"]
+        if energy:
+            cells += [f"{joules[name]:.3f}", f"{joules[name] / joules[next(iter(fns))]:.3f}"]
+        table.add_row(name, *cells)
     Console(width=140).print(table)
 
 
@@ -88,6 +99,7 @@ def main() -> None:
     parser.add_argument("--splits", type=int, nargs="+", default=[16, 32])
     parser.add_argument("--configs", nargs="+", default=[label(MMConfig())], help="promoted GEMMs, BMxBNxBK:pPROMOTE:sSTAGES:wWARPS[:gGROUP]")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--energy", type=float, default=0.0, help="seconds per GEMM for its energy per call (0: not measured)")
     args = parser.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = False
     dev = torch.device("cuda")
@@ -113,7 +125,7 @@ def main() -> None:
         fns[f"cuBLAS, {splits} × K = {size}"] = split_mm
     for name, cfg in configs.items():
         fns[name] = lambda cfg=cfg: promoted_mm(out, dl, w, accumulate=False, config=cfg)
-    report(f"grad_hidden = dl ({args.rows} x {vocab}) @ W ({vocab} x {w.shape[1]})", out, exact, fns, args.rounds)
+    report(f"grad_hidden = dl ({args.rows} x {vocab}) @ W ({vocab} x {w.shape[1]})", out, exact, fns, args.rounds, args.energy)
 
     # grad_weight += dlᵀ @ h into an accumulator that already holds a first chunk's product
     # (here: that of the same block, so the exact sum is twice one block's).
@@ -133,7 +145,7 @@ def main() -> None:
     for name, cfg in configs.items():
         fns[name] = into(lambda cfg=cfg: promoted_mm(acc, dl.t(), h, accumulate=True, config=cfg))
     report(f"grad_weight += dlᵀ ({vocab} x {args.rows}) @ h ({args.rows} x {w.shape[1]}), times include a copy",
-           acc, exact_w, fns, args.rounds)  # fmt: skip
+           acc, exact_w, fns, args.rounds, args.energy)  # fmt: skip
 
 
 if __name__ == "__main__":
