@@ -173,7 +173,7 @@ def _log2(x):
 def _log_mix(pt, ps, beta, one_m_beta):
     """log2(β·p_t + (1−β)·p_s), in bits, from the probabilities the pass has already formed: one
     special-function log2 per element, where the two-term log-sum-exp of the log-probs took an
-    exp2, a software log2 and six more instructions (the JSD passes issue ~35% fewer). Within
+    exp2, a software log2 and six more instructions (JSD passes 2 and 3 issue half as many). Within
     ~2^-22 bits of the log-sum-exp's value wherever the mixture is a normal float; where it
     underflows (β·p_t and (1−β)·p_s both below 2^-126) its log is −inf, floored like any other,
     and the terms it enters are p·(log p − floor) with p < 2^-126 / min(β, 1−β): each below
