@@ -4,8 +4,8 @@ Every contender runs forward + backward (gradients for the student hidden states
 weight) on the same inputs in one process; we report the median time after warm-up (timed in
 rounds over all contenders; in each round a contender first runs ``--settle`` seconds untimed,
 so it is timed at the clock its own load settles at, as in a training loop), the energy per
-step (NVML's counter over ``--energy`` seconds of back-to-back steps: on a GPU at its power
-limit the time follows it), the peak device memory above the inputs
+step (NVML's energy counter over ``--energy`` seconds of back-to-back steps, also in rounds: on
+a GPU at its power limit the time follows it), the peak device memory above the inputs
 (``torch.cuda.max_memory_allocated``), the ratios to the floor, and the gradient error against a
 reference.
 
@@ -39,6 +39,7 @@ GEMMs (fp32 output, grad_weight summed over the reference's blocks in fp32), rou
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import math
 import statistics
@@ -51,10 +52,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import energy_probe  # noqa: E402
 import kdfuse  # noqa: E402
 from autotune import measure_interleaved  # noqa: E402
 from kdfuse import divergences as D  # noqa: E402
@@ -310,15 +309,53 @@ def run_case(case: str, cfg_key: str, args) -> list[Row]:
     return rows
 
 
+class Nvml:
+    """NVML's total-energy counter of the CUDA device, through ctypes (no pynvml needed)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.lib = ctypes.CDLL("libnvidia-ml.so.1")
+        self._check(self.lib.nvmlInit_v2())
+        props = torch.cuda.get_device_properties(device)
+        bus = f"{props.pci_domain_id:08x}:{props.pci_bus_id:02x}:{props.pci_device_id:02x}.0".encode()
+        self.handle = ctypes.c_void_p()
+        self._check(self.lib.nvmlDeviceGetHandleByPciBusId_v2(bus, ctypes.byref(self.handle)))
+
+    @staticmethod
+    def _check(status: int) -> None:
+        if status != 0:
+            raise RuntimeError(f"NVML call failed with status {status}")
+
+    def energy_mj(self) -> int:
+        value = ctypes.c_ulonglong()
+        self._check(self.lib.nvmlDeviceGetTotalEnergyConsumption(self.handle, ctypes.byref(value)))
+        return value.value
+
+
+def joules_per_call(nvml: Nvml, fn: Callable[[], object], seconds: float, settle: float) -> float:
+    """Run ``fn`` back to back for ``settle`` seconds untimed, then for ``seconds`` while reading
+    the energy counter; joules per call of the second loop."""
+    for budget in (settle, seconds):
+        torch.cuda.synchronize()
+        calls, start, energy = 0, time.perf_counter(), nvml.energy_mj()
+        while time.perf_counter() - start < budget or calls == 0:
+            fn()
+            calls += 1
+            if calls % 4 == 0:  # keep the host at most a few calls ahead
+                torch.cuda.synchronize()
+        torch.cuda.synchronize()
+        used = nvml.energy_mj() - energy
+    return used / 1e3 / calls
+
+
 def energy_rounds(steps: dict[str, Step], rounds: int, settle: float, seconds: float) -> dict[str, float]:
     """Each step's energy per call (J), the median of ``rounds`` rounds over all steps, each
-    reading ``seconds`` of back-to-back calls after ``settle`` seconds of them (tools/energy_probe.py):
-    one reading moves by ~2% from run to run."""
-    nvml = energy_probe.Nvml(torch.device("cuda"))
+    reading ``seconds`` of back-to-back calls after ``settle`` seconds of them: one reading moves
+    by ~2-3% from run to run."""
+    nvml = Nvml(torch.device("cuda"))
     readings: dict[str, list[float]] = {name: [] for name in steps}
     for _ in range(rounds):
         for name, step in steps.items():
-            readings[name].append(energy_probe.read(nvml, step, seconds, settle=settle).joules)
+            readings[name].append(joules_per_call(nvml, step, seconds, settle))
     return {name: statistics.median(js) for name, js in readings.items()}
 
 
