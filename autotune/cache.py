@@ -11,6 +11,7 @@ import tempfile
 import warnings
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 
@@ -21,7 +22,7 @@ try:
 except ImportError:  # Windows: writes stay atomic, but concurrent writers may drop each other's entries.
     fcntl = None
 
-__all__ = ["TuningCache", "TuningCacheWarning", "default_cache_dir", "device_identity", "software_versions"]
+__all__ = ["TuningCache", "TuningCacheWarning", "default_cache_dir", "device_identity", "software_versions", "write_atomic"]
 
 Key = Mapping[str, object] | str
 
@@ -85,6 +86,27 @@ def _read_umask() -> int:
 
 # Read once, at import, rather than racing other threads on every write.
 _UMASK = _read_umask()
+
+
+def write_atomic(path: str | os.PathLike[str], write: Callable[[BinaryIO], object]) -> None:
+    """``write(file)`` into a temporary file beside ``path`` (``.<name>.<random>.tmp``), flushed to
+    disk, then renamed over ``path``: readers see the old file or the complete new one, never a
+    partial one, and concurrent writers never share a temporary. The file gets the mode ``open``
+    would give it (0666 & ~umask, the umask as it was at import): ``mkstemp`` makes it 0600
+    whatever the umask, which would lock the other users of a shared directory out."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 def _slug(text: str) -> str:
@@ -199,16 +221,4 @@ class TuningCache:
             yield
 
     def _write(self, doc: dict) -> None:
-        fd, tmp = tempfile.mkstemp(dir=self._path.parent, prefix=f".{self._path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(doc, f, indent=1, sort_keys=True)
-            # mkstemp makes the file 0600 whatever the umask, locking the other users of a shared
-            # cache directory out: give it the mode open() would (0666 & ~umask). Not the mode of
-            # the file it replaces, which keeps a too-private file private for good.
-            os.chmod(tmp, 0o666 & ~_UMASK)
-            os.replace(tmp, self._path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
+        write_atomic(self._path, lambda f: f.write(json.dumps(doc, indent=1, sort_keys=True).encode()))

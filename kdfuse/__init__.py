@@ -1,19 +1,21 @@
 """kdfuse: fast, memory-lean, exact knowledge-distillation losses for LLMs."""
 
 from . import divergences, topk
-from .divergences import Divergence
-from .fused import DistillOutput, fused_linear_distill
+from ._version import __version__
+from .contract import DistillOutput
+from .divergences import Divergence, Parametrized
+from .extract import teacher_topk
+from .fused import fused_linear_distill
 from .module import DistillLoss, DistillOptions
 from .reference import fused_linear_distill_ref
-from .topk import SparseDivergence, teacher_topk
-
-__version__ = "0.1.0"
+from .topk import SparseDivergence
 
 __all__ = [
     "Divergence",
     "DistillLoss",
     "DistillOptions",
     "DistillOutput",
+    "Parametrized",
     "SparseDivergence",
     "divergences",
     "fused_linear_distill",

@@ -36,9 +36,10 @@ from rich.table import Table
 
 from autotune import TuningCache, resolve_device
 
-from . import divergences as D
-from . import topk as K
+from . import registry
 from .env import parse_memory_budget, settings
+from .fused import fused_linear_distill
+from .sweep import run_sweep
 from .tuning import (
     TIME_SLACK,
     Sweep,
@@ -50,7 +51,6 @@ from .tuning import (
     make_key,
     open_cache,
     resolve_memory_budget,
-    run_sweep,
 )
 
 __all__ = ["PRESETS", "Preset", "ShapeResult", "build_parser", "main"]
@@ -121,8 +121,8 @@ def _positive_list(text: str) -> tuple[int, ...]:
 
 
 def _divergence(name: str) -> str:
-    """A built-in's name: dense (kdfuse.divergences) or, with a ``topk_`` prefix, sparse (kdfuse.topk)."""
-    (K if name.startswith("topk_") else D).get(name)  # raises ValueError naming the built-ins
+    """A built-in's name (kdfuse.registry): dense, or sparse with a ``topk_`` prefix."""
+    registry.get(name)  # raises ValueError naming the built-ins and the nearest names
     return name
 
 
@@ -166,7 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument(
         "--divergence", type=_argument(_divergence), metavar="NAME",
         help=f"a built-in, e.g. jsd_beta0.3 (default: forward_kl, or topk_forward_kl_bucket with --teacher-topk; "
-        f"one of {', '.join(D.names() + K.names())})",
+        f"one of {', '.join(registry.names())})",
     )  # fmt: skip
     tune.add_argument("--no-ce", dest="with_ce", action="store_false", help="no hard cross-entropy term")
     tune.add_argument(
@@ -206,18 +206,19 @@ def _divergence_of(args: argparse.Namespace) -> str:
 
 
 def _shape_keys(
-    args: argparse.Namespace, device: torch.device, budget: int | None
+    args: argparse.Namespace, device: torch.device, budget: int | None, impl: str
 ) -> list[tuple[tuple[int, ...], TuningKey]]:
     """(requested token counts, key) per distinct N bucket, in the order first requested."""
     preset = PRESETS[args.preset]
+    teacher = "topk" if args.teacher_topk else "logits" if args.teacher_logits else "hidden"
     dtype = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
     by_key: dict[TuningKey, tuple[int, ...]] = {}
     for tokens in args.tokens or preset.tokens:
         key = make_key(
             rows=tokens, vocab=args.vocab or preset.vocab, student_hidden=args.student_hidden or preset.student_hidden,
-            teacher_hidden=None if args.teacher_logits or args.teacher_topk else args.teacher_hidden or preset.teacher_hidden,
+            teacher=teacher, teacher_dim=args.teacher_topk or args.teacher_hidden or preset.teacher_hidden,
             dtype=getattr(torch, dtype), divergence=_divergence_of(args), with_ce=args.with_ce, with_grad=True,
-            memory_budget=budget, teacher_topk=args.teacher_topk,
+            memory_budget=budget, impl=impl,
         )  # fmt: skip
         by_key[key] = (*by_key.get(key, ()), tokens)
     return [(tokens, key) for key, tokens in by_key.items()]
@@ -237,7 +238,6 @@ def _tune(
     device: torch.device,
     cache: TuningCache,
     *,
-    impl: str,
     force: bool,
 ) -> list[ShapeResult]:
     """Cached sweeps as they are; every other shape measured, with a progress bar on stderr."""
@@ -257,8 +257,8 @@ def _tune(
                 continue
             progress.update(task, description=describe(key))
             sweep = run_sweep(
-                key, device, candidates[key], impl=impl, warmup=args.warmup, repeat=args.repeat, rounds=args.rounds,
-                on_step=lambda: progress.advance(task),
+                key, device, candidates[key], distill=fused_linear_distill, warmup=args.warmup, repeat=args.repeat,
+                rounds=args.rounds, on_step=lambda: progress.advance(task),
             )  # fmt: skip
             if sweep.best is not None:
                 cache.put(key.as_dict(), sweep.to_entry())
@@ -381,8 +381,8 @@ def _run_tune(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     impl = args.impl or ("compile" if device.type == "cuda" else "eager")
     budget = resolve_memory_budget(cfg.memory_budget if args.memory_budget is None else args.memory_budget, device)
     cache = open_cache(cfg.cache_dir, device)
-    shapes = _shape_keys(args, device, budget)
-    results = _tune(shapes, args, device, cache, impl=impl, force=args.force or cfg.force_retune)
+    shapes = _shape_keys(args, device, budget, impl)
+    results = _tune(shapes, args, device, cache, force=args.force or cfg.force_retune)
     if args.plot:
         _plot(results, args.plot, device)
     if args.json:

@@ -1,4 +1,4 @@
-"""Divergences: pure functions of two logit tensors.
+"""Divergences: pure functions of two logit tensors, and the built-ins as data.
 
 The contract (like FlexAttention's ``score_mod``) is the public type :data:`Divergence`::
 
@@ -13,40 +13,59 @@ inputs, no Python side effects, no data-dependent Python control flow) so that `
 can fuse it and ``torch.func`` can differentiate it. Any such function works with
 :func:`kdfuse.fused_linear_distill`; gradients w.r.t. the student logits come from ``torch.func``.
 
+A divergence with numeric parameters is a :class:`Parametrized`: its function takes the
+parameters as 0-dim tensors after the logits, ``fn(student, teacher, *params)``, so a new value
+reuses the compiled code (a closure over a Python float would be baked into the graph and
+recompile for every value). :func:`parametrized` makes one from a user's function::
+
+    def alpha_divergence(student, teacher, alpha):  # alpha: a 0-dim tensor
+        ...
+
+    div = divergences.parametrized(alpha_divergence, alpha=0.5)   # div.__name__: "alpha_divergence_alpha0.5"
+
 Teacher logits of ``-inf`` mark vocabulary outside the teacher's support. Every built-in keeps
 ``0 · log 0 = 0`` and stays finite there; where a term would be ``p · log 0`` with ``p > 0`` (only
 reverse-direction KL terms), the log-probability is floored at :data:`LOGPROB_FLOOR`, a large but
 finite penalty that still pushes the student's mass off the masked tokens.
 
-Parametrised built-ins are factories (``jsd(beta=0.3)``) returning functions with stable
-``__name__`` (``"jsd_beta0.3"``) usable as registry and cache keys; :func:`get` turns such a
-name (or a bare built-in name, meaning default parameters) back into the function.
+The built-ins are one table, :data:`BUILTINS`, of :class:`Builtin` entries (name, pure function,
+parameters and defaults, the hand-written kernel that runs it); the factories (``jsd(beta=0.3)``)
+build :class:`Parametrized` values with stable names (``"jsd_beta0.3"``) usable as registry and
+cache keys, and :func:`get` turns such a name (or a bare name, meaning default parameters) back
+into the divergence. ``kdfuse.registry`` joins this table with the top-k one (``kdfuse.topk``).
 """
 
 from __future__ import annotations
 
+import difflib
 import math
-import numbers
 import re
-from typing import Callable, Protocol
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
+from .validate import check_unit
+
 __all__ = [
+    "BUILTINS",
+    "Builtin",
     "Divergence",
     "LOGPROB_FLOOR",
+    "Parametrized",
     "forward_kl",
-    "reverse_kl",
+    "get",
     "jsd",
-    "soft_ce",
-    "tvd",
+    "mse_logits",
+    "names",
+    "parametrized",
+    "reverse_kl",
     "skew_kl",
     "skew_reverse_kl",
+    "soft_ce",
     "symmetric_kl",
-    "mse_logits",
-    "get",
-    "names",
+    "tvd",
 ]
 
 Divergence = Callable[[Tensor, Tensor], Tensor]
@@ -58,8 +77,153 @@ LOGPROB_FLOOR = -1.0e4
 teacher entry) from ``inf`` to ``1e4 · p``."""
 
 
-class _Kernel(Protocol):
-    def __call__(self, student: Tensor, teacher: Tensor, *params: Tensor) -> Tensor: ...
+# --------------------------------------------------------------------------------------------
+# Parametrised divergences, and the table of built-ins.
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Parametrized:
+    """A divergence whose function takes its numeric parameters as tensors.
+
+    Calling it, ``div(student, teacher)`` (or ``div(student, ids, logprobs)`` for a top-k
+    teacher, ``sparse=True``), calls ``fn(student, teacher, *args)`` with each of ``args`` as a
+    0-dim tensor of the student's dtype and device. kdfuse compiles one chunk function per
+    ``fn`` and passes ``args`` as data, so values that change between calls never recompile.
+    Equal fields make equal values: ``jsd(0.3) == jsd(0.3)``.
+    """
+
+    fn: Callable[..., Tensor]
+    args: tuple[float, ...] = ()
+    name: str = ""
+    sparse: bool = False
+
+    def __call__(self, student: Tensor, *teacher: Tensor) -> Tensor:
+        # torch.full, not torch.tensor: a fill kernel, not a host-to-device copy (a host sync).
+        params = (torch.full((), v, dtype=student.dtype, device=student.device) for v in self.args)
+        return self.fn(student, *teacher, *params)
+
+    @property
+    def __name__(self) -> str:
+        """The stable name, as a function's (code that names divergences reads ``__name__``)."""
+        return self.name or getattr(self.fn, "__name__", type(self.fn).__name__)
+
+    def __repr__(self) -> str:
+        return f"<divergence {self.__name__}>"
+
+
+def _format_param(name: str, value: float) -> str:
+    # ``:g`` (short: "beta0.3") when it round-trips through get(), else the exact repr: ``:g``
+    # keeps 6 digits, so jsd(0.1234567) would be named (and rebuilt by get) as jsd(0.123457).
+    text = f"{value:g}"
+    return f"{name}{text if float(text) == value else repr(value)}"
+
+
+def parametrized(fn: Callable[..., Tensor], *, name: str | None = None, sparse: bool = False, **params: float) -> Parametrized:
+    """``fn`` with ``params`` passed to it as 0-dim tensors, in the order given, so that changing
+    them never recompiles (see :class:`Parametrized`). ``fn(student, teacher, *params) -> (R,)``;
+    with ``sparse=True`` it takes a top-k teacher, ``fn(student, ids, logprobs, *params)``.
+
+    The name (tuning-cache keys, messages) defaults to ``fn``'s name followed by the parameters,
+    e.g. ``"alpha_divergence_alpha0.5"``."""
+    if not callable(fn):
+        raise TypeError(f"fn must be callable, got {type(fn).__name__}")
+    values = {}
+    for key, value in params.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise TypeError(f"parameter {key} must be a finite number, got {value!r}")
+        values[key] = float(value)
+    if name is None:
+        name = "_".join([getattr(fn, "__name__", type(fn).__name__), *(_format_param(k, v) for k, v in values.items())])
+    return Parametrized(fn, tuple(values.values()), name, sparse)
+
+
+@dataclass(frozen=True)
+class Builtin:
+    """One built-in divergence: everything kdfuse knows about it, as data.
+
+    ``fn`` is the pure function, taking the tensor arguments ``derive(*values)`` after the logits
+    (the values of ``params``, each a number in [0, 1]; without ``derive`` the values themselves).
+    ``endpoints`` lists parameter values where ``fn`` is replaced by another entry's function,
+    exact there (JSD at β = 0 is forward KL). ``kernel`` names the hand-written CUDA kernel that
+    runs ``fn`` (``kdfuse.triton_chunk``'s, or ``"topk"`` for ``kdfuse.triton_topk``), if any;
+    ``reduced`` is a top-k entry's loss in the few numbers that kernel supplies. Unlisted entries
+    are only an endpoint's target."""
+
+    name: str
+    fn: Callable[..., Tensor]
+    doc: str
+    params: tuple[tuple[str, float], ...] = ()
+    derive: Callable[..., tuple[float, ...]] | None = None
+    endpoints: tuple[tuple[float, str], ...] = ()
+    kernel: str | None = None
+    sparse: bool = False
+    reduced: Callable[..., Tensor] | None = None
+    listed: bool = True
+
+
+_built: dict[tuple, Parametrized] = {}
+
+
+def build(table: Mapping[str, Builtin], name: str, *values: float) -> Parametrized:
+    """The built-in ``name`` of ``table`` with its parameters at ``values`` (defaults for those
+    not given), named ``"name"`` or ``"name_param<value>"``; the same object for the same
+    arguments."""
+    entry = table[name]
+    if len(values) > len(entry.params):
+        raise TypeError(f"{name} takes {len(entry.params)} parameters, got {len(values)}")
+    values = tuple(check_unit(p, v) for (p, _), v in zip(entry.params, values))
+    values += tuple(default for _, default in entry.params[len(values) :])
+    memo = (id(table), name, values)
+    if memo not in _built:
+        _built[memo] = _build(table, entry, values)
+    return _built[memo]
+
+
+_built: dict[tuple, Parametrized] = {}
+
+
+def _build(table: Mapping[str, Builtin], entry: Builtin, values: tuple[float, ...]) -> Parametrized:
+    full = "_".join([entry.name, *(_format_param(p, v) for (p, _), v in zip(entry.params, values))])
+    target = dict(entry.endpoints).get(values[0]) if values else None
+    if target is not None:
+        return Parametrized(table[target].fn, (), full, entry.sparse)
+    args = entry.derive(*values) if entry.derive else values
+    return Parametrized(entry.fn, tuple(args), full, entry.sparse)
+
+
+_PARAM_NAME = re.compile(r"^(?P<base>[a-z_]+?)_(?P<param>[a-z]+)(?P<value>[-+0-9.eE]+)$")
+
+
+def lookup(table: Mapping[str, Builtin], name: str, what: str = "divergence") -> Parametrized:
+    """The built-in of ``table`` called ``name``: ``"forward_kl"``, ``"jsd"`` (default β) or
+    ``"jsd_beta0.3"``; a ``ValueError`` listing the built-ins (and the nearest names) otherwise."""
+    entry = table.get(name)
+    if entry is not None and entry.listed:
+        return build(table, name)
+    match = _PARAM_NAME.match(name)
+    if match and match["base"] in table:
+        params = [p for p, _ in table[match["base"]].params]
+        value = float(match["value"]) if params == [match["param"]] else math.nan
+        if math.isfinite(value):
+            return build(table, match["base"], value)
+    listed = [n for n, e in table.items() if e.listed]
+    near = difflib.get_close_matches(name, listed, n=3)
+    hint = f" (did you mean {' or '.join(map(repr, near))}?)" if near else ""
+    raise ValueError(f"unknown {what} {name!r}{hint}; built-ins: {', '.join(sorted(listed))}")
+
+
+def table_of(entries: Sequence[Builtin]) -> dict[str, Builtin]:
+    """``{name: entry}``, refusing a name given twice."""
+    table = {e.name: e for e in entries}
+    if len(table) != len(entries):
+        raise ValueError("built-in names must be distinct")
+    return table
+
+
+# --------------------------------------------------------------------------------------------
+# The math: pure, row-wise.
+# --------------------------------------------------------------------------------------------
 
 
 def _kl(logp: Tensor, logq: Tensor) -> Tensor:
@@ -141,83 +305,53 @@ def _mixing(w: float) -> tuple[float, ...]:
     return (w, 1.0 - w, math.log(w), math.log1p(-w))
 
 
-def _named(name: str, kernel: _Kernel, params: tuple[float, ...], doc: str | None) -> Divergence:
-    """A plain ``(student, teacher) -> loss`` function with a stable name.
+# --------------------------------------------------------------------------------------------
+# The built-ins. Adding one: its math above, one entry here, its factory below.
+# --------------------------------------------------------------------------------------------
 
-    ``__kdfuse_kernel__`` and ``__kdfuse_params__`` let the combinator call the kernel with the
-    parameters as tensors, so that a new ``beta`` reuses the compiled code instead of
-    recompiling (a closure over a Python float would be baked into the graph).
-    """
-    values = tuple(params)
+BUILTINS: tuple[Builtin, ...] = (
+    Builtin("forward_kl", _forward_kl, "KL(P_t ‖ P_s) = Σ p_t (log p_t − log p_s), teacher entropy included.",
+            kernel="forward_kl"),
+    Builtin("reverse_kl", _reverse_kl, "KL(P_s ‖ P_t) = Σ p_s (log p_s − log p_t); masked teacher entries floored.",
+            kernel="reverse_kl"),
+    Builtin("soft_ce", _soft_ce, "−Σ p_t log p_s: forward KL plus the teacher's entropy (same gradient).",
+            kernel="soft_ce"),
+    Builtin("tvd", _tvd, "½ Σ |p_s − p_t|, in [0, 1]."),
+    Builtin("mse_logits", _mse_logits, "Mean over V of (s − t)² on the logits (metaseq); −inf teacher entries add 0."),
+    Builtin("jsd", _jsd_mixture, "β·KL(P_t ‖ M) + (1−β)·KL(P_s ‖ M), M = β·P_t + (1−β)·P_s.",
+            params=(("beta", 0.5),), derive=_mixing, endpoints=((0.0, "forward_kl"), (1.0, "reverse_kl")), kernel="jsd"),
+    Builtin("skew_kl", _skew_kl, "KL(P_t ‖ α·P_t + (1−α)·P_s) (DistiLLM).",
+            params=(("alpha", 0.1),), derive=_mixing, endpoints=((0.0, "forward_kl"), (1.0, "zero"))),
+    Builtin("skew_reverse_kl", _skew_reverse_kl, "KL(P_s ‖ α·P_s + (1−α)·P_t) (DistiLLM).",
+            params=(("alpha", 0.1),), derive=_mixing, endpoints=((0.0, "reverse_kl"), (1.0, "zero"))),
+    Builtin("symmetric_kl", _symmetric_kl, "w·KL(P_t ‖ P_s) + (1−w)·KL(P_s ‖ P_t).",
+            params=(("weight", 0.5),), derive=lambda w: (w, 1.0 - w)),
+    Builtin("zero", _zero, "Identically 0: skew KLs at α = 1.", listed=False),
+)  # fmt: skip
+_TABLE = table_of(BUILTINS)
 
-    def divergence(student: Tensor, teacher: Tensor) -> Tensor:
-        # torch.full, not torch.tensor: a fill kernel, not a host-to-device copy (a host sync).
-        return kernel(student, teacher, *(torch.full((), v, dtype=student.dtype, device=student.device) for v in values))
+forward_kl: Parametrized = build(_TABLE, "forward_kl")
+"""KL(P_teacher ‖ P_student) = Σ p_t (log p_t − log p_s), teacher entropy included."""
 
-    divergence.__name__ = divergence.__qualname__ = name
-    divergence.__doc__ = doc
-    divergence.__kdfuse_kernel__ = kernel  # type: ignore[attr-defined]
-    divergence.__kdfuse_params__ = values  # type: ignore[attr-defined]
-    return divergence
+reverse_kl: Parametrized = build(_TABLE, "reverse_kl")
+"""KL(P_student ‖ P_teacher) = Σ p_s (log p_s − log p_t); masked teacher entries are floored at
+:data:`LOGPROB_FLOOR`."""
 
+soft_ce: Parametrized = build(_TABLE, "soft_ce")
+"""Soft cross-entropy −Σ p_t log p_s. What torchtune, DistiLLM and OpenRLHF call "forward KL": it
+equals forward KL plus the teacher's entropy, so same gradient, different value."""
 
-def _check_unit(name: str, value: float) -> float:
-    # numbers.Real takes NumPy scalars too (np.float32(0.3)); the result is a Python float, so
-    # the factory's name and cache key are the same as for 0.3.
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a number in [0, 1], got {value!r}")
-    value = float(value)
-    if not (0.0 <= value <= 1.0):
-        raise ValueError(f"{name} must be in [0, 1], got {value!r}")
-    return value
+tvd: Parametrized = build(_TABLE, "tvd")
+"""Total variation distance ½ Σ |p_s − p_t| (in [0, 1])."""
 
-
-def _param_name(base: str, param: str, value: float) -> str:
-    # ``:g`` (short: "jsd_beta0.3") when it round-trips through get(), else the exact repr: ``:g``
-    # keeps 6 digits, so jsd(0.1234567) would be named (and rebuilt by get) as jsd(0.123457).
-    text = f"{value:g}"
-    return f"{base}_{param}{text if float(text) == value else repr(value)}"
-
-
-forward_kl: Divergence = _named(
-    "forward_kl",
-    _forward_kl,
-    (),
-    """KL(P_teacher ‖ P_student) = Σ p_t (log p_t − log p_s), teacher entropy included.""",
-)
-
-reverse_kl: Divergence = _named(
-    "reverse_kl",
-    _reverse_kl,
-    (),
-    """KL(P_student ‖ P_teacher) = Σ p_s (log p_s − log p_t); masked teacher entries are floored
-    at :data:`LOGPROB_FLOOR`.""",
-)
-
-soft_ce: Divergence = _named(
-    "soft_ce",
-    _soft_ce,
-    (),
-    """Soft cross-entropy −Σ p_t log p_s. What torchtune, DistiLLM and OpenRLHF call "forward KL":
-    it equals forward KL plus the teacher's entropy, so same gradient, different value.""",
-)
-
-tvd: Divergence = _named(
-    "tvd", _tvd, (), """Total variation distance ½ Σ |p_s − p_t| (in [0, 1])."""
-)
-
-mse_logits: Divergence = _named(
-    "mse_logits",
-    _mse_logits,
-    (),
-    """Mean over the vocabulary of (s − t)² on the (temperature-scaled) logits, metaseq's
-    vocab-parallel MSE. Only meaningful for raw logits, not log-probabilities: logits are defined up
-    to a per-row shift that MSE does not ignore, and log-probs squash the informative tail.
-    Entries where the teacher logit is ``-inf`` (outside its support) contribute 0.""",
-)
+mse_logits: Parametrized = build(_TABLE, "mse_logits")
+"""Mean over the vocabulary of (s − t)² on the (temperature-scaled) logits, metaseq's
+vocab-parallel MSE. Only meaningful for raw logits, not log-probabilities: logits are defined up
+to a per-row shift that MSE does not ignore. Entries where the teacher logit is ``-inf`` (outside
+its support) contribute 0."""
 
 
-def jsd(beta: float = 0.5) -> Divergence:
+def jsd(beta: float = 0.5) -> Parametrized:
     """Generalized Jensen-Shannon divergence, Liger-Kernel's and TRL's convention.
 
     With M = β·P_t + (1−β)·P_s the loss is β·KL(P_t‖M) + (1−β)·KL(P_s‖M), computed in log space
@@ -227,70 +361,29 @@ def jsd(beta: float = 0.5) -> Divergence:
     The mixture formula tends to 0 at both ends; like Liger and TRL, ``beta=0`` is instead
     defined as forward KL(P_t‖P_s) and ``beta=1`` as reverse KL(P_s‖P_t), exactly.
     """
-    beta = _check_unit("beta", beta)
-    name = _param_name("jsd", "beta", beta)
-    if beta == 0.0:
-        return _named(name, _forward_kl, (), jsd.__doc__)
-    if beta == 1.0:
-        return _named(name, _reverse_kl, (), jsd.__doc__)
-    return _named(name, _jsd_mixture, _mixing(beta), jsd.__doc__)
+    return build(_TABLE, "jsd", beta)
 
 
-def skew_kl(alpha: float = 0.1) -> Divergence:
-    """DistiLLM's skew KL: KL(P_t ‖ α·P_t + (1−α)·P_s). ``alpha=0`` is forward KL."""
-    alpha = _check_unit("alpha", alpha)
-    name = _param_name("skew_kl", "alpha", alpha)
-    if alpha == 0.0:
-        return _named(name, _forward_kl, (), skew_kl.__doc__)
-    if alpha == 1.0:  # the mixture is P_t itself: identically 0
-        return _named(name, _zero, (), skew_kl.__doc__)
-    return _named(name, _skew_kl, _mixing(alpha), skew_kl.__doc__)
+def skew_kl(alpha: float = 0.1) -> Parametrized:
+    """DistiLLM's skew KL: KL(P_t ‖ α·P_t + (1−α)·P_s). ``alpha=0`` is forward KL, ``1`` is 0."""
+    return build(_TABLE, "skew_kl", alpha)
 
 
-def skew_reverse_kl(alpha: float = 0.1) -> Divergence:
-    """DistiLLM's skew reverse KL: KL(P_s ‖ α·P_s + (1−α)·P_t). ``alpha=0`` is reverse KL."""
-    alpha = _check_unit("alpha", alpha)
-    name = _param_name("skew_reverse_kl", "alpha", alpha)
-    if alpha == 0.0:
-        return _named(name, _reverse_kl, (), skew_reverse_kl.__doc__)
-    if alpha == 1.0:
-        return _named(name, _zero, (), skew_reverse_kl.__doc__)
-    return _named(name, _skew_reverse_kl, _mixing(alpha), skew_reverse_kl.__doc__)
+def skew_reverse_kl(alpha: float = 0.1) -> Parametrized:
+    """DistiLLM's skew reverse KL: KL(P_s ‖ α·P_s + (1−α)·P_t). ``alpha=0`` is reverse KL, ``1`` is 0."""
+    return build(_TABLE, "skew_reverse_kl", alpha)
 
 
-def symmetric_kl(weight: float = 0.5) -> Divergence:
+def symmetric_kl(weight: float = 0.5) -> Parametrized:
     """w·KL(P_t‖P_s) + (1−w)·KL(P_s‖P_t): ``weight=1`` is forward KL, ``0`` reverse KL."""
-    weight = _check_unit("weight", weight)
-    name = _param_name("symmetric_kl", "weight", weight)
-    return _named(name, _symmetric_kl, (weight, 1.0 - weight), symmetric_kl.__doc__)
-
-
-_PLAIN: dict[str, Divergence] = {f.__name__: f for f in (forward_kl, reverse_kl, soft_ce, tvd, mse_logits)}
-_FACTORIES: dict[str, tuple[Callable[[float], Divergence], str]] = {
-    "jsd": (jsd, "beta"),
-    "skew_kl": (skew_kl, "alpha"),
-    "skew_reverse_kl": (skew_reverse_kl, "alpha"),
-    "symmetric_kl": (symmetric_kl, "weight"),
-}
-_PARAM_NAME = re.compile(r"^(?P<base>[a-z_]+?)_(?P<param>beta|alpha|weight)(?P<value>[-+0-9.eE]+)$")
+    return build(_TABLE, "symmetric_kl", weight)
 
 
 def names() -> list[str]:
     """Names accepted by :func:`get` with default parameters."""
-    return sorted([*_PLAIN, *_FACTORIES])
+    return sorted(name for name, entry in _TABLE.items() if entry.listed)
 
 
-def get(name: str) -> Divergence:
+def get(name: str) -> Parametrized:
     """The built-in called ``name``: ``"forward_kl"``, ``"jsd"`` (default β) or ``"jsd_beta0.3"``."""
-    if name in _PLAIN:
-        return _PLAIN[name]
-    if name in _FACTORIES:
-        return _FACTORIES[name][0]()
-    match = _PARAM_NAME.match(name)
-    if match and match["base"] in _FACTORIES:
-        factory, param = _FACTORIES[match["base"]]
-        if param == match["param"]:
-            value = float(match["value"])
-            if math.isfinite(value):
-                return factory(value)
-    raise ValueError(f"unknown divergence {name!r}; built-ins: {', '.join(names())}")
+    return lookup(_TABLE, name)

@@ -7,7 +7,9 @@ from typing import Literal
 
 from torch import Tensor, nn
 
-from .fused import DistillOutput, DivergenceLike, Impl, Reduction, fused_linear_distill
+from .contract import DistillOutput, Impl, Reduction
+from .fused import fused_linear_distill
+from .registry import DivergenceLike, stable_name
 
 __all__ = ["DistillLoss", "DistillOptions"]
 
@@ -52,6 +54,5 @@ class DistillLoss(nn.Module):
         return fused_linear_distill(student_hidden, student_weight, teacher_hidden, teacher_weight, **kwargs)
 
     def extra_repr(self) -> str:
-        div = self.options.divergence
-        name = div if isinstance(div, str) else getattr(div, "__name__", repr(div))
+        name = stable_name(self.options.divergence)
         return f"divergence={name}, temperature={self.options.temperature}, reduction={self.options.reduction}"

@@ -1,4 +1,9 @@
-"""The plain reference: full logits, plain autograd. It states the semantics kdfuse computes."""
+"""The plain reference: full logits, plain autograd. It states the semantics kdfuse computes.
+
+It reads the divergences' math (:mod:`kdfuse.registry`), the argument contract
+(:mod:`kdfuse.validate`) and the public types (:mod:`kdfuse.contract`), and nothing of the
+engine: the specification does not depend on the implementation.
+"""
 
 from __future__ import annotations
 
@@ -8,11 +13,41 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .fused import DistillOutput, DivergenceLike, Impl, Reduction, _kernel_of, _resolve
+from .contract import DistillOutput, Impl, Reduction
+from .registry import DivergenceLike, resolve
 from .topk import ignored_rows_as_padding
 from .validate import check_inputs, check_normalizer, check_values
 
 __all__ = ["fused_linear_distill_ref"]
+
+
+def _cap(x: Tensor, softcap: float | None) -> Tensor:
+    return x if softcap is None else softcap * torch.tanh(x / softcap)
+
+
+def _dense_teacher(teacher_hidden, teacher_weight, teacher_bias, teacher_logits, n: int, vocab: int, precision) -> Tensor:
+    """The teacher's (n, V) raw logits in ``precision``, without gradient."""
+    with torch.no_grad():
+        if teacher_logits is not None:
+            # Explicit last dims: reshape(n, -1) is ambiguous (an error) when n == 0.
+            return teacher_logits.reshape(n, teacher_logits.shape[-1])[:, :vocab].to(precision)
+        bias = None if teacher_bias is None else teacher_bias[:vocab].to(precision)
+        hidden = teacher_hidden.reshape(n, teacher_hidden.shape[-1]).to(precision)
+        return F.linear(hidden, teacher_weight[:vocab].to(precision), bias)
+
+
+def _reduce(loss: Tensor, soft: Tensor, hard: Tensor, valid: Tensor, reduction: str, normalizer, leading) -> tuple:
+    """(loss, soft, hard) per row shaped like ``leading`` (``"none"``), or summed and divided by
+    ``normalizer``, else by the number of valid rows (at least 1) for ``"mean"``."""
+    if reduction == "none":
+        return tuple(x.reshape(leading) for x in (loss, soft, hard))
+    if normalizer is not None:
+        denom = torch.as_tensor(normalizer, dtype=loss.dtype, device=loss.device).reshape(())
+    elif reduction == "mean":
+        denom = valid.sum().clamp_min(1).to(loss.dtype)
+    else:
+        denom = torch.ones((), dtype=loss.dtype, device=loss.device)
+    return tuple(x.sum() / denom for x in (loss, soft, hard))
 
 
 def fused_linear_distill_ref(
@@ -44,15 +79,14 @@ def fused_linear_distill_ref(
     """What :func:`kdfuse.fused_linear_distill` computes, with the full logits materialised.
 
     Same arguments (``chunk_size``, ``impl`` and ``memory_budget`` are accepted and ignored),
-    plus ``precision``:
-    every input is cast to it first (float64 by default) and all math runs in it. With
-    V the student's vocabulary, for every row r of the flattened leading dims::
+    plus ``precision``: every input is cast to it first (float64 by default) and all math runs
+    in it. With V the student's vocabulary, for every row r of the flattened leading dims::
 
         s_r = cap(h_r @ W_s.T + b_s)                          # (V,) student logits
         t_r = cap(h'_r @ W_t[:V].T + b_t[:V])  or  cap(teacher_logits_r[:V])
         cap(x) = softcap * tanh(x / softcap)   (identity when softcap is None)
         soft_r = divergence(s_r / T, t_r / T)    or, with teacher_topk = (ids, logprobs),
-        soft_r = divergence(s_r / T, ids_r, logprobs_r)   (a kdfuse.topk sparse divergence)
+        soft_r = divergence(s_r / T, ids_r, logprobs_r)   (a sparse divergence, kdfuse.topk)
         hard_r = cross_entropy(s_r, labels_r)  (temperature 1; 0 when hard_weight == 0)
         loss_r = soft_weight * soft_r + hard_weight * hard_r, and 0 where labels_r == ignore_index
 
@@ -62,68 +96,39 @@ def fused_linear_distill_ref(
     The teacher never receives gradients, and its rows where labels_r == ignore_index may hold
     anything (NaN, -inf, out-of-range top-k ids): they reach neither the value nor the gradient.
     """
-    check_inputs(
+    form = check_inputs(
         student_hidden, student_weight, teacher_hidden, teacher_weight, teacher_logits, labels,
-        teacher_topk=teacher_topk, divergence=_resolve(divergence), student_bias=student_bias,
-        teacher_bias=teacher_bias, temperature=temperature,
+        teacher_topk=teacher_topk, student_bias=student_bias, teacher_bias=teacher_bias, temperature=temperature,
         soft_weight=soft_weight, hard_weight=hard_weight, reduction=reduction, chunk_size=chunk_size,
         softcap=softcap, impl=impl, ignore_index=ignore_index, memory_budget=memory_budget,
     )  # fmt: skip
-    leading = student_hidden.shape[:-1]
+    check_normalizer(normalizer, reduction)
+    div = resolve(divergence, sparse=form == "topk")
     vocab, width = student_weight.shape
     n = student_hidden[..., 0].numel()
-    if labels is None:
-        valid = torch.ones(n, dtype=torch.bool, device=student_hidden.device)
-    else:
-        valid = labels.reshape(n).long() != ignore_index
-    if teacher_topk is not None:
+    valid = torch.ones(n, dtype=torch.bool, device=student_hidden.device) if labels is None else labels.reshape(n).long() != ignore_index
+    if form == "topk":
         teacher_topk = ignored_rows_as_padding(*(t.reshape(n, t.shape[-1]) for t in teacher_topk), valid)
     if validate:
         check_values(vocab, ignore_index, labels=labels, topk_ids=None if teacher_topk is None else teacher_topk[0])
-    check_normalizer(normalizer, reduction)
 
-    def cap(x: Tensor) -> Tensor:
-        return x if softcap is None else softcap * torch.tanh(x / softcap)
-
-    hidden = student_hidden.reshape(n, width).to(precision)
     bias = None if student_bias is None else student_bias.to(precision)
-    student = cap(F.linear(hidden, student_weight.to(precision), bias))
-    kernel, params = _kernel_of(divergence)
-    if teacher_topk is not None:  # temperature and softcap on the student only
+    student = _cap(F.linear(student_hidden.reshape(n, width).to(precision), student_weight.to(precision), bias), softcap)
+    if form == "topk":  # temperature and softcap on the student only
         ids, logprobs = teacher_topk
-        soft = kernel(student / temperature, ids.long(), logprobs.to(precision))
+        soft = div(student / temperature, ids.long(), logprobs.to(precision))
     else:
-        with torch.no_grad():
-            if teacher_logits is not None:
-                # Explicit last dims: reshape(n, -1) is ambiguous (an error) when n == 0.
-                teacher = teacher_logits.reshape(n, teacher_logits.shape[-1])[:, :vocab].to(precision)
-            else:
-                t_bias = None if teacher_bias is None else teacher_bias[:vocab].to(precision)
-                t_hidden = teacher_hidden.reshape(n, teacher_hidden.shape[-1]).to(precision)
-                teacher = F.linear(t_hidden, teacher_weight[:vocab].to(precision), t_bias)
-            teacher = cap(torch.where(valid[:, None], teacher, 0))  # ignored rows: see fused._row_losses
-        scalars = (torch.tensor(v, dtype=precision, device=hidden.device) for v in params)
-        soft = kernel(student / temperature, teacher / temperature, *scalars)
+        teacher = _dense_teacher(teacher_hidden, teacher_weight, teacher_bias, teacher_logits, n, vocab, precision)
+        # Ignored rows may hold anything: a neutral row there, so no NaN reaches the gradient.
+        teacher = _cap(torch.where(valid[:, None], teacher, 0), softcap)
+        soft = div(student / temperature, teacher / temperature)
     if soft.shape != (n,):
-        name = getattr(kernel, "__name__", repr(kernel))
-        raise ValueError(f"divergence {name} returned shape {tuple(soft.shape)}, expected per-row losses ({n},)")
+        raise ValueError(f"divergence {div.__name__} returned shape {tuple(soft.shape)}, expected per-row losses ({n},)")
     if hard_weight == 0:  # as documented above (and as fused computes): no cross-entropy at all
         hard = torch.zeros_like(soft)
     else:
         hard = F.cross_entropy(student, labels.reshape(n).long(), ignore_index=ignore_index, reduction="none")
-    soft = torch.where(valid, soft, 0)
-    hard = torch.where(valid, hard, 0)
-    loss = soft_weight * soft + hard_weight * hard
-
-    if reduction == "none":
-        parts = (loss.reshape(leading), soft.reshape(leading), hard.reshape(leading))
-    else:
-        if normalizer is not None:
-            denom = torch.as_tensor(normalizer, dtype=precision, device=hidden.device).reshape(())
-        elif reduction == "mean":
-            denom = valid.sum().clamp_min(1).to(precision)
-        else:
-            denom = torch.ones((), dtype=precision, device=hidden.device)
-        parts = tuple(x.sum() / denom for x in (loss, soft, hard))
-    loss, soft, hard = parts[0], parts[1].detach(), parts[2].detach()
-    return DistillOutput(loss, soft, hard) if return_parts else loss
+    soft, hard = torch.where(valid, soft, 0), torch.where(valid, hard, 0)
+    loss, soft, hard = _reduce(soft_weight * soft + hard_weight * hard, soft, hard, valid, reduction, normalizer,
+                               student_hidden.shape[:-1])  # fmt: skip
+    return DistillOutput(loss, soft.detach(), hard.detach()) if return_parts else loss

@@ -13,9 +13,9 @@ The token array is cut into ``len(tokens) // seq_len`` consecutive, non-overlapp
 sequence stores the teacher's top-k for the token *after* ``tokens[..t]`` (next-token
 prediction, like the logits at that position).
 
-Writing is atomic per shard (a temporary file, then ``os.replace``) and resumable: a shard file
-that exists is complete, so a rerun skips it; a crash mid-shard leaves only ``*.tmp``, which is
-overwritten. The manifest is written first (``"complete": false``) so a resume can refuse to mix
+Writing is atomic per shard (:func:`autotune.write_atomic`: a temporary file, then a rename)
+and resumable: a shard file that exists is complete, so a rerun skips it; a crash mid-shard
+leaves only a ``.shard-*.tmp`` temporary, which the next run removes. The manifest is written first (``"complete": false``) so a resume can refuse to mix
 shards of a different configuration, and rewritten with ``"complete": true`` at the end; the
 loader reads only complete directories. One writer per directory.
 
@@ -38,7 +38,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .topk import teacher_topk
+from autotune import write_atomic
+
+from .extract import teacher_topk
 
 __all__ = ["FORMAT", "VERSION", "MANIFEST", "HiddenFn", "LogprobDtype", "write_topk_shards", "TopkShards", "shard_name"]
 
@@ -58,7 +60,9 @@ _CONFIG_KEYS = (
 )  # fmt: skip
 
 
-_SHARD_FILE = re.compile(r"shard-\d{5,}\.npz(\.tmp)?")
+# Shards, and the temporaries a crash mid-write leaves (autotune.write_atomic's names).
+_SHARD_FILE = re.compile(r"shard-\d{5,}\.npz")
+_TEMPORARY = re.compile(r"\.shard-\d{5,}\.npz\..+\.tmp")
 
 
 def shard_name(index: int) -> str:
@@ -66,26 +70,15 @@ def shard_name(index: int) -> str:
     return f"shard-{index:05d}.npz"
 
 
-def _remove_shards(out_dir: Path) -> None:
-    """Delete this format's shard files (and their temporaries) in ``out_dir``, nothing else."""
+def _remove(out_dir: Path, *patterns: re.Pattern) -> None:
+    """Delete the files in ``out_dir`` whose names match one of ``patterns``, nothing else."""
     for path in out_dir.iterdir():
-        if _SHARD_FILE.fullmatch(path.name):
+        if any(p.fullmatch(path.name) for p in patterns):
             path.unlink()
 
 
-def _write_atomic(path: Path, write: Callable[[Any], None]) -> None:
-    """``write(file)`` into ``path.tmp``, flushed to disk, then renamed over ``path``: readers see
-    the old file or the complete new one, never a partial one."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def _write_manifest(out_dir: Path, manifest: Mapping[str, Any]) -> None:
-    _write_atomic(out_dir / MANIFEST, lambda f: f.write(json.dumps(manifest, indent=2).encode()))
+    write_atomic(out_dir / MANIFEST, lambda f: f.write(json.dumps(manifest, indent=2).encode()))
 
 
 def _read_manifest(out_dir: Path) -> dict[str, Any]:
@@ -254,8 +247,7 @@ def write_topk_shards(
     reuse = resume and (out_dir / MANIFEST).exists()
     if reuse:
         _check_resumable(_read_manifest(out_dir), manifest, out_dir)
-    else:
-        _remove_shards(out_dir)
+    _remove(out_dir, _TEMPORARY) if reuse else _remove(out_dir, _SHARD_FILE, _TEMPORARY)
     _write_manifest(out_dir, manifest)
 
     shards = manifest["shards"]
@@ -269,7 +261,7 @@ def write_topk_shards(
                 hidden_fn, lm_head_weight, lm_head_bias, sequences, k=k, batch_size=batch_size,
                 temperature=temperature, softcap=softcap, vocab=vocab, chunk_size=chunk_size, dtype=dtype,
             )  # fmt: skip
-            _write_atomic(path, functools.partial(np.savez, tokens=sequences, ids=ids, logprobs=logprobs))
+            write_atomic(path, functools.partial(np.savez, tokens=sequences, ids=ids, logprobs=logprobs))
         if progress is not None:
             progress(index + 1, len(shards))
 

@@ -48,34 +48,34 @@ log-probabilities are floored at :data:`kdfuse.divergences.LOGPROB_FLOOR` as in 
 built-ins. With k = V, real ids and exact teacher log-probs, every policy equals the dense
 :func:`kdfuse.divergences.forward_kl` / :func:`~kdfuse.divergences.soft_ce`.
 
-Factories (``forward_kl("bucket")``) return plain functions with stable ``__name__``
-(``"topk_forward_kl_bucket"``), the same object for the same arguments, marked with
-``__kdfuse_sparse__ = True`` so a combinator can refuse a dense divergence with a sparse teacher
-and vice versa; :func:`get` turns a name back into the function.
+The built-ins are the table :data:`BUILTINS` (see :class:`kdfuse.divergences.Builtin`), one entry
+per (kind, tail); factories (``forward_kl("bucket")``) return its
+:class:`~kdfuse.divergences.Parametrized` value with a stable name (``"topk_forward_kl_bucket"``)
+and ``sparse=True``, so a combinator can refuse a dense divergence with a sparse teacher and vice
+versa; :func:`get` turns a name back into the divergence. A user's own sparse divergence is any
+function of this signature, passed with ``teacher_topk``.
 """
 
 from __future__ import annotations
 
-import math
 from typing import Callable, Literal
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from .divergences import LOGPROB_FLOOR
-from .tuning import heuristic_chunk_size
+from .divergences import LOGPROB_FLOOR, Builtin, Parametrized, build, lookup, table_of
 
 __all__ = [
+    "BUILTINS",
     "SparseDivergence",
     "TailPolicy",
     "TAIL_POLICIES",
     "forward_kl",
-    "soft_ce",
     "get",
-    "names",
+    "ignored_rows_as_padding",
     "is_sparse",
-    "teacher_topk",
+    "names",
+    "soft_ce",
 ]
 
 SparseDivergence = Callable[[Tensor, Tensor, Tensor], Tensor]
@@ -182,8 +182,7 @@ def _sparse_loss(student: Tensor, ids: Tensor, logprobs: Tensor, tail: str, with
 
 
 # --------------------------------------------------------------------------------------------
-# The built-ins: one function object per (kind, tail), so compiled-code caches keyed on the
-# function hit across calls.
+# The built-ins: one entry per (kind, tail).
 # --------------------------------------------------------------------------------------------
 
 _DOCS = {
@@ -199,7 +198,9 @@ _DOCS = {
 }
 
 
-def _make(kind: str, tail: str) -> SparseDivergence:
+def _entry(kind: str, tail: str) -> Builtin:
+    """The built-in (kind, tail): its loss from the whole student row, and the same loss from the
+    few numbers kdfuse.triton_topk's fused CUDA path supplies (see :func:`_reduced_loss`)."""
     with_entropy = kind == "forward_kl"
 
     def divergence(student: Tensor, ids: Tensor, logprobs: Tensor) -> Tensor:
@@ -208,17 +209,13 @@ def _make(kind: str, tail: str) -> SparseDivergence:
     def reduced(student_lp: Tensor, log_outside: Tensor, covers_all: Tensor, logprobs: Tensor) -> Tensor:
         return _reduced_loss(student_lp, log_outside, covers_all, logprobs, tail, with_entropy)
 
-    divergence.__name__ = divergence.__qualname__ = f"topk_{kind}_{tail}"
-    divergence.__doc__ = _DOCS[kind, tail]
-    divergence.__kdfuse_sparse__ = True  # type: ignore[attr-defined]
-    # The same loss from (student top-k log-probs, log(1 − S), covers_all, teacher log-probs):
-    # what kdfuse.triton_topk's fused CUDA path evaluates (see _reduced_loss).
-    divergence.__kdfuse_reduced__ = reduced  # type: ignore[attr-defined]
-    return divergence
+    name = f"topk_{kind}_{tail}"
+    divergence.__name__ = divergence.__qualname__ = name
+    return Builtin(name, divergence, _DOCS[kind, tail], kernel="topk", sparse=True, reduced=reduced)
 
 
-_BUILTINS: dict[tuple[str, str], SparseDivergence] = {key: _make(*key) for key in _DOCS}
-_BY_NAME: dict[str, SparseDivergence] = {fn.__name__: fn for fn in _BUILTINS.values()}
+BUILTINS: tuple[Builtin, ...] = tuple(_entry(*key) for key in _DOCS)
+_TABLE = table_of(BUILTINS)
 
 
 def _check_tail(tail: str) -> str:
@@ -227,7 +224,7 @@ def _check_tail(tail: str) -> str:
     return tail
 
 
-def forward_kl(tail: TailPolicy) -> SparseDivergence:
+def forward_kl(tail: TailPolicy) -> Parametrized:
     """Forward KL(teacher ‖ student) against a top-k teacher; ``tail`` says what happens to the
     teacher's mass outside its top-k (see the module docstring):
 
@@ -235,10 +232,10 @@ def forward_kl(tail: TailPolicy) -> SparseDivergence:
     * ``"bucket"``: Σ_k p_k (log p_k − log p_s[id_k]) + (1 − P)(log(1 − P) − log(1 − S));
     * ``"ignore"``: Σ_k p_k (log p_k − log p_s[id_k]).
     """
-    return _BUILTINS["forward_kl", _check_tail(tail)]
+    return build(_TABLE, f"topk_forward_kl_{_check_tail(tail)}")
 
 
-def soft_ce(tail: TailPolicy) -> SparseDivergence:
+def soft_ce(tail: TailPolicy) -> Parametrized:
     """Soft cross-entropy −Σ p_t log p_s against a top-k teacher (forward KL plus the teacher's
     entropy: same gradient); ``tail`` as in :func:`forward_kl`:
 
@@ -246,145 +243,20 @@ def soft_ce(tail: TailPolicy) -> SparseDivergence:
     * ``"bucket"``: −Σ_k p_k log p_s[id_k] − (1 − P) log(1 − S);
     * ``"ignore"``: −Σ_k p_k log p_s[id_k].
     """
-    return _BUILTINS["soft_ce", _check_tail(tail)]
+    return build(_TABLE, f"topk_soft_ce_{_check_tail(tail)}")
 
 
 def names() -> list[str]:
     """Names accepted by :func:`get`."""
-    return sorted(_BY_NAME)
+    return sorted(_TABLE)
 
 
-def get(name: str) -> SparseDivergence:
+def get(name: str) -> Parametrized:
     """The built-in called ``name``, e.g. ``"topk_forward_kl_renormalize"``."""
-    try:
-        return _BY_NAME[name]
-    except KeyError:
-        raise ValueError(f"unknown sparse divergence {name!r}; built-ins: {', '.join(names())}") from None
+    return lookup(_TABLE, name, "sparse divergence")
 
 
 def is_sparse(divergence: object) -> bool:
-    """Whether ``divergence`` takes a top-k teacher (``__kdfuse_sparse__``), not dense logits."""
-    return bool(getattr(divergence, "__kdfuse_sparse__", False))
-
-
-# --------------------------------------------------------------------------------------------
-# Top-k extraction from a teacher's hidden states, chunk by chunk.
-# --------------------------------------------------------------------------------------------
-
-
-def _shape(t: Tensor) -> str:
-    return "(" + ", ".join(str(d) for d in t.shape) + ")"
-
-
-def _check_positive(name: str, value: float) -> None:
-    if isinstance(value, bool) or not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
-
-
-def _check_topk_args(
-    hidden: Tensor,
-    weight: Tensor,
-    k: int,
-    temperature: float,
-    chunk_size: int | str,
-    bias: Tensor | None,
-    softcap: float | None,
-    vocab: int | None,
-) -> int:
-    """Raise ``ValueError``/``TypeError`` naming the argument; return the vocabulary used."""
-    for name, t in (("teacher_hidden", hidden), ("teacher_weight", weight)):
-        if not isinstance(t, Tensor) or not t.is_floating_point():
-            raise TypeError(f"{name} must be a floating-point Tensor, got {getattr(t, 'dtype', type(t).__name__)}")
-    if weight.dim() != 2:
-        raise ValueError(f"teacher_weight must be (Vt, Ht), got shape {_shape(weight)}")
-    if hidden.dtype != weight.dtype:
-        raise TypeError(f"teacher_hidden ({hidden.dtype}) and teacher_weight ({weight.dtype}) must share a dtype")
-    full_vocab, width = weight.shape
-    if hidden.dim() < 1 or hidden.shape[-1] != width:
-        raise ValueError(
-            f"teacher_hidden's last dim must equal teacher_weight's Ht={width}: "
-            f"teacher_hidden {_shape(hidden)}, teacher_weight {_shape(weight)}"
-        )
-    if bias is not None and (not isinstance(bias, Tensor) or bias.shape != (full_vocab,)):
-        raise ValueError(
-            f"teacher_bias must be (Vt,) = ({full_vocab},) like teacher_weight {_shape(weight)}, "
-            f"got {_shape(bias) if isinstance(bias, Tensor) else type(bias).__name__}"
-        )
-    if vocab is None:
-        vocab = full_vocab
-    elif isinstance(vocab, bool) or not isinstance(vocab, int) or not 1 <= vocab <= full_vocab:
-        raise ValueError(
-            f"vocab must be an int in [1, Vt={full_vocab}] (teacher_weight {_shape(weight)}), got {vocab!r}"
-        )
-    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= vocab:
-        raise ValueError(f"k must be an int in [1, V={vocab}], got {k!r}")
-    _check_positive("temperature", temperature)
-    if softcap is not None:
-        _check_positive("softcap", softcap)
-    if chunk_size != "auto" and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
-        raise ValueError(f"chunk_size must be an int >= 1 or 'auto', got {chunk_size!r}")
-    return vocab
-
-
-def _chunk_topk(
-    hidden: Tensor, weight: Tensor, bias: Tensor | None, k: int, temperature: float, softcap: float | None
-) -> tuple[Tensor, Tensor]:
-    """(ids (C, k), logprobs (C, k)) of one chunk, in the compute dtype; the order of operations
-    matches the combinator's (matmul in the input dtype, cap, then divide by T)."""
-    compute = torch.float64 if hidden.dtype == torch.float64 else torch.float32
-    logits = F.linear(hidden, weight, bias).to(compute)
-    if softcap is not None:
-        logits = softcap * torch.tanh(logits / softcap)
-    logits = logits / temperature
-    top, ids = logits.topk(k, dim=-1)
-    # log p = logit − logsumexp over the whole vocabulary: exact, not renormalised to the top-k.
-    return ids, top - logits.logsumexp(-1, keepdim=True)
-
-
-@torch.no_grad()
-def teacher_topk(
-    teacher_hidden: Tensor,  # (..., Ht)
-    teacher_weight: Tensor,  # (Vt, Ht)
-    k: int,
-    *,
-    temperature: float = 1.0,
-    chunk_size: int | Literal["auto"] = "auto",
-    teacher_bias: Tensor | None = None,  # (Vt,)
-    softcap: float | None = None,
-    vocab: int | None = None,
-) -> tuple[Tensor, Tensor]:
-    """The teacher's top-k token ids and exact log-probabilities, never materialising all logits.
-
-    Rows (the flattened leading dims) are processed ``chunk_size`` at a time: logits =
-    ``hidden @ W.T (+ bias)`` (in the input dtype, then float32; float64 for float64 inputs),
-    optionally soft-capped (``softcap·tanh(logits/softcap)``), divided by ``temperature``, then
-    log-probs = logits − logsumexp over the whole vocabulary and ``torch.topk``. Ids come sorted
-    by decreasing log-prob.
-
-    Args:
-        teacher_hidden, teacher_weight: the teacher's final hidden states and lm_head weight.
-        k: tokens kept per row, in ``[1, V]``.
-        temperature: the teacher's sampling temperature; it shapes the cached distribution (the
-            sparse divergences never rescale it).
-        chunk_size: rows per chunk, or ``"auto"``
-            (:func:`kdfuse.tuning.heuristic_chunk_size`).
-        teacher_bias: lm_head bias, ``(Vt,)``.
-        softcap: Gemma-2 style final-logit soft-capping, applied before the temperature.
-        vocab: keep only the first ``vocab`` columns (drop padded embedding rows).
-
-    Returns:
-        ``(ids (..., k) int64, logprobs (..., k) float32)``.
-    """
-    vocab = _check_topk_args(teacher_hidden, teacher_weight, k, temperature, chunk_size, teacher_bias, softcap, vocab)
-    leading = teacher_hidden.shape[:-1]
-    hidden = teacher_hidden.reshape(-1, teacher_hidden.shape[-1])
-    weight = teacher_weight[:vocab]
-    bias = None if teacher_bias is None else teacher_bias[:vocab]
-    rows, device = hidden.shape[0], hidden.device
-    ids = torch.empty(rows, k, dtype=torch.int64, device=device)
-    logprobs = torch.empty(rows, k, dtype=torch.float32, device=device)
-    size = heuristic_chunk_size(rows, vocab, device.type) if chunk_size == "auto" else chunk_size
-    for start in range(0, rows, size):
-        chunk = slice(start, start + size)
-        ids[chunk], logprobs[chunk] = _chunk_topk(hidden[chunk], weight, bias, k, temperature, softcap)
-    return ids.reshape(*leading, k), logprobs.reshape(*leading, k)
+    """Whether ``divergence`` is a :class:`~kdfuse.divergences.Parametrized` that takes a top-k
+    teacher (a plain function's kind is decided by the teacher it is called with)."""
+    return isinstance(divergence, Parametrized) and divergence.sparse

@@ -43,29 +43,26 @@ import triton.language as tl
 from torch import Tensor
 from triton.language.extra.cuda import libdevice
 
-from . import divergences as D
+from . import scalars as S
+from .divergences import LOGPROB_FLOOR
 
-__all__ = ["supported", "chunk_step"]
+__all__ = ["KERNELS", "ce_power", "chunk_step"]
 
-_FORWARD_KL, _SOFT_CE, _REVERSE_KL, _JSD = 0, 1, 2, 3
-_KERNEL_IDS = {
-    D._forward_kl: _FORWARD_KL,
-    D._soft_ce: _SOFT_CE,
-    D._reverse_kl: _REVERSE_KL,
-    D._jsd_mixture: _JSD,
-}
-# tools/kernel_bench.py on an H100, 4096 x 128256 bf16 logits, + CE (ms; BLOCK/warps, default
-# stages), 2026-11-24: forward KL 1.76 (1024/4), 1.74 (2048/4), 1.85 (1024/8), a device copy's
-# rate; JSD 2.96 (1024/4), 3.61 (2048/4), 3.79 (1024/8). (Before the instruction diet,
-# docs/benchmarks.md "What moved": 2.12 and 3.86 ms at 1024/4.)
+# The kernels by their registry names (kdfuse.divergences.Builtin.kernel): the DIV constexpr.
+KERNELS = {"forward_kl": 0, "soft_ce": 1, "reverse_kl": 2, "jsd": 3}
+# Blocks of the vocabulary per program step, warps and pipeline stages (tools/kernel_bench.py
+# times the alternatives; docs/design.md has the results). Reverse KL and JSD carry more per
+# element, so fewer loads in flight.
 _BLOCK = 1024
 _NUM_WARPS = 4
-_STAGES = {D._forward_kl: 3, D._soft_ce: 3, D._reverse_kl: 2, D._jsd_mixture: 2}
+_STAGES = {"forward_kl": 3, "soft_ce": 3, "reverse_kl": 2, "jsd": 2}
+# The scalars' slots (kdfuse.scalars), as the kernel reads them.
+_INV_T, _SOFT_W, _HARD_W, _CAP, _PARAMS = (tl.constexpr(i) for i in (S.INV_T, S.SOFT_W, S.HARD_W, S.CAP, S.PARAMS))
 
 
-def supported(kernel, compute_dtype: torch.dtype, device: torch.device) -> bool:
-    """Whether :func:`chunk_step` implements this divergence kernel here."""
-    return kernel in _KERNEL_IDS and compute_dtype == torch.float32 and device.type == "cuda"
+def ce_power(temperature: float) -> int:
+    """``chunk_step``'s ``ce_power`` for this temperature: T itself at T = 1 or 2, else 0."""
+    return {1.0: 1, 2.0: 2}.get(temperature, 0)
 
 
 # Base-2 arithmetic: exp2 is the special-function unit's own instruction (exp is exp2 after a
@@ -75,7 +72,37 @@ def supported(kernel, compute_dtype: torch.dtype, device: torch.device) -> bool:
 _LOG2E = tl.constexpr(1.4426950408889634)
 _LN2 = tl.constexpr(0.6931471805599453)
 # divergences.LOGPROB_FLOOR in bits: max(log p, F) = ln 2 · max(log2 p, F · log2 e).
-_FLOOR2 = tl.constexpr(D.LOGPROB_FLOOR * 1.4426950408889634)
+_FLOOR2 = tl.constexpr(LOGPROB_FLOOR * 1.4426950408889634)
+
+
+# tl.log2 compiles to a software log2 of ~20 instructions per element (exponent split,
+# polynomial, subnormal fix-up); the special-function unit's lg2.approx is one, with an absolute
+# error of ~2^-22 (bits) and subnormal inputs flushed to 0. Triton's interpreter (the CPU tests)
+# has no libdevice: there it is tl.log2.
+_PTX = tl.constexpr(not triton.knobs.runtime.interpret)
+
+
+@triton.jit
+def _log2(x):
+    if _PTX:
+        y = libdevice.fast_log2f(x)
+    else:
+        y = tl.log2(x)
+    return y
+
+
+@triton.jit
+def _exp2(x):
+    """2^x by the special-function unit with subnormal results flushed to 0 (``ex2.approx.ftz``).
+    ``tl.exp2`` is ``ex2.approx.f32``, which keeps subnormals at the price of a range test and two
+    predicated multiplies around each MUFU.EX2 (SASS, sm_90). The values lost are below 2^-126:
+    probabilities whose terms p·(log p − F) are below 1e-34 and whose gradients no bf16 logit
+    gradient can hold next to a row's others. The interpreter has no inline PTX: tl.exp2 there."""
+    if _PTX:
+        y = tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=f,f", [x], dtype=tl.float32, is_pure=True, pack=1)
+    else:
+        y = tl.exp2(x)
+    return y
 
 
 @triton.jit
@@ -85,23 +112,26 @@ def _shift(m, scale):
 
 
 @triton.jit
-def _fold(z, x, m_old, m_new, scale):
-    """Fold the block ``x`` into a running base-2 log-sum-exp of x·scale: z per lane holds
-    Σ 2^(x·scale − shift(m)), m the running max of x (before and after this block).
+def _rescale(m_old, m_new, scale):
+    """2^(shift(m_old) − shift(m_new)): moves a running sum of :func:`_terms` to a new max."""
+    return tl.where(m_old == float("-inf"), 0.0, _exp2(_shift(m_old, scale) - _shift(m_new, scale)))
 
-    Per element: one FMA for the exponent, one exp2, one FMA for the sum; the rescale to the new
-    max is a scalar. Per-lane sums, added up once per row, spare a block-wide reduction per block
-    and log-sum-exp (the kernel issues instructions at ~70% of the SMs' rate, ncu, so each
-    counts: docs/benchmarks.md).
-    """
-    new = _shift(m_new, scale)
-    rescale = tl.where(m_old == float("-inf"), 0.0, tl.exp2(_shift(m_old, scale) - new))
-    return z * rescale + tl.exp2(x * scale - new)
+
+@triton.jit
+def _terms(x, m, scale):
+    """2^(x·scale − shift(m)): one FMA and one exp2 per element.
+
+    A running base-2 log-sum-exp of x·scale is kept per lane as z = Σ terms(x, m) over the blocks
+    so far, m their running max, and folded as z·rescale + terms: one more FMA per element (the
+    rescale is a scalar). Per-lane sums, added up once per row, spare a block-wide reduction per
+    block (the kernel issues instructions at ~70% of the SMs' rate, ncu, so each counts:
+    docs/benchmarks.md)."""
+    return _exp2(x * scale - _shift(m, scale))
 
 
 @triton.jit
 def _finish(z, m, scale):
-    """(shift(m), log2 Σ z) of :func:`_fold`'s state. A log-prob (in bits) is then formed as
+    """(shift(m), log2 Σ z) of a running sum of :func:`_terms`. A log-prob (in bits) is then formed as
     (x·scale − shift) − log2 z, exact near the max, never as x·scale − lse, which carries the
     rounding of a logit-sized lse (eps·|x|: ~2e-6 at |x| = 30)."""
     return _shift(m, scale), tl.log2(tl.sum(z, axis=0))
@@ -129,17 +159,27 @@ def _load(ptr, idx, mask, other, cap, SOFTCAP: tl.constexpr, MASKED: tl.constexp
 
 @triton.jit
 def _pass1(s_ptr, t_ptr, idx, mask, cap, tau2, m_s, z_s, z_a, m_t, z_t,
-           HAS_CE: tl.constexpr, SOFTCAP: tl.constexpr, MASKED: tl.constexpr):  # fmt: skip
+           HAS_CE: tl.constexpr, CE_POW: tl.constexpr, SOFTCAP: tl.constexpr, MASKED: tl.constexpr):  # fmt: skip
     """One block of pass 1: the running log-sum-exps of the student at T (z_s) and 1 (z_a), which
-    share the student's max m_s, and of the teacher at T (z_t, max m_t)."""
+    share the student's max m_s, and of the teacher at T (z_t, max m_t).
+
+    At T = CE_POW the CE's terms are the soft ones' powers (see :func:`_ce_probs`): at T = 1 z_a
+    is z_s and is not kept; at T = 2 its terms are the squares of z_s's, and so is its rescale,
+    because shift(m, log2 e) = 2·shift(m, log2 e / 2) exactly (a power-of-two scale): a multiply
+    where an FMA and an exp2 were."""
     a = _load(s_ptr, idx, mask, float("-inf"), cap, SOFTCAP, MASKED)
     b = _load(t_ptr, idx, mask, float("-inf"), cap, SOFTCAP, MASKED)
     m_s_new = tl.maximum(m_s, tl.max(a, axis=0))
     m_t_new = tl.maximum(m_t, tl.max(b, axis=0))
-    z_s = _fold(z_s, a, m_s, m_s_new, tau2)
+    r_s = _rescale(m_s, m_s_new, tau2)
+    e_s = _terms(a, m_s_new, tau2)
+    z_s = z_s * r_s + e_s
     if HAS_CE:
-        z_a = _fold(z_a, a, m_s, m_s_new, _LOG2E)
-    z_t = _fold(z_t, b, m_t, m_t_new, tau2)
+        if CE_POW == 2:
+            z_a = z_a * (r_s * r_s) + e_s * e_s
+        elif CE_POW == 0:
+            z_a = z_a * _rescale(m_s, m_s_new, _LOG2E) + _terms(a, m_s_new, _LOG2E)
+    z_t = z_t * _rescale(m_t, m_t_new, tau2) + _terms(b, m_t_new, tau2)
     return m_s_new, z_s, z_a, m_t_new, z_t
 
 
@@ -151,22 +191,6 @@ def _logprobs(s_ptr, t_ptr, idx, mask, cap, tau2, c_s, lz_s, c_t, lz_t,
     a = _load(s_ptr, idx, mask, 0.0, cap, SOFTCAP, MASKED)
     b = _load(t_ptr, idx, mask, float("-inf"), cap, SOFTCAP, MASKED)
     return a, (a * tau2 - c_s) - lz_s, (b * tau2 - c_t) - lz_t
-
-
-# tl.log2 compiles to a software log2 of ~20 instructions per element (exponent split,
-# polynomial, subnormal fix-up); the special-function unit's lg2.approx is one, with an absolute
-# error of ~2^-22 (bits) and subnormal inputs flushed to 0. Triton's interpreter (the CPU tests)
-# has no libdevice: there it is tl.log2.
-_FAST_LOG2 = tl.constexpr(not triton.knobs.runtime.interpret)
-
-
-@triton.jit
-def _log2(x):
-    if _FAST_LOG2:
-        y = libdevice.fast_log2f(x)
-    else:
-        y = tl.log2(x)
-    return y
 
 
 @triton.jit
@@ -195,12 +219,34 @@ def _grad_ds(ls, lt, ps, pt, kl, beta, one_m_beta, DIV: tl.constexpr):
 
 
 @triton.jit
-def _dlogit(g, a, c_a, lz_a, c_soft, c_hard, onehot, cap, HAS_CE: tl.constexpr, SOFTCAP: tl.constexpr):
-    """w·dL/dx: c_soft·g + c_hard·(softmax(a) − onehot), chained through the softcap (the row
-    weight w is in c_soft = w·soft_w·τ·(factor) and c_hard = w·hard_w)."""
+def _ce_probs(a, ps, c_a, lz_a, CE_POW: tl.constexpr):
+    """softmax(a), the CE's probabilities, up to the row factor k_a (see :func:`_kd_chunk_kernel`).
+
+    At T = CE_POW they are a power of p_s = softmax(a·τ), which the pass has formed:
+    softmax(a) = p_s^k · z_s^k / z_a, so k_a = 2^(k·lz_s − lz_a): p_s itself at T = 1, a multiply
+    at T = 2, where otherwise an FMA, an add and an exp2 make them (CE_POW = 0, k_a = 1). The
+    square doubles p_s's relative error (2^-21) and flushes probabilities below ~2^-126·k_a
+    (k_a ≤ V), whose share of a bf16 logit gradient is nil."""
+    if CE_POW == 1:
+        pa = ps
+    elif CE_POW == 2:
+        pa = ps * ps
+    else:
+        pa = _exp2((a * _LOG2E - c_a) - lz_a)
+    return pa
+
+
+@triton.jit
+def _dlogit(g, a, ps, c_a, lz_a, c_soft, c_hard, c_pa, cap,
+            HAS_CE: tl.constexpr, CE_POW: tl.constexpr, SOFTCAP: tl.constexpr, LABEL: tl.constexpr):  # fmt: skip
+    """w·dL/dx: c_soft·g + c_hard·(softmax(a) − onehot), onehot 1 at the LABEL's element only,
+    chained through the softcap (the row weight w is in c_soft = w·soft_w·τ·(factor),
+    c_hard = w·hard_w and c_pa = c_hard·k_a)."""
     da = c_soft * g
     if HAS_CE:
-        da += c_hard * (tl.exp2((a * _LOG2E - c_a) - lz_a) - onehot)
+        da += c_pa * _ce_probs(a, ps, c_a, lz_a, CE_POW)
+        if LABEL:
+            da -= c_hard
     if SOFTCAP:
         r = a / cap
         da = da * (1.0 - r * r)
@@ -219,19 +265,19 @@ def _store(dx_ptr, idx, mask, da, w, MASKED: tl.constexpr):
 
 @triton.jit
 def _pass2(s_ptr, t_ptr, dx_ptr, idx, mask, cap, tau2, c_s, lz_s, c_t, lz_t, c_a, lz_a,
-           acc_a, acc_b, beta, one_m_beta, w, c_soft, c_hard,
-           DIV: tl.constexpr, HAS_CE: tl.constexpr, SOFTCAP: tl.constexpr, WITH_GRAD: tl.constexpr,
-           MASKED: tl.constexpr):  # fmt: skip
+           acc_a, acc_b, beta, one_m_beta, w, c_soft, c_hard, c_pa,
+           DIV: tl.constexpr, HAS_CE: tl.constexpr, CE_POW: tl.constexpr, SOFTCAP: tl.constexpr,
+           WITH_GRAD: tl.constexpr, MASKED: tl.constexpr):  # fmt: skip
     """One block of pass 2: the divergence's terms, in bits, into the per-lane sums acc_a (the
     divergence, or KL(P_t‖M) for JSD) and acc_b (KL(P_s‖M) for JSD); for forward KL / soft CE
     also the gradient. No ``p > 0`` test guards the ``p · (log-prob difference)`` terms: both
     log-probs are floored, so a zero p gives zero; the one case where p is nan (a teacher row
     all −inf) is zeroed for the whole row by the caller."""
     a, ls, lt = _logprobs(s_ptr, t_ptr, idx, mask, cap, tau2, c_s, lz_s, c_t, lz_t, SOFTCAP, MASKED)
-    ps = tl.exp2(ls)
+    ps = _exp2(ls)
     if MASKED:
         ps = tl.where(mask, ps, 0.0)
-    pt = tl.exp2(lt)
+    pt = _exp2(lt)
     ls_c = tl.maximum(ls, _FLOOR2)
     lt_c = tl.maximum(lt, _FLOOR2)
     if DIV == 0:
@@ -246,36 +292,39 @@ def _pass2(s_ptr, t_ptr, dx_ptr, idx, mask, cap, tau2, c_s, lz_s, c_t, lz_t, c_a
         acc_b += ps * (ls_c - lm_c)
     if WITH_GRAD:
         if DIV <= 1:
-            da = _dlogit(ps - pt, a, c_a, lz_a, c_soft, c_hard, 0.0, cap, HAS_CE, SOFTCAP)
+            da = _dlogit(ps - pt, a, ps, c_a, lz_a, c_soft, c_hard, c_pa, cap, HAS_CE, CE_POW, SOFTCAP, False)
             _store(dx_ptr, idx, mask, da, w, MASKED)
     return acc_a, acc_b
 
 
 @triton.jit
 def _pass3(s_ptr, t_ptr, dx_ptr, idx, mask, cap, tau2, c_s, lz_s, c_t, lz_t, c_a, lz_a,
-           kl, beta, one_m_beta, w, c_soft, c_hard,
-           DIV: tl.constexpr, HAS_CE: tl.constexpr, SOFTCAP: tl.constexpr, MASKED: tl.constexpr):  # fmt: skip
+           kl, beta, one_m_beta, w, c_soft, c_hard, c_pa,
+           DIV: tl.constexpr, HAS_CE: tl.constexpr, CE_POW: tl.constexpr, SOFTCAP: tl.constexpr,
+           MASKED: tl.constexpr):  # fmt: skip
     """One block of pass 3 (reverse KL, JSD): the gradient, which needs the row's ``kl``."""
     a, ls, lt = _logprobs(s_ptr, t_ptr, idx, mask, cap, tau2, c_s, lz_s, c_t, lz_t, SOFTCAP, MASKED)
-    g = _grad_ds(ls, lt, tl.exp2(ls), tl.exp2(lt), kl, beta, one_m_beta, DIV)
-    _store(dx_ptr, idx, mask, _dlogit(g, a, c_a, lz_a, c_soft, c_hard, 0.0, cap, HAS_CE, SOFTCAP), w, MASKED)
+    ps = _exp2(ls)
+    g = _grad_ds(ls, lt, ps, _exp2(lt), kl, beta, one_m_beta, DIV)
+    da = _dlogit(g, a, ps, c_a, lz_a, c_soft, c_hard, c_pa, cap, HAS_CE, CE_POW, SOFTCAP, False)
+    _store(dx_ptr, idx, mask, da, w, MASKED)
 
 
 @triton.jit
 def _kd_chunk_kernel(
     S, T, DX, LABELS, VALID, ROW_W, LOSS, SOFT, HARD, SCALARS,
     V, stride_s, stride_t, stride_dx, ignore_index,
-    DIV: tl.constexpr, HAS_CE: tl.constexpr, SOFTCAP: tl.constexpr, WITH_GRAD: tl.constexpr,
-    BLOCK: tl.constexpr, STAGES: tl.constexpr,
+    DIV: tl.constexpr, HAS_CE: tl.constexpr, CE_POW: tl.constexpr, SOFTCAP: tl.constexpr,
+    WITH_GRAD: tl.constexpr, BLOCK: tl.constexpr, STAGES: tl.constexpr,
 ):  # fmt: skip
     row = tl.program_id(0).to(tl.int64)
     s_ptr = S + row * stride_s
     t_ptr = T + row * stride_t
     dx_ptr = DX + row * stride_dx
-    inv_t = tl.load(SCALARS + 0)
-    soft_w = tl.load(SCALARS + 1)
-    hard_w = tl.load(SCALARS + 2)
-    cap = tl.load(SCALARS + 3)
+    inv_t = tl.load(SCALARS + _INV_T)
+    soft_w = tl.load(SCALARS + _SOFT_W)
+    hard_w = tl.load(SCALARS + _HARD_W)
+    cap = tl.load(SCALARS + _CAP)
     tau2 = inv_t * _LOG2E
     ninf = float("-inf")
     offs = tl.arange(0, BLOCK)
@@ -300,10 +349,10 @@ def _kd_chunk_kernel(
     # Software-pipelined (STAGES): the next blocks' loads are in flight while this one computes.
     for i in tl.range(0, n_full, num_stages=STAGES):
         m_s, z_s, z_a, m_t, z_t = _pass1(s_ptr, t_ptr, i * BLOCK + offs, None, cap, tau2, m_s, z_s, z_a, m_t, z_t,
-                                         HAS_CE, SOFTCAP, False)  # fmt: skip
+                                         HAS_CE, CE_POW, SOFTCAP, False)  # fmt: skip
     if n_full * BLOCK < V:
         m_s, z_s, z_a, m_t, z_t = _pass1(s_ptr, t_ptr, tail, tail < V, cap, tau2, m_s, z_s, z_a, m_t, z_t,
-                                         HAS_CE, SOFTCAP, True)  # fmt: skip
+                                         HAS_CE, CE_POW, SOFTCAP, True)  # fmt: skip
     teacher_empty = m_t == ninf  # a teacher row all −inf: its p_t are nan, its KL terms 0
     c_s, lz_s = _finish(z_s, m_s, tau2)
     c_t, lz_t = _finish(z_t, m_t, tau2)
@@ -311,7 +360,10 @@ def _kd_chunk_kernel(
     lz_a = 0.0
     hard = 0.0
     if HAS_CE:
-        c_a, lz_a = _finish(z_a, m_s, _LOG2E)
+        if CE_POW == 1:
+            c_a, lz_a = c_s, lz_s  # τ·log2 e is log2 e: the same terms
+        else:
+            c_a, lz_a = _finish(z_a, m_s, _LOG2E)
         # log Σ exp(a) = m + ln 2 · (log2 z + (c_a − m·log2 e)); the bracket's second term, the
         # rounding of c_a, is exact by FMA, so no logit-sized number is rounded.
         lse_a = m_s + _LN2 * (lz_a + tl.fma(m_s, -_LOG2E, c_a))
@@ -323,8 +375,8 @@ def _kd_chunk_kernel(
     if DIV == 3:
         # β and 1 − β, each computed in float64 (see divergences._mixing; the logs that follow
         # them there are not needed here).
-        beta = tl.load(SCALARS + 4)
-        one_m_beta = tl.load(SCALARS + 5)
+        beta = tl.load(SCALARS + _PARAMS)  # jsd's (β, 1 − β, log β, log(1 − β)), see divergences._mixing
+        one_m_beta = tl.load(SCALARS + _PARAMS + 1)
 
     # The row factors of the gradient (w the row weight; ln 2 turns bits into nats).
     w = 0.0
@@ -336,6 +388,10 @@ def _kd_chunk_kernel(
     elif DIV == 3:
         c_soft = c_soft * (one_m_beta * _LN2)
     c_hard = w * hard_w
+    # softmax(a) = k_a · p_s^CE_POW (see _ce_probs), k_a taken into the CE's row factor.
+    c_pa = c_hard
+    if CE_POW != 0:
+        c_pa = c_hard * tl.exp2(CE_POW * lz_s - lz_a)
 
     # Pass 2: the divergence's value (and, when the gradient needs no row value, the gradient).
     # Back to front: the blocks pass 1 read last are the likeliest to be still in L2.
@@ -343,12 +399,12 @@ def _kd_chunk_kernel(
     acc_b = tl.zeros([BLOCK], tl.float32)
     if n_full * BLOCK < V:
         acc_a, acc_b = _pass2(s_ptr, t_ptr, dx_ptr, tail, tail < V, cap, tau2, c_s, lz_s, c_t, lz_t, c_a, lz_a,
-                              acc_a, acc_b, beta, one_m_beta, w, c_soft, c_hard,
-                              DIV, HAS_CE, SOFTCAP, WITH_GRAD, True)  # fmt: skip
+                              acc_a, acc_b, beta, one_m_beta, w, c_soft, c_hard, c_pa,
+                              DIV, HAS_CE, CE_POW, SOFTCAP, WITH_GRAD, True)  # fmt: skip
     for i in tl.range(0, n_full, num_stages=STAGES):
         acc_a, acc_b = _pass2(s_ptr, t_ptr, dx_ptr, (n_full - 1 - i) * BLOCK + offs, None, cap, tau2, c_s, lz_s,
-                              c_t, lz_t, c_a, lz_a, acc_a, acc_b, beta, one_m_beta, w, c_soft, c_hard,
-                              DIV, HAS_CE, SOFTCAP, WITH_GRAD, False)  # fmt: skip
+                              c_t, lz_t, c_a, lz_a, acc_a, acc_b, beta, one_m_beta, w, c_soft, c_hard, c_pa,
+                              DIV, HAS_CE, CE_POW, SOFTCAP, WITH_GRAD, False)  # fmt: skip
     kl_a = tl.sum(acc_a, axis=0)  # bits
     kl_b = tl.sum(acc_b, axis=0)
     if DIV != 2:
@@ -370,10 +426,10 @@ def _kd_chunk_kernel(
         if DIV >= 2:
             for i in tl.range(0, n_full, num_stages=STAGES):
                 _pass3(s_ptr, t_ptr, dx_ptr, i * BLOCK + offs, None, cap, tau2, c_s, lz_s, c_t, lz_t, c_a, lz_a,
-                       kl, beta, one_m_beta, w, c_soft, c_hard, DIV, HAS_CE, SOFTCAP, False)  # fmt: skip
+                       kl, beta, one_m_beta, w, c_soft, c_hard, c_pa, DIV, HAS_CE, CE_POW, SOFTCAP, False)  # fmt: skip
             if n_full * BLOCK < V:
                 _pass3(s_ptr, t_ptr, dx_ptr, tail, tail < V, cap, tau2, c_s, lz_s, c_t, lz_t, c_a, lz_a,
-                       kl, beta, one_m_beta, w, c_soft, c_hard, DIV, HAS_CE, SOFTCAP, True)  # fmt: skip
+                       kl, beta, one_m_beta, w, c_soft, c_hard, c_pa, DIV, HAS_CE, CE_POW, SOFTCAP, True)  # fmt: skip
         # The CE's one-hot, at the label only: the passes above wrote softmax(a) there; once
         # their stores are done, that one element is written again with the one-hot subtracted
         # (a compare and select per element fewer in the loop).
@@ -382,8 +438,9 @@ def _kd_chunk_kernel(
                 tl.debug_barrier()
                 ls = (a_label * tau2 - c_s) - lz_s
                 lt = (b_label * tau2 - c_t) - lz_t
-                g = _grad_ds(ls, lt, tl.exp2(ls), tl.exp2(lt), kl, beta, one_m_beta, DIV)
-                da = _dlogit(g, a_label, c_a, lz_a, c_soft, c_hard, 1.0, cap, HAS_CE, SOFTCAP)
+                ps = _exp2(ls)
+                g = _grad_ds(ls, lt, ps, _exp2(lt), kl, beta, one_m_beta, DIV)
+                da = _dlogit(g, a_label, ps, c_a, lz_a, c_soft, c_hard, c_pa, cap, HAS_CE, CE_POW, SOFTCAP, True)
                 _store(dx_ptr, at, None, da, w, False)
 
 
@@ -397,13 +454,16 @@ def chunk_step(
     labels: Tensor,  # (C,) int64
     valid: Tensor,  # (C,) bool
     row_weight: Tensor | None,  # (C,) float32, or None for the loss only
-    scalars: Tensor,  # (4 + n_params,) float32: 1/T, soft_w, hard_w, cap, params...
+    scalars: Tensor,  # kdfuse.scalars' layout, float32
     out: Tensor | None = None,  # (C, V) where to write dlogits; may be ``student`` itself
+    ce_power: int = 0,
 ) -> tuple[Tensor | None, tuple[Tensor, Tensor, Tensor]]:
     """(dlogits (C, V) in ``student``'s dtype or None, (loss, soft, hard) each (C,) float32).
 
     ``out=student`` is safe: each program reads an element of its row before it writes that
-    element's gradient, and the pass that writes is the last to read.
+    element's gradient, and the pass that writes is the last to read. ``ce_power``: the
+    temperature's :func:`ce_power` (``scalars[0]`` must then be its inverse, 1/T) to form the CE's
+    probabilities from the soft ones (see ``_ce_probs``); 0 forms them anew at any temperature.
     """
     rows, vocab = student.shape
     if student.stride(-1) != 1:
@@ -418,7 +478,8 @@ def chunk_step(
             student, teacher, dx if with_grad else student, labels, valid,
             row_weight if with_grad else scalars, loss, soft, hard, scalars,
             vocab, student.stride(0), teacher.stride(0), dx.stride(0) if with_grad else 0, ignore_index,
-            DIV=_KERNEL_IDS[kernel], HAS_CE=has_ce, SOFTCAP=softcap, WITH_GRAD=with_grad,
+            DIV=KERNELS[kernel], HAS_CE=has_ce, CE_POW=ce_power if has_ce else 0, SOFTCAP=softcap,
+            WITH_GRAD=with_grad,
             BLOCK=min(_BLOCK, triton.next_power_of_2(vocab)), STAGES=_STAGES[kernel], num_warps=_NUM_WARPS,
         )  # fmt: skip
     return dx, (loss, soft, hard)

@@ -39,19 +39,17 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from . import scalars as S
+from .compiled import compile_bound
 from .divergences import LOGPROB_FLOOR
 
-__all__ = ["supported", "chunk_step"]
+__all__ = ["chunk_step"]
 
-# tools/kernel_bench.py on an H100 (4096 x 128256 bf16, top-64 bucket + CE): 1.36-1.39 ms at
-# BLOCK 4096 x 4 warps, 2048 x 4 and 8192 x 8, about the device's copy rate (3.0 TB/s).
+# Vocabulary elements per program step and warps: about the device's copy rate
+# (tools/kernel_bench.py times the alternatives; docs/design.md has the results).
 _BLOCK = 4096
 _NUM_WARPS = 4
-
-
-def supported(kernel, compute_dtype: torch.dtype, device: torch.device, softcap: bool) -> bool:
-    """Whether :func:`chunk_step` runs this sparse divergence here (a built-in, float32, CUDA)."""
-    return hasattr(kernel, "__kdfuse_reduced__") and compute_dtype == torch.float32 and device.type == "cuda" and not softcap
+_INV_T = tl.constexpr(S.INV_T)
 
 
 @triton.jit
@@ -69,7 +67,7 @@ def _complement_lse_kernel(X, STATS, SCALARS, V, stride_x, HAS_CE: tl.constexpr,
     """STATS[row] = (max, log Σ e^{· − max}) of τx and, with CE, of x, over the row's finite x."""
     row = tl.program_id(0).to(tl.int64)
     x_ptr = X + row * stride_x
-    inv_t = tl.load(SCALARS + 0)
+    inv_t = tl.load(SCALARS + _INV_T)
     offs = tl.arange(0, BLOCK)
     m_t = float("-inf")
     z_t = 0.0
@@ -106,7 +104,7 @@ def _complement_grad_kernel(
 ):  # fmt: skip
     row = tl.program_id(0).to(tl.int64)
     x_ptr = X + row * stride_x
-    inv_t = tl.load(SCALARS + 0)
+    inv_t = tl.load(SCALARS + _INV_T)
     stats = STATS + row * 4
     m_t = tl.load(stats + 0)
     lz_t = tl.load(stats + 1)
@@ -168,14 +166,14 @@ def _reduced_parts(
     logprobs: Tensor,  # (C, k) teacher log-probs
     real: Tensor,  # (C, k) bool: logprobs > −inf
     valid: Tensor,  # (C,) bool: with CE, exactly the rows whose label is not ignore_index
-    scalars: Tensor,  # (4,) float32: 1/T, soft_w, hard_w, cap
+    scalars: Tensor,  # kdfuse.scalars' layout, float32
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Per-row (loss, soft, hard), each (C,), from the gathered numbers (see the module docstring).
     Everything is shifted by the row's max (of the complement and the real top-k), so log-probs are
     differences of log-prob-sized numbers; the shift is a constant (the loss does not depend on
     it), so no gradient flows through it."""
     ninf = float("-inf")
-    scaled = gathered * scalars[0]
+    scaled = gathered * scalars[S.INV_T]
     shift, lz_t = _shifted(scaled, real, stats[:, 0], lz_t)
     shifted = scaled - shift[:, None]
     lse = torch.logaddexp(lz_t, torch.where(real, shifted, ninf).logsumexp(-1))
@@ -188,7 +186,7 @@ def _reduced_parts(
         hard = torch.where(valid, lse_1 - (label_logit - shift_1), 0)
     else:
         hard = torch.zeros_like(soft)
-    return scalars[1] * soft + scalars[2] * hard, soft, hard
+    return scalars[S.SOFT_W] * soft + scalars[S.HARD_W] * hard, soft, hard
 
 
 def _reduced_grads(reduced, has_ce, gathered, label_logit, lz_t, lz_1, stats, logprobs, real, valid, row_weight, scalars):
@@ -203,13 +201,13 @@ def _reduced_grads(reduced, has_ce, gathered, label_logit, lz_t, lz_1, stats, lo
 
 @functools.lru_cache(maxsize=None)
 def _small_fn(reduced: Callable[..., Tensor], has_ce: bool, with_grad: bool, compiled: bool) -> Callable:
-    """The (C, k)-sized part, compiled once per divergence (rows dynamic: marked per call)."""
-    fn = functools.partial(_reduced_grads if with_grad else _reduced_parts, reduced, has_ce)
-    return torch.compile(fn, dynamic=False) if compiled else fn
+    """The (C, k)-sized part, compiled once per configuration, each with its own code object
+    (kdfuse.compiled; rows dynamic: marked per call)."""
+    return compile_bound(_reduced_grads if with_grad else _reduced_parts, reduced, has_ce, compiled=compiled, name="kdfuse_topk")
 
 
 def chunk_step(
-    divergence,  # a built-in sparse divergence (has __kdfuse_reduced__)
+    reduced: Callable[..., Tensor],  # a built-in top-k divergence's reduced loss (kdfuse.divergences.Builtin)
     has_ce: bool,
     student: Tensor,  # (C, V) raw student logits; overwritten (its masked copy, then dlogits)
     ids: Tensor,  # (C, k) int64
@@ -217,7 +215,7 @@ def chunk_step(
     labels: Tensor,  # (C,) int64
     valid: Tensor,  # (C,) bool
     row_weight: Tensor | None,  # (C,) float32, or None for the loss only
-    scalars: Tensor,  # (4,) float32: 1/T, soft_w, hard_w, cap
+    scalars: Tensor,  # kdfuse.scalars' layout, float32
     compiled: bool = True,
 ) -> tuple[Tensor | None, tuple[Tensor, Tensor, Tensor]]:
     """(dlogits (C, V) written over ``student``, or None; (loss, soft, hard) each (C,) float32)."""
@@ -236,7 +234,7 @@ def chunk_step(
     if compiled:
         for t in args:
             torch._dynamo.maybe_mark_dynamic(t, 0)
-    small = _small_fn(divergence.__kdfuse_reduced__, has_ce, row_weight is not None, compiled)
+    small = _small_fn(reduced, has_ce, row_weight is not None, compiled)
     if row_weight is None:
         return None, small(*args, scalars)
     if compiled:

@@ -1,51 +1,60 @@
-"""Argument checks for the public entry points: clear errors that name the argument and shapes.
+"""Argument checks: the one set of validators, and the checks of a distillation call's inputs.
 
-Everything here reads only shapes, dtypes, devices and Python numbers, so it costs no device
-sync, except the value checks (:func:`check_values`, :func:`start_value_check`): one sync.
+Every error names the argument and, for tensors, the shapes involved. Everything here reads only
+shapes, dtypes, devices and Python numbers, so it costs no device sync, except the value checks
+(:func:`check_values`, :func:`start_value_check`): one sync.
 """
 
 from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
 
 from .env import MemoryBudget, check_memory_budget
 
-__all__ = ["check_inputs", "check_normalizer", "check_values", "start_value_check"]
+__all__ = [
+    "REDUCTIONS",
+    "IMPLS",
+    "check_choice",
+    "check_chunk_size",
+    "check_finite",
+    "check_float_tensor",
+    "check_ignore_index",
+    "check_inputs",
+    "check_int",
+    "check_normalizer",
+    "check_positive",
+    "check_unit",
+    "check_values",
+    "shape",
+    "start_value_check",
+]
 
-_REDUCTIONS = ("mean", "sum", "none")
-_IMPLS = ("compile", "eager")
+REDUCTIONS = ("mean", "sum", "none")
+IMPLS = ("compile", "eager")
 
 
-def _shape(t: Tensor) -> str:
+# --------------------------------------------------------------------------------------------
+# Validators of one argument: each takes (name, value) and returns the value normalised.
+# --------------------------------------------------------------------------------------------
+
+
+def shape(t: Tensor) -> str:
+    """``(2, 3)``: a tensor's shape for an error message."""
     return "(" + ", ".join(str(d) for d in t.shape) + ")"
 
 
-def _rows(t: Tensor, name: str) -> int:
-    if t.dim() < 1:
-        raise ValueError(f"{name} must have at least 1 dim, got shape {_shape(t)}")
-    return math.prod(t.shape[:-1])
-
-
-def _check_float(t: Tensor, name: str) -> None:
-    if not isinstance(t, Tensor):
-        raise TypeError(f"{name} must be a Tensor, got {type(t).__name__}")
-    if not t.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
-
-
-def _real(value: object, name: str, wanted: str) -> float:
+def _real(name: str, value: object, wanted: str) -> float:
     """``value`` as a float if it is a real number: a Python or NumPy scalar (NumPy registers its
-    scalars as ``numbers.Real``), but not a bool (``temperature=True`` is a mistake, not 1.0).
-    Otherwise raise ``ValueError`` saying ``name`` must be ``wanted``."""
+    scalars as ``numbers.Real``), but not a bool (``temperature=True`` is a mistake, not 1.0)."""
     if isinstance(value, Tensor):
         # Not float(value), nor its repr in the message: reading a CUDA tensor's value syncs the device.
         raise ValueError(
-            f"{name} must be a Python number ({wanted}), not a tensor (got shape {_shape(value)} on "
+            f"{name} must be a Python number ({wanted}), not a tensor (got shape {shape(value)} on "
             f"{value.device}): converting it would sync the device, so pass {name}=float(...) instead"
         )
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
@@ -53,35 +62,102 @@ def _real(value: object, name: str, wanted: str) -> float:
     return float(value)
 
 
-def _check_finite(value: float, name: str) -> None:
-    if not math.isfinite(_real(value, name, "a finite number")):
+def check_finite(name: str, value: float) -> float:
+    """A finite real number, as a float."""
+    number = _real(name, value, "a finite number")
+    if not math.isfinite(number):
         raise ValueError(f"{name} must be a finite number, got {value!r}")
+    return number
 
 
-def _check_positive(value: float, name: str) -> None:
-    number = _real(value, name, "a finite number > 0")
+def check_positive(name: str, value: float) -> float:
+    """A finite real number > 0, as a float."""
+    number = _real(name, value, "a finite number > 0")
     if not (math.isfinite(number) and number > 0):
         raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+    return number
 
 
-def _check_ignore_index(ignore_index: int) -> None:
+def check_unit(name: str, value: float) -> float:
+    """A real number in [0, 1], as a float (so a NumPy scalar names a divergence as 0.3 does)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number in [0, 1], got {value!r}")
+    number = float(value)
+    if not 0.0 <= number <= 1.0:
+        raise ValueError(f"{name} must be in [0, 1], got {value!r}")
+    return number
+
+
+def check_int(name: str, value: int, low: int = 1, high: int | None = None, high_name: str = "") -> int:
+    """A Python int (not a bool) in [low, high]; ``high_name`` names the bound in the message
+    (``"k must be an int in [1, V=5]"``)."""
+    ok = isinstance(value, int) and not isinstance(value, bool) and value >= low and (high is None or value <= high)
+    if not ok:
+        bound = f"{high_name}={high}" if high_name else str(high)
+        bounds = f">= {low}" if high is None else f"in [{low}, {bound}]"
+        raise ValueError(f"{name} must be an int {bounds}, got {value!r}")
+    return value
+
+
+def check_choice(name: str, value: object, choices: Sequence[object]) -> object:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
+    return value
+
+
+def check_float_tensor(name: str, t: object) -> Tensor:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a Tensor, got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
+    return t
+
+
+def _check_int_tensor(name: str, t: object) -> Tensor:
+    if not isinstance(t, Tensor) or t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+        raise TypeError(f"{name} must be an integer tensor, got {getattr(t, 'dtype', type(t).__name__)}")
+    return t
+
+
+def check_ignore_index(ignore_index: int) -> int:
     """A Python int, not a bool: ``F.cross_entropy`` refuses anything else with a bare error."""
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"ignore_index must be an int, got {ignore_index!r}: pass a Python int, e.g. ignore_index=-100")
+    return ignore_index
 
 
 def _check_memory_budget(memory_budget: MemoryBudget | None) -> None:
-    """Checked here, whatever ``chunk_size`` is: only ``"auto"`` reads the budget, so a bad one
-    would otherwise pass silently with an int chunk size."""
-    if memory_budget is None:
-        return
-    try:
-        check_memory_budget(memory_budget)
-    except ValueError as exc:
-        raise ValueError(f"memory_budget: {exc}") from None
+    """Checked whatever ``chunk_size`` is: only ``"auto"`` reads the budget, so a bad one would
+    otherwise pass silently with an int chunk size."""
+    if memory_budget is not None:
+        try:
+            check_memory_budget(memory_budget)
+        except ValueError as exc:
+            raise ValueError(f"memory_budget: {exc}") from None
 
 
-def _check_same_dtype(tensors: dict, what: str) -> None:
+def check_chunk_size(chunk_size: int | str) -> int | str:
+    """An int >= 1 or ``"auto"``."""
+    if chunk_size != "auto":
+        try:
+            check_int("chunk_size", chunk_size)
+        except ValueError:
+            raise ValueError(f"chunk_size must be an int >= 1 or 'auto', got {chunk_size!r}") from None
+    return chunk_size
+
+
+# --------------------------------------------------------------------------------------------
+# A distillation call's tensors.
+# --------------------------------------------------------------------------------------------
+
+
+def _rows(name: str, t: Tensor) -> int:
+    if t.dim() < 1:
+        raise ValueError(f"{name} must have at least 1 dim, got shape {shape(t)}")
+    return math.prod(t.shape[:-1])
+
+
+def _check_same_dtype(what: str, tensors: dict[str, Tensor | None]) -> None:
     """``tensors`` (name -> Tensor or None) all of one dtype: the matmul would otherwise fail
     with a bare "expected m1 and m2 to have the same dtype"."""
     given = {name: t.dtype for name, t in tensors.items() if t is not None}
@@ -90,19 +166,162 @@ def _check_same_dtype(tensors: dict, what: str) -> None:
         raise TypeError(f"{what} must share one dtype, got {listed}")
 
 
-def _check_layout(t: Tensor, name: str, leading: tuple, student_hidden: Tensor, trailing: int = 1) -> None:
+def _check_layout(name: str, t: Tensor, student_hidden: Tensor, trailing: int = 1) -> None:
     """Row-aligned tensors must have student_hidden's leading dims, or be flattened to N rows.
 
     Equal row counts alone would accept e.g. labels of shape (T, B) for hidden states (B, T, H):
     the rows would silently pair up wrongly. A flattened side (at most one leading dim) is fine.
     """
+    leading = tuple(student_hidden.shape[:-1])
     own = tuple(t.shape[: t.dim() - trailing]) if trailing else tuple(t.shape)
     if own != leading and len(own) > 1 and len(leading) > 1:
         raise ValueError(
-            f"{name}'s leading dims {tuple(own)} do not match student_hidden's {tuple(leading)} "
+            f"{name}'s leading dims {own} do not match student_hidden's {leading} "
             f"(same number of rows, different layout: give the same leading dims, or flatten them): "
-            f"{name} {_shape(t)}, student_hidden {_shape(student_hidden)}"
+            f"{name} {shape(t)}, student_hidden {shape(student_hidden)}"
         )
+
+
+def _check_row_aligned(name: str, t: Tensor, student_hidden: Tensor) -> None:
+    """``t`` is (..., X) with student_hidden's rows, in its layout."""
+    rows = _rows("student_hidden", student_hidden)
+    if _rows(name, t) != rows:
+        raise ValueError(
+            f"{name} has {_rows(name, t)} rows, student_hidden {rows}: shapes {shape(t)} vs {shape(student_hidden)}"
+        )
+    _check_layout(name, t, student_hidden)
+
+
+def _check_student(student_hidden: Tensor, student_weight: Tensor) -> None:
+    check_float_tensor("student_hidden", student_hidden)
+    check_float_tensor("student_weight", student_weight)
+    if student_weight.dim() != 2:
+        raise ValueError(f"student_weight must be (V, Hs), got shape {shape(student_weight)}")
+    if student_weight.shape[1] == 0:
+        raise ValueError(f"student_weight has Hs=0 (no hidden features): student_weight {shape(student_weight)}")
+    if student_hidden.dim() < 1 or student_hidden.shape[-1] != student_weight.shape[1]:
+        raise ValueError(
+            f"student_hidden's last dim must equal student_weight's Hs={student_weight.shape[1]}: "
+            f"student_hidden {shape(student_hidden)}, student_weight {shape(student_weight)}"
+        )
+
+
+def _check_one_teacher(teacher_hidden, teacher_weight, teacher_logits, teacher_topk) -> str:
+    """The teacher's form: ``"hidden"``, ``"logits"`` or ``"topk"``; exactly one must be given."""
+    given = {
+        "hidden": teacher_hidden is not None or teacher_weight is not None,
+        "logits": teacher_logits is not None,
+        "topk": teacher_topk is not None,
+    }
+    if sum(given.values()) != 1:
+        def state(t: object) -> str | None:
+            return "set" if t is not None else None
+
+        raise ValueError(
+            "give exactly one teacher: teacher_hidden + teacher_weight, teacher_logits, or teacher_topk "
+            f"(got teacher_hidden={state(teacher_hidden)}, teacher_weight={state(teacher_weight)}, "
+            f"teacher_logits={state(teacher_logits)}, teacher_topk={state(teacher_topk)})"
+        )
+    return next(form for form, present in given.items() if present)
+
+
+def _check_hidden_teacher(teacher_hidden, teacher_weight, student_hidden: Tensor, student_weight: Tensor) -> None:
+    vocab = student_weight.shape[0]
+    if teacher_hidden is None or teacher_weight is None:
+        raise ValueError("teacher_hidden and teacher_weight must be given together")
+    check_float_tensor("teacher_hidden", teacher_hidden)
+    check_float_tensor("teacher_weight", teacher_weight)
+    if teacher_weight.dim() != 2:
+        raise ValueError(f"teacher_weight must be (Vt, Ht), got shape {shape(teacher_weight)}")
+    width = teacher_weight.shape[1]
+    if width == 0:
+        raise ValueError(f"teacher_weight has Ht=0 (no hidden features): teacher_weight {shape(teacher_weight)}")
+    if teacher_hidden.dim() < 1 or teacher_hidden.shape[-1] != width:
+        raise ValueError(
+            f"teacher_hidden's last dim must equal teacher_weight's Ht={width}: "
+            f"teacher_hidden {shape(teacher_hidden)}, teacher_weight {shape(teacher_weight)}"
+        )
+    _check_row_aligned("teacher_hidden", teacher_hidden, student_hidden)
+    if teacher_weight.shape[0] < vocab:
+        raise ValueError(
+            f"teacher vocabulary {teacher_weight.shape[0]} is smaller than the student's {vocab}: "
+            f"teacher_weight {shape(teacher_weight)}, student_weight {shape(student_weight)}"
+        )
+
+
+def _check_logits_teacher(teacher_logits, student_hidden: Tensor, student_weight: Tensor) -> None:
+    vocab = student_weight.shape[0]
+    check_float_tensor("teacher_logits", teacher_logits)
+    _check_row_aligned("teacher_logits", teacher_logits, student_hidden)
+    if teacher_logits.shape[-1] < vocab:
+        raise ValueError(
+            f"teacher_logits' vocabulary {teacher_logits.shape[-1]} is smaller than the student's {vocab}: "
+            f"teacher_logits {shape(teacher_logits)}, student_weight {shape(student_weight)}"
+        )
+
+
+def _check_topk_teacher(teacher_topk, student_hidden: Tensor, vocab: int) -> None:
+    if not (isinstance(teacher_topk, (tuple, list)) and len(teacher_topk) == 2):
+        raise TypeError("teacher_topk must be a pair (ids, logprobs)")
+    ids, logprobs = teacher_topk
+    _check_int_tensor("teacher_topk ids", ids)
+    check_float_tensor("teacher_topk logprobs", logprobs)
+    rows = _rows("student_hidden", student_hidden)
+    if ids.shape != logprobs.shape or ids.dim() < 1 or _rows("teacher_topk ids", ids) != rows:
+        raise ValueError(
+            f"teacher_topk ids and logprobs must both be (..., k) with {rows} rows: "
+            f"ids {shape(ids)}, logprobs {shape(logprobs)}, student_hidden {shape(student_hidden)}"
+        )
+    if ids.shape[-1] > vocab:
+        raise ValueError(f"teacher_topk has k={ids.shape[-1]} > the student's vocabulary {vocab}")
+    _check_layout("teacher_topk ids", ids, student_hidden)
+
+
+def _check_biases(student_bias, teacher_bias, teacher_weight, form: str, vocab: int) -> None:
+    if student_bias is not None:
+        check_float_tensor("student_bias", student_bias)
+        if tuple(student_bias.shape) != (vocab,):
+            raise ValueError(f"student_bias must have shape ({vocab},), got {shape(student_bias)}")
+    if teacher_bias is not None:
+        check_float_tensor("teacher_bias", teacher_bias)
+        if form != "hidden":
+            raise ValueError("teacher_bias goes with teacher_weight, not with teacher_logits or teacher_topk")
+        if tuple(teacher_bias.shape) != (teacher_weight.shape[0],):
+            raise ValueError(f"teacher_bias must have shape ({teacher_weight.shape[0]},), got {shape(teacher_bias)}")
+
+
+def _check_labels(labels, student_hidden: Tensor, hard_weight: float) -> None:
+    if labels is None:
+        if hard_weight != 0:
+            raise ValueError(f"hard_weight={hard_weight} needs labels for the cross-entropy")
+        return
+    _check_int_tensor("labels", labels)
+    rows = _rows("student_hidden", student_hidden)
+    if labels.numel() != rows:
+        raise ValueError(
+            f"labels has {labels.numel()} elements, student_hidden {rows} rows: "
+            f"shapes {shape(labels)} vs {shape(student_hidden)}"
+        )
+    _check_layout("labels", labels, student_hidden, trailing=0)
+
+
+def _check_one_device(tensors: dict[str, Tensor | None]) -> None:
+    devices = {name: t.device for name, t in tensors.items() if t is not None}
+    if len(set(devices.values())) > 1:
+        raise ValueError("all tensors must be on one device, got " + ", ".join(f"{k}={v}" for k, v in devices.items()))
+
+
+def _check_options(temperature, soft_weight, hard_weight, softcap, reduction, impl, chunk_size, ignore_index, memory_budget) -> None:
+    check_positive("temperature", temperature)
+    check_finite("soft_weight", soft_weight)
+    check_finite("hard_weight", hard_weight)
+    if softcap is not None:
+        check_positive("softcap", softcap)
+    check_choice("reduction", reduction, REDUCTIONS)
+    check_choice("impl", impl, IMPLS)
+    check_chunk_size(chunk_size)
+    check_ignore_index(ignore_index)
+    _check_memory_budget(memory_budget)
 
 
 def check_inputs(
@@ -114,7 +333,6 @@ def check_inputs(
     labels: Tensor | None,
     *,
     teacher_topk: tuple[Tensor, Tensor] | None = None,
-    divergence: object = None,
     student_bias: Tensor | None,
     teacher_bias: Tensor | None,
     temperature: float,
@@ -126,153 +344,41 @@ def check_inputs(
     impl: str,
     ignore_index: int = -100,
     memory_budget: MemoryBudget | None = None,
-) -> None:
-    """Raise ``ValueError``/``TypeError`` for anything fused_linear_distill cannot compute.
+) -> str:
+    """Raise ``ValueError``/``TypeError`` for anything ``fused_linear_distill`` cannot compute;
+    return the teacher's form (``"hidden"``, ``"logits"`` or ``"topk"``).
 
     Reads shapes, dtypes, devices and Python arguments only (no device sync), so it runs on every
     call; the checks of tensor values are :func:`start_value_check`'s."""
-    _check_float(student_hidden, "student_hidden")
-    _check_float(student_weight, "student_weight")
-    if student_weight.dim() != 2:
-        raise ValueError(f"student_weight must be (V, Hs), got shape {_shape(student_weight)}")
-    vocab, width = student_weight.shape
-    if width == 0:
-        raise ValueError(f"student_weight has Hs=0 (no hidden features): student_weight {_shape(student_weight)}")
-    if student_hidden.dim() < 1 or student_hidden.shape[-1] != width:
-        raise ValueError(
-            f"student_hidden's last dim must equal student_weight's Hs={width}: "
-            f"student_hidden {_shape(student_hidden)}, student_weight {_shape(student_weight)}"
-        )
-    rows = _rows(student_hidden, "student_hidden")
-    leading = tuple(student_hidden.shape[:-1])
-    tensors = {"student_hidden": student_hidden, "student_weight": student_weight}
+    _check_student(student_hidden, student_weight)
+    vocab = student_weight.shape[0]
+    form = _check_one_teacher(teacher_hidden, teacher_weight, teacher_logits, teacher_topk)
+    if form == "hidden":
+        _check_hidden_teacher(teacher_hidden, teacher_weight, student_hidden, student_weight)
+    elif form == "logits":
+        _check_logits_teacher(teacher_logits, student_hidden, student_weight)
+    else:
+        _check_topk_teacher(teacher_topk, student_hidden, vocab)
+    _check_biases(student_bias, teacher_bias, teacher_weight, form, vocab)
+    _check_same_dtype("the student's hidden states, weight and bias",
+                      {"student_hidden": student_hidden, "student_weight": student_weight, "student_bias": student_bias})  # fmt: skip
+    if form == "hidden":
+        _check_same_dtype("the teacher's hidden states, weight and bias",
+                          {"teacher_hidden": teacher_hidden, "teacher_weight": teacher_weight, "teacher_bias": teacher_bias})  # fmt: skip
+    _check_labels(labels, student_hidden, hard_weight)
+    ids, logprobs = teacher_topk if form == "topk" else (None, None)
+    _check_one_device({
+        "student_hidden": student_hidden, "student_weight": student_weight, "student_bias": student_bias,
+        "teacher_hidden": teacher_hidden, "teacher_weight": teacher_weight, "teacher_bias": teacher_bias,
+        "teacher_logits": teacher_logits, "teacher_topk_ids": ids, "teacher_topk_logprobs": logprobs, "labels": labels,
+    })  # fmt: skip
+    _check_options(temperature, soft_weight, hard_weight, softcap, reduction, impl, chunk_size, ignore_index, memory_budget)
+    return form
 
-    dense = teacher_logits is not None
-    linear = teacher_hidden is not None or teacher_weight is not None
-    sparse = teacher_topk is not None
-    if dense + linear + sparse != 1:
-        raise ValueError(
-            "give exactly one teacher: teacher_hidden + teacher_weight, teacher_logits, or teacher_topk "
-            f"(got teacher_hidden={'set' if teacher_hidden is not None else None}, "
-            f"teacher_weight={'set' if teacher_weight is not None else None}, "
-            f"teacher_logits={'set' if dense else None}, teacher_topk={'set' if sparse else None})"
-        )
-    if divergence is not None and callable(divergence):
-        is_sparse = bool(getattr(divergence, "__kdfuse_sparse__", False))
-        name = getattr(divergence, "__name__", repr(divergence))
-        if sparse and not is_sparse:
-            raise ValueError(f"teacher_topk needs a sparse divergence from kdfuse.topk (e.g. 'topk_forward_kl_renormalize'), got {name}")
-        if not sparse and is_sparse:
-            raise ValueError(f"divergence {name} takes a top-k teacher: pass teacher_topk=(ids, logprobs)")
-    teacher_vocab = None
-    if sparse:
-        if not (isinstance(teacher_topk, (tuple, list)) and len(teacher_topk) == 2):
-            raise TypeError("teacher_topk must be a pair (ids, logprobs)")
-        ids, logprobs = teacher_topk
-        if not isinstance(ids, Tensor) or ids.is_floating_point() or ids.dtype == torch.bool:
-            raise TypeError(f"teacher_topk ids must be an integer tensor, got {getattr(ids, 'dtype', type(ids).__name__)}")
-        _check_float(logprobs, "teacher_topk logprobs")
-        if ids.shape != logprobs.shape or ids.dim() < 1 or _rows(ids, "teacher_topk ids") != rows:
-            raise ValueError(
-                f"teacher_topk ids and logprobs must both be (..., k) with {rows} rows: "
-                f"ids {_shape(ids)}, logprobs {_shape(logprobs)}, student_hidden {_shape(student_hidden)}"
-            )
-        if ids.shape[-1] > vocab:
-            raise ValueError(f"teacher_topk has k={ids.shape[-1]} > the student's vocabulary {vocab}")
-        _check_layout(ids, "teacher_topk ids", leading, student_hidden)
-        tensors.update(teacher_topk_ids=ids, teacher_topk_logprobs=logprobs)
-    elif linear:
-        if teacher_hidden is None or teacher_weight is None:
-            raise ValueError("teacher_hidden and teacher_weight must be given together")
-        _check_float(teacher_hidden, "teacher_hidden")
-        _check_float(teacher_weight, "teacher_weight")
-        if teacher_weight.dim() == 2 and teacher_weight.shape[1] == 0:
-            raise ValueError(f"teacher_weight has Ht=0 (no hidden features): teacher_weight {_shape(teacher_weight)}")
-        if teacher_weight.dim() != 2 or teacher_hidden.shape[-1] != teacher_weight.shape[1]:
-            raise ValueError(
-                "teacher_hidden's last dim must equal teacher_weight's Ht: "
-                f"teacher_hidden {_shape(teacher_hidden)}, teacher_weight {_shape(teacher_weight)}"
-            )
-        if _rows(teacher_hidden, "teacher_hidden") != rows:
-            raise ValueError(
-                f"teacher_hidden has {_rows(teacher_hidden, 'teacher_hidden')} rows, student_hidden "
-                f"{rows}: shapes {_shape(teacher_hidden)} vs {_shape(student_hidden)}"
-            )
-        if teacher_weight.shape[0] < vocab:
-            raise ValueError(
-                f"teacher vocabulary {teacher_weight.shape[0]} is smaller than the student's {vocab}: "
-                f"teacher_weight {_shape(teacher_weight)}, student_weight {_shape(student_weight)}"
-            )
-        _check_layout(teacher_hidden, "teacher_hidden", leading, student_hidden)
-        tensors.update(teacher_hidden=teacher_hidden, teacher_weight=teacher_weight)
-        teacher_vocab = teacher_weight.shape[0]
-    elif dense:
-        _check_float(teacher_logits, "teacher_logits")
-        if _rows(teacher_logits, "teacher_logits") != rows:
-            raise ValueError(
-                f"teacher_logits has {_rows(teacher_logits, 'teacher_logits')} rows, student_hidden "
-                f"{rows}: shapes {_shape(teacher_logits)} vs {_shape(student_hidden)}"
-            )
-        if teacher_logits.shape[-1] < vocab:
-            raise ValueError(
-                f"teacher_logits' vocabulary {teacher_logits.shape[-1]} is smaller than the student's "
-                f"{vocab}: teacher_logits {_shape(teacher_logits)}, student_weight {_shape(student_weight)}"
-            )
-        _check_layout(teacher_logits, "teacher_logits", leading, student_hidden)
-        tensors["teacher_logits"] = teacher_logits
-        teacher_vocab = teacher_logits.shape[-1]
 
-    for bias, name, size in ((student_bias, "student_bias", vocab), (teacher_bias, "teacher_bias", None)):
-        if bias is None:
-            continue
-        _check_float(bias, name)
-        expected = size if size is not None else (teacher_vocab if linear else None)
-        if expected is None:
-            raise ValueError("teacher_bias goes with teacher_weight, not with teacher_logits")
-        if tuple(bias.shape) != (expected,):
-            raise ValueError(f"{name} must have shape ({expected},), got {_shape(bias)}")
-        tensors[name] = bias
-
-    _check_same_dtype(
-        {"student_hidden": student_hidden, "student_weight": student_weight, "student_bias": student_bias},
-        "the student's hidden states, weight and bias",
-    )
-    if linear:
-        _check_same_dtype(
-            {"teacher_hidden": teacher_hidden, "teacher_weight": teacher_weight, "teacher_bias": teacher_bias},
-            "the teacher's hidden states, weight and bias",
-        )
-
-    if labels is not None:
-        if not isinstance(labels, Tensor) or labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
-            raise TypeError(f"labels must be an integer tensor, got {getattr(labels, 'dtype', type(labels).__name__)}")
-        if labels.numel() != rows:
-            raise ValueError(
-                f"labels has {labels.numel()} elements, student_hidden {rows} rows: "
-                f"shapes {_shape(labels)} vs {_shape(student_hidden)}"
-            )
-        _check_layout(labels, "labels", leading, student_hidden, trailing=0)
-        tensors["labels"] = labels
-    elif hard_weight != 0:
-        raise ValueError(f"hard_weight={hard_weight} needs labels for the cross-entropy")
-
-    devices = {name: t.device for name, t in tensors.items()}
-    if len(set(devices.values())) > 1:
-        raise ValueError("all tensors must be on one device, got " + ", ".join(f"{k}={v}" for k, v in devices.items()))
-
-    _check_positive(temperature, "temperature")
-    _check_finite(soft_weight, "soft_weight")
-    _check_finite(hard_weight, "hard_weight")
-    if softcap is not None:
-        _check_positive(softcap, "softcap")
-    if reduction not in _REDUCTIONS:
-        raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
-    if impl not in _IMPLS:
-        raise ValueError(f"impl must be one of {_IMPLS}, got {impl!r}")
-    if chunk_size != "auto" and not (isinstance(chunk_size, int) and not isinstance(chunk_size, bool) and chunk_size > 0):
-        raise ValueError(f"chunk_size must be a positive int or 'auto', got {chunk_size!r}")
-    _check_ignore_index(ignore_index)
-    _check_memory_budget(memory_budget)
+# --------------------------------------------------------------------------------------------
+# Values: one device sync.
+# --------------------------------------------------------------------------------------------
 
 
 def start_value_check(
@@ -286,7 +392,7 @@ def start_value_check(
     queues work which cannot fault on bad values (the first chunk's logits GEMMs) keeps the device
     busy while the host waits.
     """
-    _check_ignore_index(ignore_index)  # also called on its own, through check_values
+    check_ignore_index(ignore_index)  # also called on its own, through check_values
     bad = []
     if labels is not None and labels.numel():
         flat = labels.reshape(-1)
@@ -332,7 +438,7 @@ def check_normalizer(normalizer: float | Tensor | None, reduction: str) -> None:
         raise ValueError("normalizer has no effect with reduction='none': pass it with 'mean' or 'sum'")
     if isinstance(normalizer, Tensor):
         if normalizer.numel() != 1:
-            raise ValueError(f"normalizer must be a number or a one-element tensor, got shape {_shape(normalizer)}")
+            raise ValueError(f"normalizer must be a number or a one-element tensor, got shape {shape(normalizer)}")
         return
     if isinstance(normalizer, bool) or not isinstance(normalizer, numbers.Real):
         raise TypeError(f"normalizer must be a number or a tensor, got {type(normalizer).__name__}")

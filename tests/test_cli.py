@@ -12,7 +12,7 @@ from bench_stubs import SweepCalls
 
 import autotune.cache
 from autotune import Measurement
-from kdfuse import cli, env, tuning
+from kdfuse import cli, env, sweep, tuning
 from kdfuse.tuning import Sweep
 
 CPU = torch.device("cpu")
@@ -36,12 +36,12 @@ class FakeBench(SweepCalls):
         self.best = best
         super().__init__()
         self.impls: set[str] = set()
-        monkeypatch.setattr(tuning, "bench_chunk_size", self.bench)
-        monkeypatch.setattr(tuning, "bench_floor", lambda problem, *, warmup, repeat: (1.0, 0))
+        monkeypatch.setattr(sweep, "bench_chunk_size", self.bench)
+        monkeypatch.setattr(sweep, "bench_floor", lambda problem, *, warmup, repeat: (1.0, 0))
 
-    def bench(self, problem, chunk_size, *, impl, warmup, repeat):
+    def bench(self, problem, chunk_size, distill, *, warmup, repeat):
         self.record(problem, chunk_size)
-        self.impls.add(impl)
+        self.impls.add(problem.key.impl)
         return 2.0 + abs(chunk_size - self.best) / 1000, 0
 
 
@@ -60,13 +60,13 @@ def test_tune_defaults_to_tiny_names_the_winner_and_writes_the_cache(monkeypatch
     assert bench.chunks == [64, 128, 256] + [64, 128, 256, 512, 1024]  # buckets 256 and 1024
     assert bench.calls == [64, 128, 256] * 3 + [64, 128, 256, 512, 1024] * 3  # --rounds 3, interleaved
     assert bench.impls == {"eager"}  # CPU default
-    assert "N<=256 V=1000 Hs=64 Ht=96 float32 forward_kl+ce: chunk_size=128 (2.000 ms, 2.00x floor)" in out
-    assert "N<=1024 V=1000 Hs=64 Ht=96 float32 forward_kl+ce: chunk_size=128" in out
+    assert "N<=256 V=1000 Hs=64 Ht=96 float32 forward_kl+ce impl=eager: chunk_size=128 (2.000 ms, 2.00x floor)" in out
+    assert "N<=1024 V=1000 Hs=64 Ht=96 float32 forward_kl+ce impl=eager: chunk_size=128" in out
     assert "★" in out and "impl='eager'" in out and str(cache_file()) in out
     # chunk_size="auto" on this device now reads the CLI's winner.
     auto = tuning.resolve_chunk_size(
-        "auto", rows=700, vocab=1000, student_hidden=64, teacher_hidden=96, dtype=torch.float32, device=CPU,
-        divergence="forward_kl", with_ce=True, with_grad=True,
+        "auto", rows=700, vocab=1000, student_hidden=64, teacher="hidden", teacher_dim=96, dtype=torch.float32,
+        device=CPU, divergence="forward_kl", with_ce=True, with_grad=True, impl="eager",
     )  # fmt: skip
     assert auto == 128
 
@@ -90,8 +90,8 @@ def test_different_candidates_or_a_partial_entry_are_measured_again(monkeypatch,
     run(capsys, "tune", "--tokens", "256")
     run(capsys, "tune", "--tokens", "256", "--chunks", "32,64")
     assert bench.chunks == [64, 128, 256, 32, 64]
-    key = tuning.make_key(rows=256, vocab=1000, student_hidden=64, teacher_hidden=96, dtype=torch.float32,
-                          divergence="forward_kl", with_ce=True, with_grad=True, memory_budget=None)  # fmt: skip
+    key = tuning.make_key(rows=256, vocab=1000, student_hidden=64, teacher="hidden", teacher_dim=96, dtype=torch.float32,
+                          divergence="forward_kl", with_ce=True, with_grad=True, memory_budget=None, impl="eager")  # fmt: skip
     partial = Sweep(key, 128, tuple(Measurement(c, 1.0, 0) for c in (64, 128, 256)), None, complete=False)
     tuning.open_cache(env.settings().cache_dir, CPU).put(key.as_dict(), partial.to_entry())
     run(capsys, "tune", "--tokens", "256")
@@ -117,7 +117,7 @@ def test_json_output_parses(monkeypatch, capsys):
 def test_the_floor_is_timed_after_the_candidates(monkeypatch, capsys):
     """On a GPU at its power limit the floor, timed first, would catch the fresh clocks."""
     bench = FakeBench(monkeypatch)
-    monkeypatch.setattr(tuning, "bench_floor", lambda problem, *, warmup, repeat: bench.calls.append("floor") or (1.0, 0))
+    monkeypatch.setattr(sweep, "bench_floor", lambda problem, *, warmup, repeat: bench.calls.append("floor") or (1.0, 0))
     run(capsys, "tune", "--tokens", "256")
     assert bench.calls == [64, 128, 256] * 3 + ["floor"]
 
@@ -128,13 +128,13 @@ def test_a_leaner_near_tie_wins_its_paired_contest_and_the_table_says_so(monkeyp
     bench = FakeBench(monkeypatch)
     times = {64: 3.0, 128: 2.5, 256: 2.02, 512: 2.0, 1024: 2.3}
 
-    def bench_with_peaks(problem, chunk_size, *, impl, warmup, repeat):
+    def bench_with_peaks(problem, chunk_size, distill, *, warmup, repeat):
         bench.record(problem, chunk_size)
         return times[chunk_size], chunk_size * 2**20
 
-    monkeypatch.setattr(tuning, "bench_chunk_size", bench_with_peaks)
+    monkeypatch.setattr(sweep, "bench_chunk_size", bench_with_peaks)
     out = run(capsys, "tune", "--tokens", "1024")
-    pairs = [c for i in range(tuning._CONTEST_PAIRS) for c in ((256, 512) if i % 2 == 0 else (512, 256))]
+    pairs = [c for i in range(sweep._CONTEST_PAIRS) for c in ((256, 512) if i % 2 == 0 else (512, 256))]
     assert bench.calls == [64, 128, 256, 512, 1024] * 3 + pairs
     assert "chunk_size=256" in out and "paired: 1.010x the fastest" in out
     doc = json.loads(run(capsys, "tune", "--tokens", "1024", "--json"))  # from the cache
@@ -152,8 +152,9 @@ def test_explicit_shapes_override_the_preset(monkeypatch, capsys):
     (shape,) = doc["shapes"]  # 300 and 500 share the 512 bucket
     assert shape["tokens"] == [300, 500]
     assert shape["key"] == {
-        "rows_bucket": 512, "vocab": 40000, "student_hidden": 32, "teacher_hidden": "logits", "dtype": "bfloat16",
-        "divergence": "jsd_beta0.5", "with_ce": False, "with_grad": True, "memory_budget": None,
+        "rows_bucket": 512, "vocab": 40000, "student_hidden": 32, "teacher": "logits", "teacher_dim": None,
+        "dtype": "bfloat16", "divergence": "jsd_beta0.5", "with_ce": False, "with_grad": True, "memory_budget": None,
+        "impl": "eager",
     }  # fmt: skip
     assert bench.chunks == [256, 512]  # V >= 32768: candidates start at 256
 
@@ -164,7 +165,8 @@ def test_top_k_teacher(monkeypatch, capsys):
     FakeBench(monkeypatch, best=64)
     doc = json.loads(run(capsys, "tune", "--tokens", "1024", "--teacher-topk", "32", "--json"))
     (shape,) = doc["shapes"]
-    assert shape["key"]["teacher_hidden"] == "topk:32" and shape["key"]["divergence"] == "topk_forward_kl_bucket"
+    assert (shape["key"]["teacher"], shape["key"]["teacher_dim"]) == ("topk", 32)
+    assert shape["key"]["divergence"] == "topk_forward_kl_bucket"
     doc = json.loads(run(capsys, "tune", "--tokens", "1024", "--teacher-topk", "32", "--divergence",
                          "topk_soft_ce_renormalize", "--json"))  # fmt: skip
     assert doc["shapes"][0]["key"]["divergence"] == "topk_soft_ce_renormalize"

@@ -300,7 +300,7 @@ def _mutations(c: Call, data) -> dict:
     m["temperature"] = lambda: number("temperature", [0, 0.0, -1.0, NAN, INF, -INF, True, "1", None], r"temperature must be a finite number > 0")
     m["softcap"] = lambda: number("softcap", [0.0, -2.0, NAN, INF, True], r"softcap must be a finite number > 0")
     m["soft_weight"] = lambda: number("soft_weight", [NAN, INF, -INF, "1", None, True], r"soft_weight must be a finite number")
-    m["chunk_size"] = lambda: number("chunk_size", [0, -1, True, False, 2.5, "8", None, "AUTO"], r"chunk_size must be a positive int or 'auto'")
+    m["chunk_size"] = lambda: number("chunk_size", [0, -1, True, False, 2.5, "8", None, "AUTO"], r"chunk_size must be an int >= 1 or 'auto'")
     m["reduction"] = lambda: number("reduction", ["avg", "MEAN", None, "", "batchmean"], r"reduction must be one of")
     m["impl"] = lambda: number("impl", ["triton", None, "Eager"], r"impl must be one of")
     m["divergence name"] = lambda: number("divergence", ["kl", "forward-kl", "jsd_beta1.5", "jsd_beta-0.1", "skew_kl_alpha2", "topk_forward_kl"],

@@ -279,9 +279,9 @@ def test_teacher_logits_in_blocks_match_reference(monkeypatch, kwargs):
     """Chunks of 384 rows whose teacher logits come 100 rows at a time (blocks 100, 100, 100, 84,
     and 100, 100, 32 in the 232-row tail), in the kernel that writes each block's gradient over
     its rows of the student's block."""
-    from kdfuse import fused
+    from kdfuse import engine
 
-    monkeypatch.setattr(fused, "_TEACHER_ROWS", 100)
+    monkeypatch.setattr(engine, "TEACHER_ROWS", 100)
     go = None
     if kwargs.get("reduction") == "none":
         go = torch.randn(N, device="cuda", generator=torch.Generator(device="cuda").manual_seed(9))
@@ -291,9 +291,9 @@ def test_teacher_logits_in_blocks_match_reference(monkeypatch, kwargs):
 def test_teacher_logits_in_blocks_bound_the_peak(monkeypatch):
     """One 4096-row chunk at V = 32768: the student's block (256 MiB) lives through the chunk,
     the teacher's logits only 1024 rows at a time (64 MiB, not 256)."""
-    from kdfuse import fused
+    from kdfuse import engine
 
-    monkeypatch.setattr(fused, "_TEACHER_ROWS", 1024)
+    monkeypatch.setattr(engine, "TEACHER_ROWS", 1024)
     n, v, h = 4096, 32768, 64
     gen = torch.Generator(device="cuda").manual_seed(10)
     hidden, teacher_hidden = (torch.randn(n, h, generator=gen, device="cuda").bfloat16() for _ in range(2))

@@ -81,7 +81,7 @@ def test_131072_rows_bf16_within_memory_and_exact(tmp_path, tuning_env):
     _step(t)
     assert list((tmp_path / "cache").glob("*.json")), "chunk_size='auto' did not tune into KDFUSE_CACHE_DIR"
     chunk = tuning.resolve_chunk_size(
-        "auto", rows=N, vocab=V, student_hidden=HS, teacher_hidden=HT, dtype=DTYPE, device=device,
+        "auto", rows=N, vocab=V, student_hidden=HS, teacher="hidden", teacher_dim=HT, dtype=DTYPE, device=device,
         divergence=KWARGS["divergence"], with_ce=True, with_grad=True,
     )  # fmt: skip (the memoised choice the step used)
 

@@ -53,7 +53,7 @@ from torch._dynamo.utils import counters
 import autotune.cache
 from autotune import TuningCacheWarning
 from kdfuse import divergences as D
-from kdfuse import fused, fused_linear_distill, fused_linear_distill_ref, tuning, validate
+from kdfuse import fused_linear_distill, fused_linear_distill_ref, sweep, tuning, validate
 
 F64 = torch.float64
 INF = float("inf")
@@ -93,7 +93,7 @@ BAD_INPUTS = {
     "hidden/weight width": (dict(student_weight=torch.randn(5, 3)), ValueError,
                             r"Hs=3: student_hidden \(2, 3, 4\), student_weight \(5, 3\)"),
     "teacher hidden/weight width": (dict(teacher_weight=torch.randn(5, 7)), ValueError,
-                                    r"Ht: teacher_hidden \(2, 3, 6\), teacher_weight \(5, 7\)"),
+                                    r"Ht=7: teacher_hidden \(2, 3, 6\), teacher_weight \(5, 7\)"),
     "teacher rows": (dict(teacher_hidden=torch.randn(7, 6)), ValueError,
                      r"teacher_hidden has 7 rows, student_hidden 6: shapes \(7, 6\) vs \(2, 3, 4\)"),
     "teacher logits rows": (dict(LOGITS, teacher_logits=torch.randn(2, 4, 5)), ValueError,
@@ -144,13 +144,14 @@ BAD_INPUTS = {
     "softcap bool": (dict(softcap=True), ValueError, r"softcap must be a finite number > 0, got True"),
     "hard_weight inf": (dict(hard_weight=INF), ValueError, r"hard_weight must be a finite number, got inf"),
     "soft_weight bool": (dict(soft_weight=False), ValueError, r"soft_weight must be a finite number, got False"),
-    "chunk_size negative": (dict(chunk_size=-4), ValueError, r"chunk_size must be a positive int or 'auto', got -4"),
+    "chunk_size negative": (dict(chunk_size=-4), ValueError, r"chunk_size must be an int >= 1 or 'auto', got -4"),
     "chunk_size None": (dict(chunk_size=None), ValueError, r"chunk_size .* got None"),
     "chunk_size str": (dict(chunk_size="8"), ValueError, r"chunk_size .* got '8'"),
     "reduction case": (dict(reduction="MEAN"), ValueError, r"reduction must be one of \('mean', 'sum', 'none'\), got 'MEAN'"),
     "divergence None": (dict(divergence=None), TypeError, r"divergence must be a name or a callable, got NoneType"),
     "divergence param name": (dict(divergence="jsd_beta1.5"), ValueError, r"beta must be in \[0, 1\], got 1.5"),
-    "divergence typo": (dict(divergence="forward_kl_"), ValueError, r"unknown divergence 'forward_kl_'; built-ins: "),
+    "divergence typo": (dict(divergence="forward_kl_"), ValueError,
+                        r"unknown divergence 'forward_kl_' \(did you mean 'forward_kl'.*\); built-ins: "),
     "sparse divergence, dense teacher": (dict(divergence="topk_forward_kl_bucket"), ValueError,
                                          r"topk_forward_kl_bucket takes a top-k teacher"),
     "ignore_index float": (dict(ignore_index=-100.0), TypeError, r"ignore_index must be an int, got -100.0"),
@@ -827,9 +828,8 @@ def test_triton_kernel_ignored_row_with_fully_masked_teacher():
     labels = torch.tensor([1, -100, 2], device=device)
     valid = labels != -100
     weights = valid.float()
-    kernel, params = fused._kernel_of(D.forward_kl)
-    scalars = torch.tensor([1.0, 1.0, 0.5, 1.0, *params], device=device)
-    dlogits, (loss, _, _) = tc.chunk_step(kernel, True, False, -100, student, teacher, labels, valid, weights, scalars)
+    scalars = torch.tensor([1.0, 1.0, 0.5, 1.0], device=device)
+    dlogits, (loss, _, _) = tc.chunk_step("forward_kl", True, False, -100, student, teacher, labels, valid, weights, scalars)
     assert torch.isfinite(loss).all()
     assert torch.isfinite(dlogits).all()
 
@@ -925,7 +925,7 @@ def test_a_single_row_does_not_recompile():
 
 CUDA = torch.device("cuda", 0)
 CANDIDATES = (256, 512, 1024, 2048, 4096, 8192)
-CALL = dict(rows=5000, vocab=128256, student_hidden=2048, teacher_hidden=4096, dtype=torch.bfloat16,
+CALL = dict(rows=5000, vocab=128256, student_hidden=2048, teacher="hidden", teacher_dim=4096, dtype=torch.bfloat16,
             divergence="forward_kl", with_ce=True, with_grad=True)  # fmt: skip
 
 
@@ -937,8 +937,8 @@ def fake_cuda(monkeypatch, tmp_path, tuning_env):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (40 * 2**30, 80 * 2**30))
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
-    monkeypatch.setattr(tuning, "build_problem", lambda key, device: type("P", (), {"key": key})())
-    monkeypatch.setattr(tuning, "distill_step", lambda problem, chunk, impl: lambda: None)
+    monkeypatch.setattr(sweep, "build_problem", lambda key, device: type("P", (), {"key": key, "rows": key.rows_bucket})())
+    monkeypatch.setattr(sweep, "distill_step", lambda problem, chunk, distill: lambda: None)
     return tmp_path / "cache"
 
 
@@ -947,14 +947,14 @@ def _bench(monkeypatch, outcomes: dict) -> list[int]:
     the candidates of each sweep, once each (SweepCalls.chunks)."""
     sweeps = SweepCalls()
 
-    def bench(problem, chunk_size, *, impl, warmup, repeat):
+    def bench(problem, chunk_size, distill, *, warmup, repeat):
         sweeps.record(problem, chunk_size)
         result = outcomes.get(chunk_size, 10.0)
         if isinstance(result, BaseException):
             raise result
         return result, 0
 
-    monkeypatch.setattr(tuning, "bench_chunk_size", bench)
+    monkeypatch.setattr(sweep, "bench_chunk_size", bench)
     return sweeps.chunks
 
 
@@ -964,8 +964,13 @@ def _stored(cache_dir) -> dict:
     return json.loads(files[0].read_text())
 
 
+def _tune(key, preferred):
+    problem = sweep.build_problem(key, CUDA)
+    return sweep.tune_in_process(key, preferred, device=CUDA, problem=problem, distill=None)
+
+
 def _resolve(**overrides):
-    return tuning.resolve_chunk_size("auto", device=CUDA, **{**CALL, **overrides})
+    return tuning.resolve_chunk_size("auto", device=CUDA, tune=_tune, **{**CALL, **overrides})
 
 
 def test_failing_candidates_are_skipped_and_recorded(monkeypatch, fake_cuda):

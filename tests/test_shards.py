@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from kdfuse.shards import MANIFEST, TopkShards, shard_name, write_topk_shards
-from kdfuse.topk import teacher_topk
+from kdfuse import teacher_topk
 
 VOCAB, WIDTH, SEQ_LEN, K = 50, 8, 6, 4
 NUM_SEQUENCES = 12  # shards of 5, 5, 2
@@ -167,13 +167,14 @@ def test_crash_and_leftover_temp_file(teacher, tokens, tmp_path):
     assert shard_files(tmp_path) == [shard_name(0)]
     with pytest.raises(ValueError, match="incomplete"):
         TopkShards(tmp_path)
-    # What a crash inside np.savez would leave behind.
-    (tmp_path / (shard_name(1) + ".tmp")).write_bytes(b"half a shard")
+    # What a crash inside np.savez would leave behind (autotune.write_atomic's temporary).
+    (tmp_path / f".{shard_name(1)}.k3x9.tmp").write_bytes(b"half a shard")
 
     resumed = CountingHidden(teacher)
     write_topk_shards(resumed, teacher.lm_head.weight, tokens, tmp_path, dtype="float32", **OPTIONS)
     assert resumed.calls == 2 + 1
     assert shard_files(tmp_path) == [shard_name(i) for i in range(3)]
+    assert not list(tmp_path.glob(".shard-*"))  # the temporary is gone
     _, ids, logprobs = expected_topk(teacher, tokens)
     data = TopkShards(tmp_path)
     torch.testing.assert_close(torch.stack([data[i]["topk_ids"] for i in range(NUM_SEQUENCES)]), ids)

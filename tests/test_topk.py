@@ -14,6 +14,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
+import kdfuse
 from kdfuse import divergences as D
 from kdfuse import topk as T
 
@@ -161,7 +162,7 @@ def test_full_vocabulary_via_teacher_topk_equals_dense():
     gen = torch.Generator().manual_seed(3)
     hidden, weight = torch.randn(7, 8, generator=gen), torch.randn(21, 8, generator=gen)
     student = torch.randn(7, 21, generator=gen)
-    ids, logprobs = T.teacher_topk(hidden, weight, 21, temperature=2.0)
+    ids, logprobs = kdfuse.teacher_topk(hidden, weight, 21, temperature=2.0)
     dense = D.forward_kl(student, (hidden @ weight.T) / 2.0)
     torch.testing.assert_close(T.forward_kl("renormalize")(student, ids, logprobs), dense, rtol=1e-5, atol=1e-6)
 
@@ -241,7 +242,7 @@ def test_names_and_get():
         fn = KINDS[kind](tail)
         assert fn.__name__ == f"topk_{kind}_{tail}"
         assert T.get(fn.__name__) is fn is KINDS[kind](tail)  # one object: compile caches hit
-        assert fn.__kdfuse_sparse__ is True and T.is_sparse(fn)
+        assert fn.sparse is True and T.is_sparse(fn)
     assert not T.is_sparse(D.forward_kl)
     with pytest.raises(ValueError, match="tail must be one of"):
         T.forward_kl("drop")
@@ -288,7 +289,7 @@ def topk_problems(draw):
 @given(problem=topk_problems())
 def test_teacher_topk_matches_full_logits(problem):
     hidden, weight, k, chunk, options = problem
-    ids, logprobs = T.teacher_topk(
+    ids, logprobs = kdfuse.teacher_topk(
         hidden, weight, k, chunk_size=chunk, temperature=options["temperature"],
         teacher_bias=options["bias"], softcap=options["softcap"], vocab=options["vocab"],
     )  # fmt: skip
@@ -309,7 +310,7 @@ def test_teacher_topk_matches_full_logits(problem):
 
 def test_teacher_topk_no_grad():
     hidden = torch.randn(4, 3, requires_grad=True)
-    _, logprobs = T.teacher_topk(hidden, torch.randn(5, 3, requires_grad=True), 2)
+    _, logprobs = kdfuse.teacher_topk(hidden, torch.randn(5, 3, requires_grad=True), 2)
     assert not logprobs.requires_grad
 
 
@@ -332,14 +333,14 @@ def test_teacher_topk_errors(kwargs, match):
     args = dict(hidden=torch.randn(2, 3), weight=torch.randn(5, 3), k=2)
     args.update(kwargs)
     with pytest.raises(ValueError, match=match):
-        T.teacher_topk(args.pop("hidden"), args.pop("weight"), args.pop("k"), **args)
+        kdfuse.teacher_topk(args.pop("hidden"), args.pop("weight"), args.pop("k"), **args)
 
 
 def test_teacher_topk_type_errors():
-    with pytest.raises(TypeError, match="teacher_hidden must be a floating-point Tensor"):
-        T.teacher_topk(torch.ones(2, 3, dtype=torch.long), torch.randn(5, 3), 2)
+    with pytest.raises(TypeError, match="teacher_hidden must be a floating-point tensor"):
+        kdfuse.teacher_topk(torch.ones(2, 3, dtype=torch.long), torch.randn(5, 3), 2)
     with pytest.raises(TypeError, match="must share a dtype"):
-        T.teacher_topk(torch.randn(2, 3, dtype=F64), torch.randn(5, 3), 2)
+        kdfuse.teacher_topk(torch.randn(2, 3, dtype=F64), torch.randn(5, 3), 2)
 
 
 @pytest.mark.parametrize("validate", [True, False])

@@ -16,8 +16,8 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
+from kdfuse import chunk, registry
 from kdfuse import divergences as D
-from kdfuse import fused
 
 triton = pytest.importorskip("triton")
 
@@ -38,12 +38,13 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
     vocab=st.sampled_from([1, 7, 97, 300, 4099]),
     has_ce=st.booleans(),
     softcap=st.sampled_from([None, 5.0]),
-    inv_t=st.sampled_from([0.25, 1.0, 2.0]),
+    inv_t=st.sampled_from([0.25, 0.5, 1.0, 2.0]),
+    ce_shortcut=st.booleans(),
     masked=st.booleans(),
     with_grad=st.booleans(),
     seed=st.integers(0, 2**16),
 )
-def test_kernel_matches_torch_func(tc, div, rows, vocab, has_ce, softcap, inv_t, masked, with_grad, seed):
+def test_kernel_matches_torch_func(tc, div, rows, vocab, has_ce, softcap, inv_t, ce_shortcut, masked, with_grad, seed):
     g = torch.Generator().manual_seed(seed)
     student = (torch.randn(rows, vocab, generator=g) * 4).to(DEVICE)
     teacher = (torch.randn(rows, vocab, generator=g) * 4).to(DEVICE)
@@ -53,15 +54,18 @@ def test_kernel_matches_torch_func(tc, div, rows, vocab, has_ce, softcap, inv_t,
     labels[0] = -100
     valid = labels != -100
     weights = (torch.rand(rows, generator=g).to(DEVICE) + 0.5) * valid
-    kernel, params = fused._kernel_of(div)
+    kernel, params = registry.entry_of(div.fn).kernel, div.args
     scalars = torch.tensor([inv_t, 0.7, 0.4 if has_ce else 0.0, softcap or 1.0, *params], device=DEVICE)
-    spec = fused._Spec(kernel, len(params), has_ce, softcap is not None, -100, torch.float32, with_grad, False)
+    spec = chunk.ChunkSpec(div.fn, len(params), False, has_ce, softcap is not None, -100, torch.float32, with_grad, False)
 
+    # At T = 1 and 2 the CE's softmax may come from the soft one (ce_power 1, 2), else anew.
+    ce_power = tc.ce_power(1.0 / inv_t) if ce_shortcut else 0
     got_grad, got = tc.chunk_step(
-        kernel, has_ce, softcap is not None, -100, student, teacher, labels, valid, weights if with_grad else None, scalars
-    )
+        kernel, has_ce, softcap is not None, -100, student, teacher, labels, valid, weights if with_grad else None,
+        scalars, ce_power=ce_power,
+    )  # fmt: skip
     if with_grad:
-        want_grad, want = fused._loss_and_grad(spec, student, (teacher,), labels, valid, weights, scalars)
+        want_grad, want = chunk.loss_and_grad(spec, student, (teacher,), labels, valid, weights, scalars)
         # float32 throughout on both sides, summed in different orders: an element's error is
         # float32 rounding of the terms that make it up, which cancel (see _gradient_terms).
         bound = 1e-6 + 1e-5 * want_grad.abs() + 8 * torch.finfo(torch.float32).eps * _gradient_terms(
@@ -71,7 +75,7 @@ def test_kernel_matches_torch_func(tc, div, rows, vocab, has_ce, softcap, inv_t,
         assert (err <= bound).all(), f"worst error {err.max().item():.3g}, {(err / bound).max().item():.3g} x its bound"
     else:
         assert got_grad is None
-        want = fused._row_losses(spec, student, (teacher,), labels, valid, scalars)
+        want = chunk.row_losses(spec, student, (teacher,), labels, valid, scalars)
     for name, a, b in zip(("loss", "soft", "hard"), got, want):
         # Masked reverse-KL terms are ~1e4 · mass: compare relative to the row's magnitude.
         torch.testing.assert_close(a, b, rtol=2e-5, atol=2e-5, msg=lambda m, n=name: f"{n}: {m}")
@@ -96,9 +100,9 @@ def _gradient_terms(kernel, params, student, teacher, softcap, inv_t, soft_w, ha
     # D is a sum over the vocabulary: its float32 error grows with the depth of that reduction
     # (measured on CPU: reverse KL's worst case is at the longest vocabulary, 4099).
     ps, row = ls.exp(), soft.double().abs()[:, None] * max(1.0, math.log2(student.shape[-1]))
-    if kernel is D._reverse_kl:
+    if kernel == "reverse_kl":
         terms = ps * (ls.abs() + lt.abs() + row)
-    elif kernel is D._jsd_mixture:
+    elif kernel == "jsd":
         beta, one_m_beta, log_beta, log_1m_beta = params
         lm = torch.logaddexp(log_beta + lt, log_1m_beta + ls).clamp_min(-1e4)
         terms = one_m_beta * ps * (ls.abs() + lm.abs()) + ps * row
@@ -107,8 +111,10 @@ def _gradient_terms(kernel, params, student, teacher, softcap, inv_t, soft_w, ha
     return weights.double()[:, None] * (inv_t * soft_w * terms + hard_w)
 
 
-def test_supported_only_for_builtins_on_cuda(tc):
-    assert tc.supported(D._forward_kl, torch.float32, torch.device("cuda"))
-    assert not tc.supported(D._forward_kl, torch.float64, torch.device("cuda"))
-    assert not tc.supported(D._forward_kl, torch.float32, torch.device("cpu"))
-    assert not tc.supported(D._tvd, torch.float32, torch.device("cuda"))
+def test_ce_power_only_at_temperatures_one_and_two(tc):
+    assert [tc.ce_power(t) for t in (1.0, 2.0, 0.5, 3.0, 1.0000001)] == [1, 2, 0, 0, 0]
+
+
+def test_every_dense_kernel_the_registry_names_exists(tc):
+    named = {e.kernel for e in registry.ENTRIES.values() if e.kernel and not e.sparse}
+    assert named == set(tc.KERNELS)

@@ -16,7 +16,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from kdfuse import fused
+from kdfuse import chunk, registry
 from kdfuse import topk as K
 
 triton = pytest.importorskip("triton")
@@ -74,21 +74,21 @@ def test_chunk_step_matches_torch_func(
     scalars = torch.tensor([inv_t, 0.7, 0.4 if has_ce else 0.0, 1.0])
     ids, logprobs, labels, valid, weights, scalars = (t.to(DEVICE) for t in (ids, logprobs, labels, valid, weights, scalars))
     student = student.to(DEVICE)
-    spec = fused._Spec(div, 0, has_ce, False, -100, torch.float32, with_grad, False, sparse=True)
+    spec = chunk.ChunkSpec(div.fn, 0, True, has_ce, False, -100, torch.float32, with_grad, False)
 
     got_grad, got = tt.chunk_step(
-        div, has_ce, student.clone(), ids, logprobs, labels, valid, weights if with_grad else None, scalars, compiled=False
+        registry.entry_of(div.fn).reduced, has_ce, student.clone(), ids, logprobs, labels, valid, weights if with_grad else None, scalars, compiled=False
     )
     if with_grad:
-        want_grad, want = fused._loss_and_grad(spec, student, (ids, logprobs), labels, valid, weights, scalars)
+        want_grad, want = chunk.loss_and_grad(spec, student, (ids, logprobs), labels, valid, weights, scalars)
         assert got_grad.dtype == dtype
         # Against float64 (the generic path on the same logits): both float32 paths lose
         # digits to cancellations inside a row's gradient (the bucket policy's tail coefficient
         # is a difference of O(1) terms), so the kernel may err up to 8x the generic path's worst
         # in that row, plus rounding to the logits' dtype.
-        spec64 = fused._Spec(div, 0, has_ce, False, -100, torch.float64, True, False, sparse=True)
+        spec64 = chunk.ChunkSpec(div.fn, 0, True, has_ce, False, -100, torch.float64, True, False)
         as64 = (student.double(), (ids, logprobs.double()), labels, valid, weights.double(), scalars.double())
-        exact = fused._loss_and_grad(spec64, *as64)[0]
+        exact = chunk.loss_and_grad(spec64, *as64)[0]
         unit = 2.0**-8 if dtype == torch.bfloat16 else 2.0**-24
         row_err = 8 * (want_grad.double() - exact).abs().amax(-1, keepdim=True) + 1e-7 * exact.abs().amax()
         allowed = 2 * unit * exact.abs() + row_err + 1e-30
@@ -96,40 +96,51 @@ def test_chunk_step_matches_torch_func(
         assert (err <= allowed).all(), (err / allowed).max().item()
     else:
         assert got_grad is None
-        want = fused._row_losses(spec, student, (ids, logprobs), labels, valid, scalars)
+        want = chunk.row_losses(spec, student, (ids, logprobs), labels, valid, scalars)
     for name, a, b in zip(("loss", "soft", "hard"), got, want):
         torch.testing.assert_close(a, b, rtol=2e-5, atol=2e-5, msg=lambda m, n=name: f"{n}: {m}")
 
 
-def test_supported_only_for_builtins_on_cuda_without_softcap(tt):
-    div = K.forward_kl("bucket")
-    assert tt.supported(div, torch.float32, torch.device("cuda"), softcap=False)
-    assert not tt.supported(div, torch.float32, torch.device("cuda"), softcap=True)
-    assert not tt.supported(div, torch.float64, torch.device("cuda"), softcap=False)
-    assert not tt.supported(div, torch.float32, torch.device("cpu"), softcap=False)
+def _spec(divergence, **changes) -> chunk.ChunkSpec:
+    div = registry.get(divergence)
+    base = dict(fn=div.fn, n_args=len(div.args), sparse=div.sparse, has_ce=True, softcap=False, ignore_index=-100,
+                compute_dtype=torch.float32, with_grad=False, compiled=True)  # fmt: skip
+    return chunk.ChunkSpec(**{**base, **changes})
 
-    def user(student, ids, logprobs):  # a user's sparse divergence: generic path
-        return K.forward_kl("renormalize")(student, ids, logprobs)
 
-    assert not tt.supported(user, torch.float32, torch.device("cuda"), softcap=False)
+def _kernel(spec: chunk.ChunkSpec, device_type: str = "cuda") -> str | None:
+    return chunk.fast_kernel(spec.fn, softcap=spec.softcap, compute_dtype=spec.compute_dtype, device_type=device_type,
+                             compiled=spec.compiled, wide_grad=spec.wide_grad)  # fmt: skip
 
 
 def test_the_combinator_picks_the_fused_paths_where_they_apply():
-    """fused._triton_supports: which spec runs which kernel (decided on the host, so checkable
+    """chunk.fast_kernel: which spec runs which kernel (decided on the host, so checkable
     without a GPU): dense built-ins and built-in sparse divergences without softcap, float32
-    compute, impl="compile", CUDA; float16 keeps the generic path for top-k teachers."""
-    cuda = torch.device("cuda")
+    compute, impl="compile", CUDA; float16 keeps the generic path for top-k teachers; a user's
+    function always the generic path."""
+    assert _kernel(_spec("forward_kl")) == "forward_kl" and _kernel(_spec("jsd_beta0.3")) == "jsd"
+    assert _kernel(_spec("jsd_beta0")) == "forward_kl"  # the endpoint is forward KL's function
+    assert _kernel(_spec("topk_forward_kl_bucket")) == "topk"
+    assert _kernel(_spec("forward_kl"), "cpu") is None
+    assert _kernel(_spec("forward_kl", compiled=False)) is None
+    assert _kernel(_spec("forward_kl", compute_dtype=torch.float64)) is None
+    assert _kernel(_spec("tvd")) is None
+    assert _kernel(_spec("topk_forward_kl_bucket", softcap=True)) is None
+    assert _kernel(_spec("topk_soft_ce_ignore", wide_grad=True)) is None
+    assert _kernel(_spec("forward_kl", wide_grad=True)) == "forward_kl"  # writes a float32 buffer
 
-    def spec(divergence, sparse=False, **changes):
-        kernel, params = fused._kernel_of(divergence)
-        base = fused._Spec(kernel, len(params), True, False, -100, torch.float32, False, True, sparse=sparse)
-        return fused._Spec(**{**base.__dict__, **changes})
+    def user(student, ids, logprobs):  # a user's sparse divergence: the generic path
+        return K.forward_kl("renormalize")(student, ids, logprobs)
 
-    assert fused._triton_supports(spec("forward_kl"), cuda)
-    assert fused._triton_supports(spec("topk_forward_kl_bucket", sparse=True), cuda)
-    assert not fused._triton_supports(spec("forward_kl"), torch.device("cpu"))
-    assert not fused._triton_supports(spec("forward_kl", compiled=False), cuda)
-    assert not fused._triton_supports(spec("tvd"), cuda)
-    assert not fused._triton_supports(spec("topk_forward_kl_bucket", sparse=True, softcap=True), cuda)
-    assert not fused._triton_supports(spec("topk_soft_ce_ignore", sparse=True, wide_grad=True), cuda)
-    assert fused._triton_supports(spec("forward_kl", wide_grad=True), cuda)  # writes a float32 buffer
+    assert chunk.fast_kernel(user, softcap=False, compute_dtype=torch.float32, device_type="cuda", compiled=True,
+                             wide_grad=False) is None  # fmt: skip
+
+
+def test_the_dense_kernel_takes_its_ce_shortcut_at_temperatures_one_and_two():
+    """chunk.with_kernel: the CE's probabilities come from the soft ones (triton_chunk.ce_power)
+    for the dense kernel with a CE at T = 1 and 2 only."""
+    assert [chunk.with_kernel(_spec("forward_kl"), "cuda", t).ce_power for t in (1.0, 2.0, 3.0)] == [1, 2, 0]
+    assert chunk.with_kernel(_spec("jsd"), "cuda", 2.0).ce_power == 2
+    assert chunk.with_kernel(_spec("forward_kl", has_ce=False), "cuda", 2.0).ce_power == 0
+    assert chunk.with_kernel(_spec("topk_forward_kl_bucket"), "cuda", 2.0).ce_power == 0
+    assert chunk.with_kernel(_spec("forward_kl"), "cpu", 2.0) == _spec("forward_kl")

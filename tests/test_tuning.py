@@ -18,7 +18,8 @@ import autotune
 import autotune.tuner
 import kdfuse
 from autotune import Measurement
-from kdfuse import env, tuning
+from kdfuse import env, sweep, tuning
+from kdfuse.teacher import TEACHER_ROWS
 from kdfuse.tuning import Sweep, TuningKey
 
 GiB = 2**30
@@ -26,16 +27,27 @@ CPU = torch.device("cpu")
 CUDA = torch.device("cuda", 0)
 # An LLM-sized call: V >= 32768, so candidates run 256 .. min(8192, bucket).
 CALL = {
-    "rows": 5000, "vocab": 128256, "student_hidden": 2048, "teacher_hidden": 4096, "dtype": torch.bfloat16,
-    "divergence": "forward_kl", "with_ce": True, "with_grad": True,
+    "rows": 5000, "vocab": 128256, "student_hidden": 2048, "teacher": "hidden", "teacher_dim": 4096,
+    "dtype": torch.bfloat16, "divergence": "forward_kl", "with_ce": True, "with_grad": True,
 }  # fmt: skip
 
 
 pytestmark = pytest.mark.usefixtures("tuning_env")
 
 
+def stub_tune(device: torch.device):
+    """resolve_chunk_size's ``tune``: kdfuse.sweep.tune_in_process on a stand-in problem (the
+    call's own tensors in kdfuse.fused; the benches are stubbed here)."""
+
+    def tune(key, preferred):
+        problem = sweep.build_problem(key, device)
+        return sweep.tune_in_process(key, preferred, device=device, problem=problem, distill=None)
+
+    return tune
+
+
 def resolve(device: torch.device = CPU, **overrides) -> int:
-    return tuning.resolve_chunk_size("auto", device=device, **{**CALL, **overrides})
+    return tuning.resolve_chunk_size("auto", device=device, tune=stub_tune(device), **{**CALL, **overrides})
 
 
 def key_for(**overrides) -> TuningKey:
@@ -53,10 +65,10 @@ class FakeBench(SweepCalls):
         super().__init__()
         self.floors = 0
         self.problems: list[TuningKey] = []
-        monkeypatch.setattr(tuning, "bench_chunk_size", self.bench)
-        monkeypatch.setattr(tuning, "bench_floor", self.floor)
+        monkeypatch.setattr(sweep, "bench_chunk_size", self.bench)
+        monkeypatch.setattr(sweep, "bench_floor", self.floor)
 
-    def bench(self, problem, chunk_size, *, impl, warmup, repeat):
+    def bench(self, problem, chunk_size, distill, *, warmup, repeat):
         self.record(problem, chunk_size)
         result = self.times.get(chunk_size, 10.0 + chunk_size / 1000)
         if isinstance(result, Exception):
@@ -74,9 +86,9 @@ def no_problem(monkeypatch):
     at LLM sizes); records the keys built and the chunk sizes warmed up."""
     built, warmed = [], []
     monkeypatch.setattr(
-        tuning, "build_problem", lambda key, device: built.append(key) or types.SimpleNamespace(key=key)
+        sweep, "build_problem", lambda key, device: built.append(key) or types.SimpleNamespace(key=key, rows=key.rows_bucket)
     )
-    monkeypatch.setattr(tuning, "distill_step", lambda problem, chunk, impl: lambda: warmed.append(chunk))
+    monkeypatch.setattr(sweep, "distill_step", lambda problem, chunk, distill: lambda: warmed.append(chunk))
     return types.SimpleNamespace(built=built, warmed=warmed)
 
 
@@ -142,17 +154,20 @@ def test_parse_memory_budget_rejects(text):
 def test_key_contents_and_bucketing():
     key = key_for()
     assert key.as_dict() == {
-        "rows_bucket": 8192, "vocab": 128256, "student_hidden": 2048, "teacher_hidden": 4096,
+        "rows_bucket": 8192, "vocab": 128256, "student_hidden": 2048, "teacher": "hidden", "teacher_dim": 4096,
         "dtype": "bfloat16", "divergence": "forward_kl", "with_ce": True, "with_grad": True, "memory_budget": None,
+        "impl": "compile",
     }  # fmt: skip
     assert [tuning.rows_bucket(n) for n in (1, 2, 3, 4096, 4097, 8192)] == [1, 2, 4, 4096, 8192, 8192]
     assert key_for(rows=4097) == key_for(rows=8192) == key
     assert key_for(rows=8193).rows_bucket == 16384
-    assert key_for(teacher_hidden=None).teacher_hidden == "logits"
-    assert key_for(teacher_hidden=None).topk is None and key.topk is None
-    topk_key = key_for(teacher_hidden=None, teacher_topk=64)
-    assert topk_key.teacher_hidden == "topk:64" and topk_key.topk == 64
+    assert (key_for(teacher="logits").teacher, key_for(teacher="logits").teacher_dim) == ("logits", None)
+    topk_key = key_for(teacher="topk", teacher_dim=64)
+    assert (topk_key.teacher, topk_key.teacher_dim) == ("topk", 64)
     assert "top-64 teacher" in tuning.describe(topk_key)
+    assert key_for(impl="eager") != key and "impl=eager" in tuning.describe(key_for(impl="eager"))
+    with pytest.raises(ValueError, match="teacher must be one of"):
+        key_for(teacher="dense")
     assert key_for(divergence="jsd").divergence == "jsd_beta0.5"  # same key as D.jsd() passes
     assert key_for(divergence="my_divergence").divergence == "my_divergence"
     assert key_for(memory_budget=int(3.2 * GiB)).memory_budget == 3 * GiB
@@ -180,7 +195,7 @@ def test_estimate_bytes():
     assert tuning.estimate_bytes(1024, 1000, 64, torch.bfloat16, False) == 1024 * 1000 * (2 * 2 + 2 * 4)
     assert tuning.estimate_bytes(8, 10, 4, torch.float64, True) == 8 * 10 * (3 * 8 + 2 * 8) + 10 * 4 * 8
     # The in-place kernels: the student's block, the teacher's at most TEACHER_ROWS rows, no copies.
-    rows = tuning.TEACHER_ROWS
+    rows = TEACHER_ROWS
     assert tuning.estimate_bytes(4 * rows, 1000, 64, torch.bfloat16, True, in_place=True) == 5 * rows * 1000 * 2 + 1000 * 64 * 4
     assert tuning.estimate_bytes(64, 1000, 64, torch.bfloat16, False, in_place=True) == 2 * 64 * 1000 * 2
     assert tuning.estimate_bytes(4 * rows, 1000, 64, torch.bfloat16, True, "topk", True) == 4 * rows * 1000 * 2 + 1000 * 64 * 4
@@ -192,20 +207,25 @@ def test_estimate_bytes():
         tuning.estimate_bytes(1024, 1000, 64, torch.bfloat16, True, "dense")
 
 
-def test_key_names_the_teacher_form():
-    assert key_for().teacher_form == "hidden"
-    assert key_for(teacher_hidden=None).teacher_form == "logits"
-    assert key_for(teacher_topk=64).teacher_form == "topk"
-    logits_key = key_for(teacher_hidden=None)
+def test_key_estimate_follows_the_teacher_form():
+    logits_key = key_for(teacher="logits")
     estimate = tuning.estimate_bytes(4096, 128256, 2048, torch.bfloat16, True, "logits", in_place=True)
-    assert tuning._key_estimate(logits_key, "cuda")(4096) == estimate
+    assert tuning.key_estimate(logits_key, "cuda")(4096) == estimate
+
+
+def test_working_set_adds_the_returned_gradients():
+    key = key_for()
+    outputs = (128256 + 8192 * 3) * 2048 * 2  # grad_weight (bf16), grad_hidden (fp32, then bf16)
+    assert tuning.working_set(key, "cuda")(4096) == tuning.key_estimate(key, "cuda")(4096) + outputs
+    assert tuning.working_set(key_for(with_grad=False), "cuda")(4096) == tuning.key_estimate(key_for(with_grad=False), "cuda")(4096)
 
 
 def test_runs_in_place_names_the_kernels_path():
     """Built-ins the Triton kernels implement, compiled on CUDA in bf16/fp32; nothing else."""
     assert tuning.runs_in_place(key_for(), "cuda")
     assert tuning.runs_in_place(key_for(divergence="jsd", dtype=torch.float32), "cuda")
-    assert tuning.runs_in_place(key_for(teacher_topk=64, divergence="topk_soft_ce_renormalize"), "cuda")
+    assert tuning.runs_in_place(key_for(teacher="topk", teacher_dim=64, divergence="topk_soft_ce_renormalize"), "cuda")
+    assert not tuning.runs_in_place(key_for(impl="eager"), "cuda")
     assert not tuning.runs_in_place(key_for(), "cpu")
     assert not tuning.runs_in_place(key_for(dtype=torch.float16), "cuda")  # a float32 gradient block
     assert not tuning.runs_in_place(key_for(divergence="mse_logits"), "cuda")  # a built-in on the generic path
@@ -219,8 +239,8 @@ def test_memory_budget_prunes_by_the_path_that_runs():
     key = key_for(memory_budget=3 * 2**30)
     assert tuning.heuristic_choice(key, "cuda") == 2048
     assert tuning.heuristic_choice(tuning.make_key(**{**CALL, "memory_budget": 3 * 2**30, "divergence": "mse_logits"}), "cuda") == 1024
-    assert tuning._key_estimate(key, "cuda")(4096) == tuning.estimate_bytes(4096, 128256, 2048, torch.bfloat16, True, in_place=True)
-    assert tuning._key_estimate(key, "cpu")(4096) == tuning.estimate_bytes(4096, 128256, 2048, torch.bfloat16, True)
+    assert tuning.key_estimate(key, "cuda")(4096) == tuning.estimate_bytes(4096, 128256, 2048, torch.bfloat16, True, in_place=True)
+    assert tuning.key_estimate(key, "cpu")(4096) == tuning.estimate_bytes(4096, 128256, 2048, torch.bfloat16, True)
 
 
 def test_heuristic_is_a_function_of_the_bucket_and_fits_the_budget():
@@ -240,7 +260,7 @@ def test_heuristic_is_a_function_of_the_bucket_and_fits_the_budget():
 
 def test_int_chunk_size_passes_through(monkeypatch):
     monkeypatch.setattr(tuning, "open_cache", lambda *a: pytest.fail("an int must not touch the cache"))
-    assert tuning.resolve_chunk_size(300, device=CPU, **CALL) == 300
+    assert tuning.resolve_chunk_size(300, device=CPU, tune=stub_tune(CPU), **CALL) == 300
 
 
 def test_cpu_uses_the_heuristic_without_measuring(monkeypatch, tmp_path):
@@ -276,8 +296,8 @@ def test_memo_then_cache_then_tune(monkeypatch, no_problem):
 
 
 def test_tuning_orders_candidates_nearest_the_heuristic():
-    assert tuning._nearest_first((256, 512, 1024, 2048, 4096, 8192), 2048) == (2048, 1024, 4096, 512, 8192, 256)
-    assert tuning._nearest_first((256, 512), 16) == (256, 512)
+    assert tuning.nearest_first((256, 512, 1024, 2048, 4096, 8192), 2048) == (2048, 1024, 4096, 512, 8192, 256)
+    assert tuning.nearest_first((256, 512), 16) == (256, 512)
 
 
 def test_cuda_miss_tunes_persists_and_prints(monkeypatch, capsys, fake_cuda):
@@ -288,7 +308,7 @@ def test_cuda_miss_tunes_persists_and_prints(monkeypatch, capsys, fake_cuda):
     assert bench.chunks[0] == 2048  # the CUDA heuristic's choice first
     # Rounds, interleaved; after the first only the candidates within 6% of the fastest (4096:
     # 2 ms, the rest 10+ ms) run again.
-    assert bench.calls == bench.chunks + [4096] * (tuning._AUTO_ROUNDS - 1)
+    assert bench.calls == bench.chunks + [4096] * (sweep._AUTO_ROUNDS - 1)
     assert next(iter(stored(CUDA).values()))["chunk_size"] == 4096
     err = capsys.readouterr().err
     assert "kdfuse: chunk_size=4096 for N<=8192 V=128256" in err and "autotuned 6/6 candidates" in err
@@ -329,8 +349,8 @@ def test_time_budget_cuts_the_sweep_and_marks_it_partial(monkeypatch, fake_cuda)
         clock[0] += 4.0  # each candidate takes four fake seconds
         return real_bench(*args, **kwargs)
 
-    monkeypatch.setattr(tuning, "bench_chunk_size", slow_bench)
-    assert tuning.AUTO_TIME_BUDGET_S == 10.0
+    monkeypatch.setattr(sweep, "bench_chunk_size", slow_bench)
+    assert sweep.AUTO_TIME_BUDGET_S == 10.0
     assert resolve(CUDA) == 1024
     assert bench.chunks == [2048, 1024, 4096]  # three fit in 10 s
     entry = next(iter(stored(CUDA).values()))
@@ -350,12 +370,58 @@ def test_all_candidates_failing_falls_back_to_the_heuristic_unsaved(monkeypatch,
     assert stored(CUDA) == {}
 
 
-def test_oom_building_the_problem_falls_back_to_the_heuristic(monkeypatch, fake_cuda):
-    def oom(key, device):
-        raise torch.OutOfMemoryError("CUDA out of memory")
+def _free(monkeypatch, free: int) -> None:
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free, 80 * GiB))
 
-    monkeypatch.setattr(tuning, "build_problem", oom)
-    assert resolve(CUDA) == 2048 and stored(CUDA) == {}
+
+def test_in_process_tuning_tries_only_candidates_that_fit_the_free_memory(monkeypatch, fake_cuda):
+    """The first step must not run out of memory where every later one fits: candidates whose
+    working set (with the margin) exceeds the memory available at the call are not run, and the
+    entry says why."""
+    need = tuning.working_set(key_for(), "cuda")
+    _free(monkeypatch, int(need(1024) * (1 + sweep._FREE_MARGIN)) + sweep._FREE_RESERVE + 1)
+    bench = FakeBench(monkeypatch, {256: 3.0, 512: 2.0, 1024: 1.0})
+    assert resolve(CUDA) == 1024
+    assert sorted(bench.chunks) == [256, 512, 1024]
+    (entry,) = stored(CUDA).values()
+    errors = {m["chunk_size"]: m["error"] for m in entry["measurements"]}
+    assert all(errors[c] is None for c in (256, 512, 1024)) and entry["complete"] is False
+    for chunk in (2048, 4096, 8192):
+        assert errors[chunk].startswith("skipped: needs ~") and "available at the call" in errors[chunk]
+
+
+def test_allocator_cache_counts_as_available(monkeypatch, fake_cuda):
+    """Memory PyTorch's allocator holds unused is available (it is released before an OOM)."""
+    need = tuning.working_set(key_for(), "cuda")
+    _free(monkeypatch, 0)
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 2 * need(8192))
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 0)
+    bench = FakeBench(monkeypatch)
+    resolve(CUDA)
+    assert sorted(bench.chunks) == [256, 512, 1024, 2048, 4096, 8192]
+
+
+def test_a_candidate_out_of_memory_leaves_no_trace(monkeypatch, fake_cuda):
+    """A candidate that runs out of memory all the same is skipped, the allocator's cache is
+    emptied, and the call goes on with the best candidate that ran; the cache is emptied once
+    more after the sweep, so the candidates' blocks do not fragment later steps."""
+    emptied = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # autotune empties CUDA's cache only
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: emptied.append(len(bench.calls)))
+    oom = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    bench = FakeBench(monkeypatch, {2048: oom, 1024: 2.0, 4096: 1.5, 8192: 1.0}, peaks={8192: 0})
+    bench.times[8192] = oom
+    assert resolve(CUDA) == 4096
+    (entry,) = stored(CUDA).values()
+    errors = {m["chunk_size"]: m["error"] for m in entry["measurements"]}
+    assert errors[2048].startswith("OOM: CUDA out of memory") and errors[8192].startswith("OOM")
+    assert len(emptied) == 3 and emptied[-1] == len(bench.calls)  # per OOM, and after the sweep
+
+
+def test_nothing_fits_falls_back_to_the_heuristic_unsaved(monkeypatch, fake_cuda):
+    _free(monkeypatch, 100 * 2**20)
+    bench = FakeBench(monkeypatch)
+    assert resolve(CUDA) == 2048 and bench.chunks == [] and stored(CUDA) == {}
 
 
 def test_malformed_cache_entry_is_a_miss(monkeypatch, fake_cuda):
@@ -427,8 +493,6 @@ def test_cache_dir_is_respected(monkeypatch, tmp_path, fake_cuda):
 
 
 def test_cache_identity_carries_versions(fake_cuda):
-    import kdfuse
-
     cache = tuning.open_cache(env.settings().cache_dir, CUDA)
     assert cache.identity == "Fake GPU (sm_90)"
     assert cache.versions == autotune.software_versions({"kdfuse": kdfuse.__version__})
@@ -490,44 +554,44 @@ def one_thread():
 
 
 TINY = {
-    "rows": 200, "vocab": 300, "student_hidden": 16, "teacher_hidden": 24, "dtype": torch.float32,
-    "divergence": "forward_kl", "with_ce": True, "with_grad": True, "memory_budget": None,
+    "rows": 200, "vocab": 300, "student_hidden": 16, "teacher": "hidden", "teacher_dim": 24, "dtype": torch.float32,
+    "divergence": "forward_kl", "with_ce": True, "with_grad": True, "memory_budget": None, "impl": "eager",
 }  # fmt: skip
 
 
-@pytest.mark.parametrize("teacher_hidden", [24, None])
-def test_problem_and_steps(teacher_hidden, one_thread):
-    key = tuning.make_key(**{**TINY, "teacher_hidden": teacher_hidden})
+@pytest.mark.parametrize("teacher", ["hidden", "logits"])
+def test_problem_and_steps(teacher, one_thread):
+    key = tuning.make_key(**{**TINY, "teacher": teacher})
     rng = torch.get_rng_state()
-    problem = tuning.build_problem(key, CPU)
+    problem = sweep.build_problem(key, CPU)
     assert torch.equal(torch.get_rng_state(), rng)  # a private generator
     assert problem.student_hidden.shape == (256, 16) and problem.student_hidden.requires_grad
-    assert (problem.teacher_logits is None) == (teacher_hidden is not None)
+    assert (problem.teacher_logits is None) == (teacher == "hidden")
     assert ((problem.labels == -100).float().mean() - 0.1).abs() < 0.07
-    grad_h, grad_w = tuning.distill_step(problem, 64, "eager")()
+    grad_h, grad_w = sweep.distill_step(problem, 64, kdfuse.fused_linear_distill)()
     assert grad_h.shape == (256, 16) and grad_w.shape == (300, 16) and torch.isfinite(grad_w).all()
-    assert len(tuning.floor_step(problem)()) == (4 if teacher_hidden else 3)
+    assert len(sweep.floor_step(problem)()) == (4 if teacher == "hidden" else 3)
 
 
 def test_top_k_teacher_problem(one_thread):
     """A top-k key times a top-k call: no teacher GEMM or dense teacher block, K distinct ids per
     row with 90% of the mass, and a smaller memory estimate than the dense teacher's."""
-    key = tuning.make_key(**{**TINY, "teacher_hidden": None, "teacher_topk": 8})
-    problem = tuning.build_problem(key, CPU)
+    key = tuning.make_key(**{**TINY, "teacher": "topk", "teacher_dim": 8})
+    problem = sweep.build_problem(key, CPU)
     assert problem.teacher_hidden is None and problem.teacher_logits is None
     ids, logprobs = problem.teacher_topk
     assert ids.shape == logprobs.shape == (256, 8) and ids.min() >= 0 and ids.max() < 300
     assert all(len(set(row)) == 8 for row in ids.tolist())
     torch.testing.assert_close(logprobs.logsumexp(-1), torch.full((256,), math.log(0.9)))
-    assert tuning._bench_divergence(key) == "topk_forward_kl_bucket"  # not a sparse built-in: the stand-in
-    assert tuning._bench_divergence(replace(key, divergence="topk_soft_ce_renormalize")) == "topk_soft_ce_renormalize"
-    assert tuning._bench_divergence(replace(key, divergence="my_div")) == "topk_forward_kl_bucket"
+    assert sweep.bench_divergence(key) == "topk_forward_kl_bucket"  # not a sparse built-in: the stand-in
+    assert sweep.bench_divergence(replace(key, divergence="topk_soft_ce_renormalize")) == "topk_soft_ce_renormalize"
+    assert sweep.bench_divergence(replace(key, divergence="my_div")) == "topk_forward_kl_bucket"
     dense = tuning.make_key(**TINY)
-    assert tuning._bench_divergence(replace(dense, divergence="my_div")) == "forward_kl"
-    grad_h, grad_w = tuning.distill_step(replace(problem, key=replace(key, divergence="topk_forward_kl_bucket")), 64, "eager")()
+    assert sweep.bench_divergence(replace(dense, divergence="my_div")) == "forward_kl"
+    grad_h, grad_w = sweep.distill_step(problem, 64, kdfuse.fused_linear_distill)()
     assert grad_h.shape == (256, 16) and torch.isfinite(grad_w).all() and grad_w.abs().sum() > 0
-    assert len(tuning.floor_step(problem)()) == 3
-    assert tuning._key_estimate(key, "cpu")(64) == tuning.estimate_bytes(64, 300, 16, torch.float32, True, teacher="topk")
+    assert len(sweep.floor_step(problem)()) == 3
+    assert tuning.key_estimate(key, "cpu")(64) == tuning.estimate_bytes(64, 300, 16, torch.float32, True, teacher="topk")
     assert tuning.estimate_bytes(1024, 1000, 64, torch.bfloat16, True, teacher="topk") == 1024 * 1000 * (2 * 2 + 4) + 1000 * 64 * 4
 
 
@@ -539,7 +603,7 @@ def test_fused_call_reaches_the_tuner_with_its_teacher_form_and_a_stable_name(mo
     from kdfuse import divergences as D
 
     seen = []
-    monkeypatch.setattr(tuning, "choose_chunk_size", lambda key, device, cfg: seen.append(key) or 4)
+    monkeypatch.setattr(tuning, "choose_chunk_size", lambda key, device, cfg, tune: seen.append(key) or 4)
     gen = torch.Generator().manual_seed(0)
     h, w = torch.randn(6, 4, generator=gen), torch.randn(10, 4, generator=gen)
     logprobs, ids = torch.randn(6, 10, generator=gen).log_softmax(-1).topk(3, dim=-1)
@@ -554,7 +618,7 @@ def test_fused_call_reaches_the_tuner_with_its_teacher_form_and_a_stable_name(mo
 
     for divergence in (functools.partial(scaled_kl, scale=0.5), Halved()):
         kdfuse.fused_linear_distill(h, w, torch.randn(6, 5), torch.randn(10, 5), divergence=divergence, chunk_size="auto")
-    assert seen[0].teacher_hidden == "topk:3" and seen[0].divergence == "topk_forward_kl_bucket"
+    assert (seen[0].teacher, seen[0].teacher_dim, seen[0].divergence) == ("topk", 3, "topk_forward_kl_bucket")
     local = "test_fused_call_reaches_the_tuner_with_its_teacher_form_and_a_stable_name.<locals>"
     assert [k.divergence for k in seen[1:]] == [f"{local}.scaled_kl", f"{local}.Halved"]
 
@@ -562,17 +626,19 @@ def test_fused_call_reaches_the_tuner_with_its_teacher_form_and_a_stable_name(mo
 def test_problem_in_inference_mode_and_forward_only(one_thread):
     key = tuning.make_key(**{**TINY, "with_grad": False, "with_ce": False})
     with torch.inference_mode():
-        problem = tuning.build_problem(key, CPU)
-        loss = tuning.distill_step(problem, 64, "eager")()
+        problem = sweep.build_problem(key, CPU)
+        loss = sweep.distill_step(problem, 64, kdfuse.fused_linear_distill)()
     assert loss.dim() == 0 and problem.labels is None
     with torch.inference_mode():
-        grads = tuning.distill_step(tuning.build_problem(tuning.make_key(**TINY), CPU), 64, "eager")()
+        grads = sweep.distill_step(sweep.build_problem(tuning.make_key(**TINY), CPU), 64, kdfuse.fused_linear_distill)()
     assert grads[1].shape == (300, 16)
 
 
 def test_run_sweep_for_real(one_thread):
     key = tuning.make_key(**TINY)
     steps = []
-    sweep = tuning.run_sweep(key, CPU, (64, 128), impl="eager", warmup=0, repeat=1, on_step=lambda: steps.append(1))
-    assert sweep.best in (64, 128) and sweep.complete and len(steps) == 3
-    assert sweep.floor_ms > 0 and all(m.ms > 0 and m.error is None for m in sweep.measurements)
+    result = sweep.run_sweep(
+        key, CPU, (64, 128), distill=kdfuse.fused_linear_distill, warmup=0, repeat=1, on_step=lambda: steps.append(1)
+    )
+    assert result.best in (64, 128) and result.complete and len(steps) == 3
+    assert result.floor_ms > 0 and all(m.ms > 0 and m.error is None for m in result.measurements)

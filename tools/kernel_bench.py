@@ -23,8 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from autotune import measure  # noqa: E402
-from kdfuse import fused  # noqa: E402
-from kdfuse import topk as K  # noqa: E402
+from kdfuse import registry  # noqa: E402
 
 
 def time_cast(vocab: int, dev: torch.device, gen: torch.Generator) -> None:
@@ -70,11 +69,12 @@ def main() -> None:
     copy_ms, _ = measure(lambda: work.copy_(student), warmup=3, repeat=20, device=dev)
     print(f"{torch.cuda.get_device_name()}: chunk {rows} x {vocab} bf16 ({block_bytes / 1e9:.2f} GB per block)")
     print(f"copy of one block: {copy_ms:.3f} ms = {2 * block_bytes / copy_ms / 1e6:.0f} GB/s")
-    sparse = K.forward_kl("bucket")
+    sparse = registry.ENTRIES["topk_forward_kl_bucket"].reduced
 
-    def dense(divergence):
-        kernel, params = fused._kernel_of(divergence)
-        with_params = torch.cat([scalars, torch.tensor(params, device=dev)])
+    def dense(name):
+        divergence = registry.get(name)
+        kernel = registry.entry_of(divergence.fn).kernel
+        with_params = torch.cat([scalars, torch.tensor(divergence.args, device=dev)])
 
         def step():
             work.copy_(student)  # the kernel overwrites its input; the copy is timed separately above

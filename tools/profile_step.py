@@ -3,7 +3,7 @@
     python tools/profile_step.py --tokens 8192 --chunk 4096 [--divergence jsd_beta0.5] [--steps 3] [--no-validate]
         [--warm-steps 40]
 
-Prints, for kdfuse and then the floor (the four GEMMs alone, kdfuse.tuning.floor_step), the
+Prints, for kdfuse and then the floor (the four GEMMs alone, kdfuse.sweep.floor_step), the
 CUDA kernels by total time over ``--steps`` profiled steps, run after ``--warm-steps``
 unprofiled ones (a few catch the clock a rested GPU starts at; ~40, over a second of load, the
 power-capped clock that timed runs see). Then, per step: the span on the device (first kernel
@@ -26,7 +26,7 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from autotune import measure  # noqa: E402
-from kdfuse import tuning  # noqa: E402
+from kdfuse import fused_linear_distill, sweep, tuning  # noqa: E402
 
 
 def timeline(prof: profile, steps: int, top: int = 5) -> str:
@@ -68,13 +68,14 @@ def main() -> None:
     ap.add_argument("--warm-steps", type=int, default=3, help="steps run back to back just before the profiled ones")
     args = ap.parse_args()
     key = tuning.make_key(
-        rows=args.tokens, vocab=args.vocab, student_hidden=args.student_hidden, teacher_hidden=args.teacher_hidden,
-        dtype=torch.bfloat16, divergence=args.divergence, with_ce=True, with_grad=True, memory_budget=None,
+        rows=args.tokens, vocab=args.vocab, student_hidden=args.student_hidden, teacher="hidden",
+        teacher_dim=args.teacher_hidden, dtype=torch.bfloat16, divergence=args.divergence, with_ce=True,
+        with_grad=True, memory_budget=None,
     )  # fmt: skip
-    problem = tuning.build_problem(key, torch.device("cuda"))
+    problem = sweep.build_problem(key, torch.device("cuda"))
 
-    step = tuning.distill_step(problem, args.chunk, validate=not args.no_validate)
-    floor = tuning.floor_step(problem)
+    step = sweep.distill_step(problem, args.chunk, fused_linear_distill, validate=not args.no_validate)
+    floor = sweep.floor_step(problem)
     for name, fn in (("kdfuse", step), ("floor", floor)):
         for _ in range(args.warm_steps):
             fn()
