@@ -1,0 +1,111 @@
+"""The package's shape: no import cycles among kdfuse's modules (imports inside functions
+included), a reference that depends on no part of the engine, short functions, and the
+autotune package knowing nothing about KD. Read from the source (AST), so these run anywhere."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / "kdfuse"
+# The engine: the reference, which states the semantics, may import none of these.
+ENGINE = {"chunk", "compiled", "engine", "fused", "sweep", "tuning", "triton_cast", "triton_chunk", "triton_mm", "triton_topk"}
+MAX_FUNCTION_LINES = 60  # bodies outside the Triton kernels (@triton.jit), docstrings not counted
+
+
+def _modules(package: Path) -> dict[str, ast.Module]:
+    return {path.stem: ast.parse(path.read_text(), str(path)) for path in sorted(package.glob("*.py"))}
+
+
+def _imports(name: str, tree: ast.Module, package: str = "kdfuse", relative: bool = True) -> set[str]:
+    """The package's modules ``name`` imports, anywhere in it (module level or inside functions);
+    ``relative``: ``tree`` is one of the package's own modules, so ``from . import x`` counts."""
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            if node.level == 1 and relative:  # from . import x / from .x import y
+                base = node.module
+                found |= {base.split(".")[0]} if base else {alias.name for alias in node.names}
+            elif node.module and node.module.split(".")[0] == package:
+                parts = node.module.split(".")
+                found |= {parts[1]} if len(parts) > 1 else {alias.name for alias in node.names}
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                parts = alias.name.split(".")
+                if parts[0] == package:
+                    found.add(parts[1] if len(parts) > 1 else "__init__")
+    return found - {name}
+
+
+def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import cycle of ``graph`` (module -> modules it imports), or None."""
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    path: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        path.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == 1:
+                return path[path.index(nxt) :] + [nxt]
+            if nxt not in state and (found := visit(nxt)):
+                return found
+        path.pop()
+        state[node] = 2
+        return None
+
+    for node in sorted(graph):
+        if node not in state and (found := visit(node)):
+            return found
+    return None
+
+
+def test_the_cycle_finder_finds_a_cycle():
+    assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert _cycle({"a": {"b"}, "b": set(), "c": {"a"}}) is None
+
+
+def test_no_import_cycles_among_kdfuse_modules():
+    modules = _modules(PACKAGE)
+    graph = {name: _imports(name, tree) for name, tree in modules.items() if name != "__init__"}
+    graph = {name: {m for m in deps if m != "__init__"} for name, deps in graph.items()}
+    assert _cycle(graph) is None, f"import cycle: {' -> '.join(_cycle(graph))}"
+    # No module imports the package itself (its __init__ imports them all).
+    assert not [name for name, tree in modules.items() if name != "__init__" and "__init__" in _imports(name, tree)]
+
+
+def test_the_reference_imports_nothing_of_the_engine():
+    tree = _modules(PACKAGE)["reference"]
+    assert not _imports("reference", tree) & ENGINE
+
+
+def test_autotune_knows_nothing_about_kd():
+    for name, tree in _modules(ROOT / "autotune").items():
+        assert not _imports(name, tree, package="kdfuse", relative=False), name
+        assert "kdfuse" not in ast.dump(tree).replace("'kdfuse'", ""), name
+
+
+def _is_triton_kernel(node: ast.FunctionDef) -> bool:
+    return any("triton" in ast.unparse(d) or ast.unparse(d) == "jit" for d in node.decorator_list)
+
+
+def _code_lines(node: ast.FunctionDef) -> int:
+    """Lines of a function's body, without its signature and docstring."""
+    body = node.body
+    if len(body) > 1 and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant):
+        body = body[1:]
+    return node.end_lineno - body[0].lineno + 1
+
+
+@pytest.mark.parametrize("package", ["kdfuse", "autotune"])
+def test_functions_are_short(package):
+    long = []
+    for name, tree in _modules(ROOT / package).items():
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and not _is_triton_kernel(node):
+                if _code_lines(node) > MAX_FUNCTION_LINES:
+                    long.append(f"{name}.{node.name}: {_code_lines(node)} lines")
+    assert not long, long
