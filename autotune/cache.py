@@ -22,7 +22,14 @@ try:
 except ImportError:  # Windows: writes stay atomic, but concurrent writers may drop each other's entries.
     fcntl = None
 
-__all__ = ["TuningCache", "TuningCacheWarning", "default_cache_dir", "device_identity", "software_versions", "write_atomic"]
+__all__ = [
+    "TuningCache",
+    "TuningCacheWarning",
+    "default_cache_dir",
+    "device_identity",
+    "software_versions",
+    "write_atomic",
+]
 
 Key = Mapping[str, object] | str
 
@@ -37,7 +44,7 @@ _warned: set[tuple[str, Path]] = set()  # (reason, path) pairs already reported 
 def _warn_once(reason: str, path: Path, message: str) -> None:
     if (reason, path) not in _warned:
         _warned.add((reason, path))
-        warnings.warn(message, TuningCacheWarning)
+        warnings.warn(message, TuningCacheWarning, stacklevel=3)
 
 
 def default_cache_dir(app_name: str) -> Path:
@@ -56,11 +63,10 @@ def device_identity(device: torch.device | str | None = None) -> str:
 
 
 def _cpu_model() -> str:
-    with contextlib.suppress(OSError):
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.partition(":")[2].strip()
+    with contextlib.suppress(OSError), open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+        for line in f:
+            if line.startswith("model name"):
+                return line.partition(":")[2].strip()
     return platform.processor() or platform.machine() or "unknown"
 
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import statistics
 import time
-from typing import Callable, Hashable, Mapping, TypeVar
+from collections.abc import Callable, Hashable, Mapping
+from typing import TypeVar
 
 import torch
 

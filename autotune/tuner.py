@@ -5,8 +5,8 @@ from __future__ import annotations
 import math
 import statistics
 import time
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Hashable, Sequence
 
 import torch
 
@@ -119,7 +119,9 @@ def tune(
                 m = done[-1]  # failed, pruned, skipped or out of the running: not run again
             elif _budget_spent(start, time_budget_s):
                 if not done:
-                    done.append(Measurement(candidate, math.inf, 0, f"{_SKIPPED}time budget of {time_budget_s}s exhausted"))
+                    done.append(
+                        Measurement(candidate, math.inf, 0, f"{_SKIPPED}time budget of {time_budget_s}s exhausted")
+                    )
                 m = done[-1]
             else:
                 m = _evaluate(candidate, bench, memory_budget, estimate_bytes)

@@ -11,16 +11,16 @@ from .reference import fused_linear_distill_ref
 from .topk import SparseDivergence
 
 __all__ = [
-    "Divergence",
     "DistillLoss",
     "DistillOptions",
     "DistillOutput",
+    "Divergence",
     "Parametrized",
     "SparseDivergence",
+    "__version__",
     "divergences",
     "fused_linear_distill",
     "fused_linear_distill_ref",
     "teacher_topk",
     "topk",
-    "__version__",
 ]

@@ -76,7 +76,9 @@ def row_losses(
         soft = spec.fn(s * scalars[S.INV_T], t * scalars[S.INV_T], *args)
     if soft.shape != valid.shape:  # shapes are static: this costs nothing, even when traced
         name = getattr(spec.fn, "__name__", repr(spec.fn))
-        raise ValueError(f"divergence {name} returned shape {tuple(soft.shape)}, expected per-row losses {tuple(valid.shape)}")
+        raise ValueError(
+            f"divergence {name} returned shape {tuple(soft.shape)}, expected per-row losses {tuple(valid.shape)}"
+        )
     soft = torch.where(valid, soft, 0)
     if spec.has_ce:
         hard = F.cross_entropy(s, labels, ignore_index=spec.ignore_index, reduction="none")
@@ -119,11 +121,25 @@ def _kernel_step(spec: ChunkSpec, student: Tensor, teacher: tuple[Tensor, ...], 
     else:
         out = None
         if spec.with_grad:  # float16: a compute-dtype block (see engine.half_with_scale)
-            out = torch.empty(student.shape, dtype=spec.compute_dtype, device=student.device) if spec.wide_grad else student
+            out = (
+                torch.empty(student.shape, dtype=spec.compute_dtype, device=student.device)
+                if spec.wide_grad
+                else student
+            )
         dlogits, parts = triton_chunk.chunk_step(
-            spec.kernel, spec.has_ce, spec.softcap, spec.ignore_index, student, teacher[0], labels, valid,
-            row_weight, scalars, out=out, ce_power=spec.ce_power,
-        )  # fmt: skip
+            spec.kernel,
+            spec.has_ce,
+            spec.softcap,
+            spec.ignore_index,
+            student,
+            teacher[0],
+            labels,
+            valid,
+            row_weight,
+            scalars,
+            out=out,
+            ce_power=spec.ce_power,
+        )
     return (dlogits, parts) if spec.with_grad else parts
 
 
@@ -139,7 +155,9 @@ def chunk_fn(spec: ChunkSpec) -> Callable:
     return compile_bound(loss_and_grad if spec.with_grad else row_losses, spec, compiled=spec.compiled)
 
 
-def call(spec: ChunkSpec, fn: Callable, student: Tensor, teacher: tuple[Tensor, ...], rest: list[Tensor], scalars: Tensor):
+def call(
+    spec: ChunkSpec, fn: Callable, student: Tensor, teacher: tuple[Tensor, ...], rest: list[Tensor], scalars: Tensor
+):
     """``fn`` on one block: its student logits, teacher, (labels, valid[, row_weight]) and the
     scalars. torch.compile specialises a dim of size 1, so a lone row (N = 1; a 1-row *tail* is
     merged into the chunk before it) would compile a second graph: it runs doubled, and the
@@ -163,7 +181,13 @@ def _first_row(out):
 
 
 def fast_kernel(
-    fn: Callable[..., Tensor], *, softcap: bool, compute_dtype: torch.dtype, device_type: str, compiled: bool, wide_grad: bool
+    fn: Callable[..., Tensor],
+    *,
+    softcap: bool,
+    compute_dtype: torch.dtype,
+    device_type: str,
+    compiled: bool,
+    wide_grad: bool,
 ) -> str | None:
     """The hand-written kernel that runs ``fn``'s chunks, or ``None`` (the generic path): a
     built-in's (the registry's ``kernel``), compiled, on CUDA, in float32 compute; the top-k
@@ -183,9 +207,13 @@ def with_kernel(spec: ChunkSpec, device_type: str, temperature: float) -> ChunkS
     """``spec`` with its hand-written kernel where one applies, and the dense kernel's CE shortcut
     at T = 1 and 2 (:func:`kdfuse.triton_chunk.ce_power`)."""
     kernel = fast_kernel(
-        spec.fn, softcap=spec.softcap, compute_dtype=spec.compute_dtype, device_type=device_type,
-        compiled=spec.compiled, wide_grad=spec.wide_grad,
-    )  # fmt: skip
+        spec.fn,
+        softcap=spec.softcap,
+        compute_dtype=spec.compute_dtype,
+        device_type=device_type,
+        compiled=spec.compiled,
+        wide_grad=spec.wide_grad,
+    )
     if kernel is None:
         return spec
     ce_power = 0

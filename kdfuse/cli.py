@@ -140,7 +140,14 @@ def build_parser() -> argparse.ArgumentParser:
     """The ``kdfuse`` argument parser."""
     parser = argparse.ArgumentParser(prog="kdfuse", description="kdfuse: fused knowledge-distillation losses.")
     commands = parser.add_subparsers(dest="command", required=True)
+    _add_tune_command(commands)
+    cache = commands.add_parser("cache", help="show, clear or locate this device's tuning cache")
+    cache.add_argument("action", choices=("show", "clear", "path"))
+    cache.add_argument("--device", type=_argument(_device), help="default: the current CUDA device, else cpu")
+    return parser
 
+
+def _add_tune_command(commands) -> None:
     tune = commands.add_parser(
         "tune",
         help="measure chunk sizes and cache the winner",
@@ -158,41 +165,49 @@ def build_parser() -> argparse.ArgumentParser:
     teacher.add_argument("--teacher-hidden", type=_argument(_positive), metavar="HT", help="teacher hidden size")
     teacher.add_argument("--teacher-logits", action="store_true", help="the teacher is given as dense logits")
     teacher.add_argument(
-        "--teacher-topk", type=_argument(_positive), metavar="K",
+        "--teacher-topk",
+        type=_argument(_positive),
+        metavar="K",
         help="the teacher is given as its top-K log-probs (a topk_ divergence; default topk_forward_kl_bucket)",
-    )  # fmt: skip
+    )
     tune.add_argument("--vocab", type=_argument(_positive), metavar="V", help="student vocabulary size")
     tune.add_argument("--dtype", choices=_DTYPES, help="default: bfloat16 on CUDA, float32 on CPU")
     tune.add_argument(
-        "--divergence", type=_argument(_divergence), metavar="NAME",
+        "--divergence",
+        type=_argument(_divergence),
+        metavar="NAME",
         help=f"a built-in, e.g. jsd_beta0.3 (default: forward_kl, or topk_forward_kl_bucket with --teacher-topk; "
         f"one of {', '.join(registry.names())})",
-    )  # fmt: skip
+    )
     tune.add_argument("--no-ce", dest="with_ce", action="store_false", help="no hard cross-entropy term")
     tune.add_argument(
-        "--chunks", type=_argument(_positive_list), metavar="C[,C...]",
+        "--chunks",
+        type=_argument(_positive_list),
+        metavar="C[,C...]",
         help="candidate chunk sizes (default: powers of two from 256, or 64 for V < 32768, to min(8192, N bucket))",
-    )  # fmt: skip
+    )
     tune.add_argument(
-        "--memory-budget", type=_argument(parse_memory_budget), metavar="BUDGET",
+        "--memory-budget",
+        type=_argument(parse_memory_budget),
+        metavar="BUDGET",
         help="bytes (16GiB, 8e9) or a fraction of free device memory (0.5); default: KDFUSE_MEMORY_BUDGET",
-    )  # fmt: skip
+    )
     tune.add_argument("--device", type=_argument(_device), help="default: the current CUDA device, else cpu")
     tune.add_argument("--impl", choices=("compile", "eager"), help="default: compile on CUDA, eager on CPU")
-    tune.add_argument("--warmup", type=_argument(_positive), default=3, help="untimed calls per candidate and round (3)")
+    tune.add_argument(
+        "--warmup", type=_argument(_positive), default=3, help="untimed calls per candidate and round (3)"
+    )
     tune.add_argument("--repeat", type=_argument(_positive), default=5, help="timed calls per candidate and round (5)")
     tune.add_argument(
-        "--rounds", type=_argument(_positive), default=3,
-        help="rounds over the candidates, interleaved so all share the GPU's clock drift; each candidate's median round counts (3)",
-    )  # fmt: skip
+        "--rounds",
+        type=_argument(_positive),
+        default=3,
+        help="rounds over the candidates, interleaved so all share the GPU's clock drift; "
+        "each candidate's median round counts (3)",
+    )
     tune.add_argument("--force", action="store_true", help="measure even when the cache has the result")
     tune.add_argument("--json", action="store_true", help="print JSON instead of tables")
     tune.add_argument("--plot", metavar="FILE.png", help="draw time and memory vs chunk size (needs matplotlib)")
-
-    cache = commands.add_parser("cache", help="show, clear or locate this device's tuning cache")
-    cache.add_argument("action", choices=("show", "clear", "path"))
-    cache.add_argument("--device", type=_argument(_device), help="default: the current CUDA device, else cpu")
-    return parser
 
 
 # --------------------------------------------------------------------------------------------
@@ -215,11 +230,18 @@ def _shape_keys(
     by_key: dict[TuningKey, tuple[int, ...]] = {}
     for tokens in args.tokens or preset.tokens:
         key = make_key(
-            rows=tokens, vocab=args.vocab or preset.vocab, student_hidden=args.student_hidden or preset.student_hidden,
-            teacher=teacher, teacher_dim=args.teacher_topk or args.teacher_hidden or preset.teacher_hidden,
-            dtype=getattr(torch, dtype), divergence=_divergence_of(args), with_ce=args.with_ce, with_grad=True,
-            memory_budget=budget, impl=impl,
-        )  # fmt: skip
+            rows=tokens,
+            vocab=args.vocab or preset.vocab,
+            student_hidden=args.student_hidden or preset.student_hidden,
+            teacher=teacher,
+            teacher_dim=args.teacher_topk or args.teacher_hidden or preset.teacher_hidden,
+            dtype=getattr(torch, dtype),
+            divergence=_divergence_of(args),
+            with_ce=args.with_ce,
+            with_grad=True,
+            memory_budget=budget,
+            impl=impl,
+        )
         by_key[key] = (*by_key.get(key, ()), tokens)
     return [(tokens, key) for key, tokens in by_key.items()]
 
@@ -245,9 +267,13 @@ def _tune(
     hits = {key: hit for key in candidates if not force and (hit := _cache_hit(cache, key, candidates[key]))}
     steps = sum(args.rounds * len(c) + 1 for key, c in candidates.items() if key not in hits)  # + 1: the GEMM floor
     progress = Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        console=Console(stderr=True), transient=True,
-    )  # fmt: skip
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=Console(stderr=True),
+        transient=True,
+    )
     results = []
     with progress:
         task = progress.add_task("measuring", total=steps)
@@ -257,9 +283,15 @@ def _tune(
                 continue
             progress.update(task, description=describe(key))
             sweep = run_sweep(
-                key, device, candidates[key], distill=fused_linear_distill, warmup=args.warmup, repeat=args.repeat,
-                rounds=args.rounds, on_step=lambda: progress.advance(task),
-            )  # fmt: skip
+                key,
+                device,
+                candidates[key],
+                distill=fused_linear_distill,
+                warmup=args.warmup,
+                repeat=args.repeat,
+                rounds=args.rounds,
+                on_step=lambda: progress.advance(task),
+            )
             if sweep.best is not None:
                 cache.put(key.as_dict(), sweep.to_entry())
             results.append(ShapeResult(tokens, sweep, cached=False))
@@ -295,9 +327,14 @@ def _table(result: ShapeResult, device: torch.device) -> Table:
         paired = sweep.contests.get(m.candidate)
         note = m.error or ("" if paired is None else f"paired: {paired:.3f}x the fastest")
         table.add_row(
-            "★" if won else "", str(m.candidate), f"{m.ms:.3f}" if math.isfinite(m.ms) else "-",
-            "-" if ratio is None else f"{ratio:.2f}", peak, note, style="bold green" if won else None,
-        )  # fmt: skip
+            "★" if won else "",
+            str(m.candidate),
+            f"{m.ms:.3f}" if math.isfinite(m.ms) else "-",
+            "-" if ratio is None else f"{ratio:.2f}",
+            peak,
+            note,
+            style="bold green" if won else None,
+        )
     return table
 
 
@@ -375,7 +412,9 @@ def _run_tune(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         except ImportError:
             parser.error("--plot needs matplotlib: pip install 'kdfuse[plot]'")
     if (args.teacher_topk is not None) != _divergence_of(args).startswith("topk_"):
-        parser.error("a top-k teacher (--teacher-topk) needs a topk_ divergence, and a topk_ divergence needs --teacher-topk")
+        parser.error(
+            "a top-k teacher (--teacher-topk) needs a topk_ divergence, and a topk_ divergence needs --teacher-topk"
+        )
     cfg = settings()
     device = args.device or _device("cuda" if torch.cuda.is_available() else "cpu")
     impl = args.impl or ("compile" if device.type == "cuda" else "eager")

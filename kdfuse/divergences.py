@@ -50,9 +50,9 @@ from .validate import check_unit
 
 __all__ = [
     "BUILTINS",
+    "LOGPROB_FLOOR",
     "Builtin",
     "Divergence",
-    "LOGPROB_FLOOR",
     "Parametrized",
     "forward_kl",
     "get",
@@ -119,7 +119,9 @@ def _format_param(name: str, value: float) -> str:
     return f"{name}{text if float(text) == value else repr(value)}"
 
 
-def parametrized(fn: Callable[..., Tensor], *, name: str | None = None, sparse: bool = False, **params: float) -> Parametrized:
+def parametrized(
+    fn: Callable[..., Tensor], *, name: str | None = None, sparse: bool = False, **params: float
+) -> Parametrized:
     """``fn`` with ``params`` passed to it as 0-dim tensors, in the order given, so that changing
     them never recompiles (see :class:`Parametrized`). ``fn(student, teacher, *params) -> (R,)``;
     with ``sparse=True`` it takes a top-k teacher, ``fn(student, ids, logprobs, *params)``.
@@ -317,9 +319,10 @@ BUILTINS: tuple[Builtin, ...] = (
     Builtin("soft_ce", _soft_ce, "−Σ p_t log p_s: forward KL plus the teacher's entropy (same gradient).",
             kernel="soft_ce"),
     Builtin("tvd", _tvd, "½ Σ |p_s − p_t|, in [0, 1]."),
-    Builtin("mse_logits", _mse_logits, "Mean over V of (s − t)² on the logits (metaseq); −inf teacher entries add 0."),
+    Builtin("mse_logits", _mse_logits, "Mean over V of (s − t)² on the logits (metaseq); −inf teachers add 0."),
     Builtin("jsd", _jsd_mixture, "β·KL(P_t ‖ M) + (1−β)·KL(P_s ‖ M), M = β·P_t + (1−β)·P_s.",
-            params=(("beta", 0.5),), derive=_mixing, endpoints=((0.0, "forward_kl"), (1.0, "reverse_kl")), kernel="jsd"),
+            params=(("beta", 0.5),), derive=_mixing, endpoints=((0.0, "forward_kl"), (1.0, "reverse_kl")),
+            kernel="jsd"),
     Builtin("skew_kl", _skew_kl, "KL(P_t ‖ α·P_t + (1−α)·P_s) (DistiLLM).",
             params=(("alpha", 0.1),), derive=_mixing, endpoints=((0.0, "forward_kl"), (1.0, "zero"))),
     Builtin("skew_reverse_kl", _skew_reverse_kl, "KL(P_s ‖ α·P_s + (1−α)·P_t) (DistiLLM).",

@@ -71,7 +71,12 @@ class Problem:
 
 
 def _chunk(
-    p: Problem, spec: ChunkSpec, fn: Callable, rows: slice, row_weight: Tensor | None, after_logits: Callable[[], None] | None
+    p: Problem,
+    spec: ChunkSpec,
+    fn: Callable,
+    rows: slice,
+    row_weight: Tensor | None,
+    after_logits: Callable[[], None] | None,
 ) -> tuple[Tensor | None, tuple[Tensor, Tensor, Tensor]]:
     """(dlogits (C, V) or None, (loss, soft, hard)) of one chunk. A function of its own so the
     teacher's logits are freed on return, before the gradient matmuls run. ``after_logits`` runs

@@ -21,6 +21,7 @@ from .validate import check_inputs, check_normalizer, start_value_check
 
 __all__ = ["DistillOutput", "Impl", "Reduction", "fused_linear_distill"]
 
+
 def _autocast_inputs(*tensors: Tensor | None) -> tuple[Tensor | None, ...]:
     """The logits matmuls' inputs as ``F.linear`` under the active autocast would cast them (to
     its dtype; float64 and non-tensors, left to the input checks, unchanged); as given when
@@ -50,7 +51,9 @@ def _to_device(values: list[float], dtype: torch.dtype, device: torch.device) ->
 def _labels(labels: Tensor | None, rows: int, ignore_index: int, device: torch.device) -> tuple[Tensor, Tensor]:
     """(labels (N,) int64, valid (N,) bool); without labels every row counts."""
     if labels is None:
-        return torch.full((rows,), ignore_index, dtype=torch.long, device=device), torch.ones(rows, dtype=torch.bool, device=device)
+        return torch.full((rows,), ignore_index, dtype=torch.long, device=device), torch.ones(
+            rows, dtype=torch.bool, device=device
+        )
     flat = labels.reshape(-1).long()
     return flat, flat != ignore_index
 
@@ -78,12 +81,19 @@ def _tuner(p: Problem, div: Parametrized, labels: Tensor | None, options: dict) 
         t = p.teacher
         hidden = isinstance(t, HiddenTeacher)
         problem = BenchProblem(
-            key, leaf(p.hidden), leaf(p.weight), student_bias=leaf(p.bias), labels=labels, divergence=div,
-            teacher_hidden=t.hidden if hidden else None, teacher_weight=t.weight if hidden else None,
+            key,
+            leaf(p.hidden),
+            leaf(p.weight),
+            student_bias=leaf(p.bias),
+            labels=labels,
+            divergence=div,
+            teacher_hidden=t.hidden if hidden else None,
+            teacher_weight=t.weight if hidden else None,
             teacher_bias=t.bias if hidden else None,
             teacher_logits=t.logits if isinstance(t, LogitsTeacher) else None,
-            teacher_topk=(t.ids, t.logprobs) if isinstance(t, TopkTeacher) else None, options=options,
-        )  # fmt: skip
+            teacher_topk=(t.ids, t.logprobs) if isinstance(t, TopkTeacher) else None,
+            options=options,
+        )
         return tune_in_process(key, preferred, device=p.hidden.device, problem=problem, distill=fused_linear_distill)
 
     return tune
@@ -102,25 +112,50 @@ def _prepare(
     compute = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     softcap, temperature = options["softcap"], options["temperature"]
     spec = ChunkSpec(
-        div.fn, len(div.args), teacher.form == "topk", options["hard_weight"] != 0, softcap is not None,
-        options["ignore_index"], compute, with_grad=False, compiled=options["impl"] == "compile",
+        div.fn,
+        len(div.args),
+        teacher.form == "topk",
+        options["hard_weight"] != 0,
+        softcap is not None,
+        options["ignore_index"],
+        compute,
+        with_grad=False,
+        compiled=options["impl"] == "compile",
         wide_grad=hidden.dtype == torch.float16,
-    )  # fmt: skip
+    )
     spec = with_kernel(spec, device.type, temperature)
     values = [1.0 / temperature, options["soft_weight"], options["hard_weight"], softcap or 1.0, *div.args]
     scalars = _to_device(values, compute, device)
-    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, student_weight, student_bias))
-    return Problem(hidden, student_weight, student_bias, teacher, flat_labels, valid, scalars, spec, 0), valid, needs_grad
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (hidden, student_weight, student_bias)
+    )
+    return (
+        Problem(hidden, student_weight, student_bias, teacher, flat_labels, valid, scalars, spec, 0),
+        valid,
+        needs_grad,
+    )
 
 
-def _chunk_size(p: Problem, chunk_size: int | str, div: Parametrized, needs_grad: bool, memory_budget, tune: Tune) -> int:
+def _chunk_size(
+    p: Problem, chunk_size: int | str, div: Parametrized, needs_grad: bool, memory_budget, tune: Tune
+) -> int:
     """``chunk_size``, or for ``"auto"`` the memoised, cached, tuned or heuristic choice."""
     return resolve_chunk_size(
-        chunk_size, rows=p.rows, vocab=p.weight.shape[0], student_hidden=p.weight.shape[1],
-        teacher=p.teacher.form, teacher_dim=p.teacher.dim, dtype=p.hidden.dtype, device=p.hidden.device,
-        divergence=div.__name__, with_ce=p.spec.has_ce, with_grad=needs_grad, memory_budget=memory_budget,
-        impl="compile" if p.spec.compiled else "eager", tune=tune,
-    )  # fmt: skip
+        chunk_size,
+        rows=p.rows,
+        vocab=p.weight.shape[0],
+        student_hidden=p.weight.shape[1],
+        teacher=p.teacher.form,
+        teacher_dim=p.teacher.dim,
+        dtype=p.hidden.dtype,
+        device=p.hidden.device,
+        divergence=div.__name__,
+        with_ce=p.spec.has_ce,
+        with_grad=needs_grad,
+        memory_budget=memory_budget,
+        impl="compile" if p.spec.compiled else "eager",
+        tune=tune,
+    )
 
 
 def fused_linear_distill(
@@ -200,18 +235,36 @@ def fused_linear_distill(
         student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias
     )
     form = check_inputs(
-        student_hidden, student_weight, teacher_hidden, teacher_weight, teacher_logits, labels,
-        teacher_topk=teacher_topk, student_bias=student_bias, teacher_bias=teacher_bias, temperature=temperature,
-        soft_weight=soft_weight, hard_weight=hard_weight, reduction=reduction, chunk_size=chunk_size,
-        softcap=softcap, impl=impl, ignore_index=ignore_index, memory_budget=memory_budget,
-    )  # fmt: skip
+        student_hidden,
+        student_weight,
+        teacher_hidden,
+        teacher_weight,
+        teacher_logits,
+        labels,
+        teacher_topk=teacher_topk,
+        student_bias=student_bias,
+        teacher_bias=teacher_bias,
+        temperature=temperature,
+        soft_weight=soft_weight,
+        hard_weight=hard_weight,
+        reduction=reduction,
+        chunk_size=chunk_size,
+        softcap=softcap,
+        impl=impl,
+        ignore_index=ignore_index,
+        memory_budget=memory_budget,
+    )
     check_normalizer(normalizer, reduction)
     div = resolve(divergence, sparse=form == "topk")
     # NumPy scalars pass the checks: as Python floats they key the compile and tuning caches.
     options = {
-        "temperature": float(temperature), "soft_weight": float(soft_weight), "hard_weight": float(hard_weight),
-        "softcap": None if softcap is None else float(softcap), "ignore_index": ignore_index, "impl": impl,
-    }  # fmt: skip
+        "temperature": float(temperature),
+        "soft_weight": float(soft_weight),
+        "hard_weight": float(hard_weight),
+        "softcap": None if softcap is None else float(softcap),
+        "ignore_index": ignore_index,
+        "impl": impl,
+    }
     teacher = (form, teacher_hidden, teacher_weight, teacher_bias, teacher_logits, teacher_topk)
     p, valid, needs_grad = _prepare(student_hidden, student_weight, student_bias, teacher, labels, div, options)
     tune = _tuner(p, div, labels, {k: options[k] for k in ("temperature", "softcap", "ignore_index")})

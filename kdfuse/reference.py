@@ -25,7 +25,9 @@ def _cap(x: Tensor, softcap: float | None) -> Tensor:
     return x if softcap is None else softcap * torch.tanh(x / softcap)
 
 
-def _dense_teacher(teacher_hidden, teacher_weight, teacher_bias, teacher_logits, n: int, vocab: int, precision) -> Tensor:
+def _dense_teacher(
+    teacher_hidden, teacher_weight, teacher_bias, teacher_logits, n: int, vocab: int, precision
+) -> Tensor:
     """The teacher's (n, V) raw logits in ``precision``, without gradient."""
     with torch.no_grad():
         if teacher_logits is not None:
@@ -97,23 +99,43 @@ def fused_linear_distill_ref(
     anything (NaN, -inf, out-of-range top-k ids): they reach neither the value nor the gradient.
     """
     form = check_inputs(
-        student_hidden, student_weight, teacher_hidden, teacher_weight, teacher_logits, labels,
-        teacher_topk=teacher_topk, student_bias=student_bias, teacher_bias=teacher_bias, temperature=temperature,
-        soft_weight=soft_weight, hard_weight=hard_weight, reduction=reduction, chunk_size=chunk_size,
-        softcap=softcap, impl=impl, ignore_index=ignore_index, memory_budget=memory_budget,
-    )  # fmt: skip
+        student_hidden,
+        student_weight,
+        teacher_hidden,
+        teacher_weight,
+        teacher_logits,
+        labels,
+        teacher_topk=teacher_topk,
+        student_bias=student_bias,
+        teacher_bias=teacher_bias,
+        temperature=temperature,
+        soft_weight=soft_weight,
+        hard_weight=hard_weight,
+        reduction=reduction,
+        chunk_size=chunk_size,
+        softcap=softcap,
+        impl=impl,
+        ignore_index=ignore_index,
+        memory_budget=memory_budget,
+    )
     check_normalizer(normalizer, reduction)
     div = resolve(divergence, sparse=form == "topk")
     vocab, width = student_weight.shape
     n = student_hidden[..., 0].numel()
-    valid = torch.ones(n, dtype=torch.bool, device=student_hidden.device) if labels is None else labels.reshape(n).long() != ignore_index
+    valid = (
+        torch.ones(n, dtype=torch.bool, device=student_hidden.device)
+        if labels is None
+        else labels.reshape(n).long() != ignore_index
+    )
     if form == "topk":
         teacher_topk = ignored_rows_as_padding(*(t.reshape(n, t.shape[-1]) for t in teacher_topk), valid)
     if validate:
         check_values(vocab, ignore_index, labels=labels, topk_ids=None if teacher_topk is None else teacher_topk[0])
 
     bias = None if student_bias is None else student_bias.to(precision)
-    student = _cap(F.linear(student_hidden.reshape(n, width).to(precision), student_weight.to(precision), bias), softcap)
+    student = _cap(
+        F.linear(student_hidden.reshape(n, width).to(precision), student_weight.to(precision), bias), softcap
+    )
     if form == "topk":  # temperature and softcap on the student only
         ids, logprobs = teacher_topk
         soft = div(student / temperature, ids.long(), logprobs.to(precision))
@@ -123,12 +145,15 @@ def fused_linear_distill_ref(
         teacher = _cap(torch.where(valid[:, None], teacher, 0), softcap)
         soft = div(student / temperature, teacher / temperature)
     if soft.shape != (n,):
-        raise ValueError(f"divergence {div.__name__} returned shape {tuple(soft.shape)}, expected per-row losses ({n},)")
+        raise ValueError(
+            f"divergence {div.__name__} returned shape {tuple(soft.shape)}, expected per-row losses ({n},)"
+        )
     if hard_weight == 0:  # as documented above (and as fused computes): no cross-entropy at all
         hard = torch.zeros_like(soft)
     else:
         hard = F.cross_entropy(student, labels.reshape(n).long(), ignore_index=ignore_index, reduction="none")
     soft, hard = torch.where(valid, soft, 0), torch.where(valid, hard, 0)
-    loss, soft, hard = _reduce(soft_weight * soft + hard_weight * hard, soft, hard, valid, reduction, normalizer,
-                               student_hidden.shape[:-1])  # fmt: skip
+    loss, soft, hard = _reduce(
+        soft_weight * soft + hard_weight * hard, soft, hard, valid, reduction, normalizer, student_hidden.shape[:-1]
+    )
     return DistillOutput(loss, soft.detach(), hard.detach()) if return_parts else loss

@@ -9,7 +9,6 @@ tuner's memory estimate, the command line, the tests) reads :data:`ENTRIES`.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Union
 
 from torch import Tensor
 
@@ -19,7 +18,7 @@ from .divergences import Builtin, Parametrized, lookup, table_of
 
 __all__ = ["ENTRIES", "DivergenceLike", "entry_of", "get", "names", "resolve", "stable_name"]
 
-DivergenceLike = Union[str, Parametrized, Callable[..., Tensor]]
+DivergenceLike = str | Parametrized | Callable[..., Tensor]
 """What ``divergence=`` takes: a built-in's name, a :class:`~kdfuse.divergences.Parametrized`
 (every built-in is one), or a plain pure function (dense or, with ``teacher_topk``, sparse)."""
 

@@ -15,8 +15,9 @@ prediction, like the logits at that position).
 
 Writing is atomic per shard (:func:`autotune.write_atomic`: a temporary file, then a rename)
 and resumable: a shard file that exists is complete, so a rerun skips it; a crash mid-shard
-leaves only a ``.shard-*.tmp`` temporary, which the next run removes. The manifest is written first (``"complete": false``) so a resume can refuse to mix
-shards of a different configuration, and rewritten with ``"complete": true`` at the end; the
+leaves only a ``.shard-*.tmp`` temporary, which the next run removes. The manifest is written
+first (``"complete": false``) so a resume can refuse to mix shards of a different
+configuration, and rewritten with ``"complete": true`` at the end; the
 loader reads only complete directories. One writer per directory.
 
 float16 log-probs halve the disk size at about 3 significant digits (a relative error in p_k of
@@ -31,8 +32,9 @@ import functools
 import json
 import os
 import re
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Callable, Literal, Mapping
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -41,8 +43,9 @@ from torch import Tensor
 from autotune import write_atomic
 
 from .extract import teacher_topk
+from .validate import check_choice, check_int
 
-__all__ = ["FORMAT", "VERSION", "MANIFEST", "HiddenFn", "LogprobDtype", "write_topk_shards", "TopkShards", "shard_name"]
+__all__ = ["FORMAT", "MANIFEST", "VERSION", "HiddenFn", "LogprobDtype", "TopkShards", "shard_name", "write_topk_shards"]
 
 FORMAT = "kdfuse-topk-shards"
 VERSION = 1
@@ -55,9 +58,20 @@ LogprobDtype = Literal["float16", "float32"]
 
 # Manifest keys that must match for a resume to reuse existing shards.
 _CONFIG_KEYS = (
-    "format", "version", "k", "seq_len", "temperature", "softcap", "vocab", "dtype",
-    "token_dtype", "num_tokens", "num_sequences", "sequences_per_shard", "metadata",
-)  # fmt: skip
+    "format",
+    "version",
+    "k",
+    "seq_len",
+    "temperature",
+    "softcap",
+    "vocab",
+    "dtype",
+    "token_dtype",
+    "num_tokens",
+    "num_sequences",
+    "sequences_per_shard",
+    "metadata",
+)
 
 
 # Shards, and the temporaries a crash mid-write leaves (autotune.write_atomic's names).
@@ -84,11 +98,6 @@ def _write_manifest(out_dir: Path, manifest: Mapping[str, Any]) -> None:
 def _read_manifest(out_dir: Path) -> dict[str, Any]:
     with open(out_dir / MANIFEST) as f:
         return json.load(f)
-
-
-def _check_positive_int(name: str, value: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
 
 
 def _plan(
@@ -163,12 +172,42 @@ def _shard_arrays(
         with torch.no_grad():
             hidden = hidden_fn(input_ids)
         top_ids, top_lp = teacher_topk(
-            hidden, weight, k, temperature=temperature, chunk_size=chunk_size,
-            teacher_bias=bias, softcap=softcap, vocab=vocab,
-        )  # fmt: skip
+            hidden,
+            weight,
+            k,
+            temperature=temperature,
+            chunk_size=chunk_size,
+            teacher_bias=bias,
+            softcap=softcap,
+            vocab=vocab,
+        )
         ids[batch] = top_ids.cpu().numpy()
         logprobs[batch] = top_lp.cpu().numpy()
     return ids, logprobs
+
+
+def _check_write_args(tokens, lm_head_weight, k, seq_len, batch_size, sequences_per_shard, dtype, vocab) -> int:
+    """Raise ``ValueError`` naming the argument; return the vocabulary kept."""
+    if tokens.ndim != 1 or not np.issubdtype(tokens.dtype, np.integer):
+        raise ValueError(f"tokens must be a 1-D integer array, got shape {tokens.shape} dtype {tokens.dtype}")
+    for name, value in (
+        ("k", k),
+        ("seq_len", seq_len),
+        ("batch_size", batch_size),
+        ("sequences_per_shard", sequences_per_shard),
+    ):
+        check_int(name, value)
+    check_choice("dtype", dtype, ("float16", "float32"))
+    if lm_head_weight.dim() != 2:
+        raise ValueError(f"lm_head_weight must be (Vt, H), got shape {tuple(lm_head_weight.shape)}")
+    vocab = lm_head_weight.shape[0] if vocab is None else vocab
+    if not 1 <= k <= vocab <= lm_head_weight.shape[0]:
+        raise ValueError(
+            f"need 1 <= k <= vocab <= Vt: k={k}, vocab={vocab}, lm_head_weight {tuple(lm_head_weight.shape)}"
+        )
+    if len(tokens) < seq_len:
+        raise ValueError(f"tokens holds {len(tokens)} tokens, fewer than one sequence of seq_len={seq_len}")
+    return vocab
 
 
 def write_topk_shards(
@@ -219,29 +258,20 @@ def write_topk_shards(
         The manifest, as written to ``out_dir/manifest.json``.
     """
     tokens = np.asarray(tokens)  # a view (no copy) of a memmap
-    if tokens.ndim != 1 or not np.issubdtype(tokens.dtype, np.integer):
-        raise ValueError(f"tokens must be a 1-D integer array, got shape {tokens.shape} dtype {tokens.dtype}")
-    for name, value in (("k", k), ("seq_len", seq_len), ("batch_size", batch_size),
-                        ("sequences_per_shard", sequences_per_shard)):  # fmt: skip
-        _check_positive_int(name, value)
-    if dtype not in ("float16", "float32"):
-        raise ValueError(f"dtype must be 'float16' or 'float32', got {dtype!r}")
-    if lm_head_weight.dim() != 2:
-        raise ValueError(f"lm_head_weight must be (Vt, H), got shape {tuple(lm_head_weight.shape)}")
-    vocab = lm_head_weight.shape[0] if vocab is None else vocab
-    if not 1 <= k <= vocab <= lm_head_weight.shape[0]:
-        raise ValueError(
-            f"need 1 <= k <= vocab <= Vt: k={k}, vocab={vocab}, lm_head_weight {tuple(lm_head_weight.shape)}"
-        )
-    if len(tokens) < seq_len:
-        raise ValueError(f"tokens holds {len(tokens)} tokens, fewer than one sequence of seq_len={seq_len}")
-
+    vocab = _check_write_args(tokens, lm_head_weight, k, seq_len, batch_size, sequences_per_shard, dtype, vocab)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     manifest = _plan(
-        tokens, k=k, seq_len=seq_len, sequences_per_shard=sequences_per_shard, temperature=temperature,
-        softcap=softcap, vocab=vocab, dtype=dtype, metadata=metadata or {},
-    )  # fmt: skip
+        tokens,
+        k=k,
+        seq_len=seq_len,
+        sequences_per_shard=sequences_per_shard,
+        temperature=temperature,
+        softcap=softcap,
+        vocab=vocab,
+        dtype=dtype,
+        metadata=metadata or {},
+    )
     # Shards on disk are reused only under a manifest of the same configuration; anything else
     # goes first, so a crash of this run can never leave old shards under the new manifest.
     reuse = resume and (out_dir / MANIFEST).exists()
@@ -251,16 +281,22 @@ def write_topk_shards(
     _write_manifest(out_dir, manifest)
 
     shards = manifest["shards"]
+    options = dict(
+        k=k,
+        batch_size=batch_size,
+        temperature=temperature,
+        softcap=softcap,
+        vocab=vocab,
+        chunk_size=chunk_size,
+        dtype=dtype,
+    )
     for index, shard in enumerate(shards):
         path = out_dir / shard["file"]
         if not (reuse and path.exists()):
             start = index * sequences_per_shard
             sequences = np.asarray(tokens[start * seq_len : (start + shard["sequences"]) * seq_len])
             sequences = sequences.reshape(shard["sequences"], seq_len)
-            ids, logprobs = _shard_arrays(
-                hidden_fn, lm_head_weight, lm_head_bias, sequences, k=k, batch_size=batch_size,
-                temperature=temperature, softcap=softcap, vocab=vocab, chunk_size=chunk_size, dtype=dtype,
-            )  # fmt: skip
+            ids, logprobs = _shard_arrays(hidden_fn, lm_head_weight, lm_head_bias, sequences, **options)
             write_atomic(path, functools.partial(np.savez, tokens=sequences, ids=ids, logprobs=logprobs))
         if progress is not None:
             progress(index + 1, len(shards))

@@ -143,16 +143,26 @@ def build_problem(key: TuningKey, device: torch.device, seed: int = 0) -> BenchP
     return BenchProblem(key, hidden, weight, labels=labels, divergence=bench_divergence(key), **teacher)
 
 
-def distill_step(problem: BenchProblem, chunk_size: int, distill: Distill, validate: bool = True) -> Callable[[], object]:
+def distill_step(
+    problem: BenchProblem, chunk_size: int, distill: Distill, validate: bool = True
+) -> Callable[[], object]:
     """One ``distill`` forward and, with key.with_grad, its backward through
     ``torch.autograd.grad`` w.r.t. the student's hidden states and weight (and bias)."""
     p, key = problem, problem.key
     kwargs = {
-        "teacher_logits": p.teacher_logits, "teacher_topk": p.teacher_topk, "labels": p.labels,
-        "student_bias": p.student_bias, "teacher_bias": p.teacher_bias, "divergence": p.divergence,
-        "soft_weight": 0.5 if key.with_ce else 1.0, "hard_weight": 0.5 if key.with_ce else 0.0,
-        **p.options, "chunk_size": chunk_size, "impl": key.impl, "validate": validate,
-    }  # fmt: skip
+        "teacher_logits": p.teacher_logits,
+        "teacher_topk": p.teacher_topk,
+        "labels": p.labels,
+        "student_bias": p.student_bias,
+        "teacher_bias": p.teacher_bias,
+        "divergence": p.divergence,
+        "soft_weight": 0.5 if key.with_ce else 1.0,
+        "hard_weight": 0.5 if key.with_ce else 0.0,
+        **p.options,
+        "chunk_size": chunk_size,
+        "impl": key.impl,
+        "validate": validate,
+    }
     leaves = [t for t in (p.student_hidden, p.student_weight, p.student_bias) if t is not None]
 
     def step() -> object:
@@ -181,7 +191,9 @@ def floor_step(problem: BenchProblem) -> Callable[[], object]:
     return step
 
 
-def bench_chunk_size(problem: BenchProblem, chunk_size: int, distill: Distill, *, warmup: int, repeat: int) -> tuple[float, int]:
+def bench_chunk_size(
+    problem: BenchProblem, chunk_size: int, distill: Distill, *, warmup: int, repeat: int
+) -> tuple[float, int]:
     """(median ms, peak extra bytes) of :func:`distill_step`, via :func:`autotune.measure`."""
     return measure(distill_step(problem, chunk_size, distill), warmup=warmup, repeat=repeat, device=problem.device)
 
@@ -274,7 +286,9 @@ def available_memory(device: torch.device) -> int | None:
     return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
 
 
-def _fitting(key: TuningKey, device: torch.device, candidates: tuple[int, ...], rows: int) -> tuple[tuple[int, ...], list[Measurement]]:
+def _fitting(
+    key: TuningKey, device: torch.device, candidates: tuple[int, ...], rows: int
+) -> tuple[tuple[int, ...], list[Measurement]]:
     """(the candidates whose working set fits in the memory available now, with the margin;
     a skipped measurement for each of the others)."""
     available, need = available_memory(device), working_set(key, device.type, rows)
@@ -289,7 +303,9 @@ def _fitting(key: TuningKey, device: torch.device, candidates: tuple[int, ...], 
     return tuple(fit), skipped
 
 
-def tune_in_process(key: TuningKey, preferred: int, *, device: torch.device, problem: BenchProblem, distill: Distill) -> Sweep | None:
+def tune_in_process(
+    key: TuningKey, preferred: int, *, device: torch.device, problem: BenchProblem, distill: Distill
+) -> Sweep | None:
     """A time-bounded sweep on ``problem`` (the call's own tensors: no copies of the inputs),
     nearest ``preferred`` first, of the candidates that fit in the memory available at the call;
     ``None`` if none fits or none could be measured. A candidate that runs out of memory all the
@@ -302,9 +318,18 @@ def tune_in_process(key: TuningKey, preferred: int, *, device: torch.device, pro
         return None
     try:
         sweep = run_sweep(
-            key, device, fit, distill=distill, problem=problem, warmup=_AUTO_WARMUP, repeat=_AUTO_REPEAT,
-            rounds=_AUTO_ROUNDS, rerun_within=_AUTO_RERUN_WITHIN, time_budget_s=AUTO_TIME_BUDGET_S, with_floor=False,
-        )  # fmt: skip
+            key,
+            device,
+            fit,
+            distill=distill,
+            problem=problem,
+            warmup=_AUTO_WARMUP,
+            repeat=_AUTO_REPEAT,
+            rounds=_AUTO_ROUNDS,
+            rerun_within=_AUTO_RERUN_WITHIN,
+            time_budget_s=AUTO_TIME_BUDGET_S,
+            with_floor=False,
+        )
     finally:
         torch.cuda.empty_cache()
     measurements = sweep.measurements + tuple(skipped)

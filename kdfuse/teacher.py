@@ -12,7 +12,7 @@ or k) and how to give a chunk of rows to the chunk functions (:meth:`rows`).
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import ClassVar, Literal, Union, get_args
+from typing import ClassVar, Literal, get_args
 
 import torch.nn.functional as F
 from torch import Tensor
@@ -81,7 +81,7 @@ class TopkTeacher:
         return self.ids[rows], self.logprobs[rows]
 
 
-Teacher = Union[HiddenTeacher, LogitsTeacher, TopkTeacher]
+Teacher = HiddenTeacher | LogitsTeacher | TopkTeacher
 
 
 def flat_teacher(
@@ -100,7 +100,9 @@ def flat_teacher(
     kdfuse.topk.ignored_rows_as_padding). Last dims are given explicitly: ``reshape(n, -1)`` is
     ambiguous (an error) when n == 0."""
     if form == "hidden":
-        return HiddenTeacher(hidden.reshape(rows, hidden.shape[-1]), weight[:vocab], None if bias is None else bias[:vocab])
+        return HiddenTeacher(
+            hidden.reshape(rows, hidden.shape[-1]), weight[:vocab], None if bias is None else bias[:vocab]
+        )
     if form == "logits":
         return LogitsTeacher(logits.reshape(rows, logits.shape[-1])[:, :vocab])
     ids, logprobs = ignored_rows_as_padding(*(t.reshape(rows, t.shape[-1]) for t in topk), valid)

@@ -58,7 +58,8 @@ function of this signature, passed with ``teacher_topk``.
 
 from __future__ import annotations
 
-from typing import Callable, Literal
+from collections.abc import Callable
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -67,9 +68,9 @@ from .divergences import LOGPROB_FLOOR, Builtin, Parametrized, build, lookup, ta
 
 __all__ = [
     "BUILTINS",
+    "TAIL_POLICIES",
     "SparseDivergence",
     "TailPolicy",
-    "TAIL_POLICIES",
     "forward_kl",
     "get",
     "ignored_rows_as_padding",

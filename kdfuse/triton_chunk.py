@@ -158,8 +158,23 @@ def _load(ptr, idx, mask, other, cap, SOFTCAP: tl.constexpr, MASKED: tl.constexp
 
 
 @triton.jit
-def _pass1(s_ptr, t_ptr, idx, mask, cap, tau2, m_s, z_s, z_a, m_t, z_t,
-           HAS_CE: tl.constexpr, CE_POW: tl.constexpr, SOFTCAP: tl.constexpr, MASKED: tl.constexpr):  # fmt: skip
+def _pass1(
+    s_ptr,
+    t_ptr,
+    idx,
+    mask,
+    cap,
+    tau2,
+    m_s,
+    z_s,
+    z_a,
+    m_t,
+    z_t,
+    HAS_CE: tl.constexpr,
+    CE_POW: tl.constexpr,
+    SOFTCAP: tl.constexpr,
+    MASKED: tl.constexpr,
+):
     """One block of pass 1: the running log-sum-exps of the student at T (z_s) and 1 (z_a), which
     share the student's max m_s, and of the teacher at T (z_t, max m_t).
 
@@ -184,8 +199,7 @@ def _pass1(s_ptr, t_ptr, idx, mask, cap, tau2, m_s, z_s, z_a, m_t, z_t,
 
 
 @triton.jit
-def _logprobs(s_ptr, t_ptr, idx, mask, cap, tau2, c_s, lz_s, c_t, lz_t,
-              SOFTCAP: tl.constexpr, MASKED: tl.constexpr):  # fmt: skip
+def _logprobs(s_ptr, t_ptr, idx, mask, cap, tau2, c_s, lz_s, c_t, lz_t, SOFTCAP: tl.constexpr, MASKED: tl.constexpr):
     """One block: (capped student logits a (0 past the row's end), student and teacher log-probs
     at T in bits)."""
     a = _load(s_ptr, idx, mask, 0.0, cap, SOFTCAP, MASKED)
@@ -237,8 +251,21 @@ def _ce_probs(a, ps, c_a, lz_a, CE_POW: tl.constexpr):
 
 
 @triton.jit
-def _dlogit(g, a, ps, c_a, lz_a, c_soft, c_hard, c_pa, cap,
-            HAS_CE: tl.constexpr, CE_POW: tl.constexpr, SOFTCAP: tl.constexpr, LABEL: tl.constexpr):  # fmt: skip
+def _dlogit(
+    g,
+    a,
+    ps,
+    c_a,
+    lz_a,
+    c_soft,
+    c_hard,
+    c_pa,
+    cap,
+    HAS_CE: tl.constexpr,
+    CE_POW: tl.constexpr,
+    SOFTCAP: tl.constexpr,
+    LABEL: tl.constexpr,
+):
     """w·dL/dx: c_soft·g + c_hard·(softmax(a) − onehot), onehot 1 at the LABEL's element only,
     chained through the softcap (the row weight w is in c_soft = w·soft_w·τ·(factor),
     c_hard = w·hard_w and c_pa = c_hard·k_a)."""
@@ -264,10 +291,35 @@ def _store(dx_ptr, idx, mask, da, w, MASKED: tl.constexpr):
 
 
 @triton.jit
-def _pass2(s_ptr, t_ptr, dx_ptr, idx, mask, cap, tau2, c_s, lz_s, c_t, lz_t, c_a, lz_a,
-           acc_a, acc_b, beta, one_m_beta, w, c_soft, c_hard, c_pa,
-           DIV: tl.constexpr, HAS_CE: tl.constexpr, CE_POW: tl.constexpr, SOFTCAP: tl.constexpr,
-           WITH_GRAD: tl.constexpr, MASKED: tl.constexpr):  # fmt: skip
+def _pass2(
+    s_ptr,
+    t_ptr,
+    dx_ptr,
+    idx,
+    mask,
+    cap,
+    tau2,
+    c_s,
+    lz_s,
+    c_t,
+    lz_t,
+    c_a,
+    lz_a,
+    acc_a,
+    acc_b,
+    beta,
+    one_m_beta,
+    w,
+    c_soft,
+    c_hard,
+    c_pa,
+    DIV: tl.constexpr,
+    HAS_CE: tl.constexpr,
+    CE_POW: tl.constexpr,
+    SOFTCAP: tl.constexpr,
+    WITH_GRAD: tl.constexpr,
+    MASKED: tl.constexpr,
+):
     """One block of pass 2: the divergence's terms, in bits, into the per-lane sums acc_a (the
     divergence, or KL(P_t‖M) for JSD) and acc_b (KL(P_s‖M) for JSD); for forward KL / soft CE
     also the gradient. No ``p > 0`` test guards the ``p · (log-prob difference)`` terms: both
@@ -298,10 +350,33 @@ def _pass2(s_ptr, t_ptr, dx_ptr, idx, mask, cap, tau2, c_s, lz_s, c_t, lz_t, c_a
 
 
 @triton.jit
-def _pass3(s_ptr, t_ptr, dx_ptr, idx, mask, cap, tau2, c_s, lz_s, c_t, lz_t, c_a, lz_a,
-           kl, beta, one_m_beta, w, c_soft, c_hard, c_pa,
-           DIV: tl.constexpr, HAS_CE: tl.constexpr, CE_POW: tl.constexpr, SOFTCAP: tl.constexpr,
-           MASKED: tl.constexpr):  # fmt: skip
+def _pass3(
+    s_ptr,
+    t_ptr,
+    dx_ptr,
+    idx,
+    mask,
+    cap,
+    tau2,
+    c_s,
+    lz_s,
+    c_t,
+    lz_t,
+    c_a,
+    lz_a,
+    kl,
+    beta,
+    one_m_beta,
+    w,
+    c_soft,
+    c_hard,
+    c_pa,
+    DIV: tl.constexpr,
+    HAS_CE: tl.constexpr,
+    CE_POW: tl.constexpr,
+    SOFTCAP: tl.constexpr,
+    MASKED: tl.constexpr,
+):
     """One block of pass 3 (reverse KL, JSD): the gradient, which needs the row's ``kl``."""
     a, ls, lt = _logprobs(s_ptr, t_ptr, idx, mask, cap, tau2, c_s, lz_s, c_t, lz_t, SOFTCAP, MASKED)
     ps = _exp2(ls)
@@ -312,11 +387,29 @@ def _pass3(s_ptr, t_ptr, dx_ptr, idx, mask, cap, tau2, c_s, lz_s, c_t, lz_t, c_a
 
 @triton.jit
 def _kd_chunk_kernel(
-    S, T, DX, LABELS, VALID, ROW_W, LOSS, SOFT, HARD, SCALARS,
-    V, stride_s, stride_t, stride_dx, ignore_index,
-    DIV: tl.constexpr, HAS_CE: tl.constexpr, CE_POW: tl.constexpr, SOFTCAP: tl.constexpr,
-    WITH_GRAD: tl.constexpr, BLOCK: tl.constexpr, STAGES: tl.constexpr,
-):  # fmt: skip
+    S,
+    T,
+    DX,
+    LABELS,
+    VALID,
+    ROW_W,
+    LOSS,
+    SOFT,
+    HARD,
+    SCALARS,
+    V,
+    stride_s,
+    stride_t,
+    stride_dx,
+    ignore_index,
+    DIV: tl.constexpr,
+    HAS_CE: tl.constexpr,
+    CE_POW: tl.constexpr,
+    SOFTCAP: tl.constexpr,
+    WITH_GRAD: tl.constexpr,
+    BLOCK: tl.constexpr,
+    STAGES: tl.constexpr,
+):
     row = tl.program_id(0).to(tl.int64)
     s_ptr = S + row * stride_s
     t_ptr = T + row * stride_t
@@ -348,11 +441,13 @@ def _kd_chunk_kernel(
     z_t = tl.zeros([BLOCK], tl.float32)
     # Software-pipelined (STAGES): the next blocks' loads are in flight while this one computes.
     for i in tl.range(0, n_full, num_stages=STAGES):
-        m_s, z_s, z_a, m_t, z_t = _pass1(s_ptr, t_ptr, i * BLOCK + offs, None, cap, tau2, m_s, z_s, z_a, m_t, z_t,
-                                         HAS_CE, CE_POW, SOFTCAP, False)  # fmt: skip
+        m_s, z_s, z_a, m_t, z_t = _pass1(
+            s_ptr, t_ptr, i * BLOCK + offs, None, cap, tau2, m_s, z_s, z_a, m_t, z_t, HAS_CE, CE_POW, SOFTCAP, False
+        )
     if n_full * BLOCK < V:
-        m_s, z_s, z_a, m_t, z_t = _pass1(s_ptr, t_ptr, tail, tail < V, cap, tau2, m_s, z_s, z_a, m_t, z_t,
-                                         HAS_CE, CE_POW, SOFTCAP, True)  # fmt: skip
+        m_s, z_s, z_a, m_t, z_t = _pass1(
+            s_ptr, t_ptr, tail, tail < V, cap, tau2, m_s, z_s, z_a, m_t, z_t, HAS_CE, CE_POW, SOFTCAP, True
+        )
     teacher_empty = m_t == ninf  # a teacher row all −inf: its p_t are nan, its KL terms 0
     c_s, lz_s = _finish(z_s, m_s, tau2)
     c_t, lz_t = _finish(z_t, m_t, tau2)
@@ -398,13 +493,65 @@ def _kd_chunk_kernel(
     acc_a = tl.zeros([BLOCK], tl.float32)
     acc_b = tl.zeros([BLOCK], tl.float32)
     if n_full * BLOCK < V:
-        acc_a, acc_b = _pass2(s_ptr, t_ptr, dx_ptr, tail, tail < V, cap, tau2, c_s, lz_s, c_t, lz_t, c_a, lz_a,
-                              acc_a, acc_b, beta, one_m_beta, w, c_soft, c_hard, c_pa,
-                              DIV, HAS_CE, CE_POW, SOFTCAP, WITH_GRAD, True)  # fmt: skip
+        acc_a, acc_b = _pass2(
+            s_ptr,
+            t_ptr,
+            dx_ptr,
+            tail,
+            tail < V,
+            cap,
+            tau2,
+            c_s,
+            lz_s,
+            c_t,
+            lz_t,
+            c_a,
+            lz_a,
+            acc_a,
+            acc_b,
+            beta,
+            one_m_beta,
+            w,
+            c_soft,
+            c_hard,
+            c_pa,
+            DIV,
+            HAS_CE,
+            CE_POW,
+            SOFTCAP,
+            WITH_GRAD,
+            True,
+        )
     for i in tl.range(0, n_full, num_stages=STAGES):
-        acc_a, acc_b = _pass2(s_ptr, t_ptr, dx_ptr, (n_full - 1 - i) * BLOCK + offs, None, cap, tau2, c_s, lz_s,
-                              c_t, lz_t, c_a, lz_a, acc_a, acc_b, beta, one_m_beta, w, c_soft, c_hard, c_pa,
-                              DIV, HAS_CE, CE_POW, SOFTCAP, WITH_GRAD, False)  # fmt: skip
+        acc_a, acc_b = _pass2(
+            s_ptr,
+            t_ptr,
+            dx_ptr,
+            (n_full - 1 - i) * BLOCK + offs,
+            None,
+            cap,
+            tau2,
+            c_s,
+            lz_s,
+            c_t,
+            lz_t,
+            c_a,
+            lz_a,
+            acc_a,
+            acc_b,
+            beta,
+            one_m_beta,
+            w,
+            c_soft,
+            c_hard,
+            c_pa,
+            DIV,
+            HAS_CE,
+            CE_POW,
+            SOFTCAP,
+            WITH_GRAD,
+            False,
+        )
     kl_a = tl.sum(acc_a, axis=0)  # bits
     kl_b = tl.sum(acc_b, axis=0)
     if DIV != 2:
@@ -425,11 +572,61 @@ def _kd_chunk_kernel(
             kl = kl_b
         if DIV >= 2:
             for i in tl.range(0, n_full, num_stages=STAGES):
-                _pass3(s_ptr, t_ptr, dx_ptr, i * BLOCK + offs, None, cap, tau2, c_s, lz_s, c_t, lz_t, c_a, lz_a,
-                       kl, beta, one_m_beta, w, c_soft, c_hard, c_pa, DIV, HAS_CE, CE_POW, SOFTCAP, False)  # fmt: skip
+                _pass3(
+                    s_ptr,
+                    t_ptr,
+                    dx_ptr,
+                    i * BLOCK + offs,
+                    None,
+                    cap,
+                    tau2,
+                    c_s,
+                    lz_s,
+                    c_t,
+                    lz_t,
+                    c_a,
+                    lz_a,
+                    kl,
+                    beta,
+                    one_m_beta,
+                    w,
+                    c_soft,
+                    c_hard,
+                    c_pa,
+                    DIV,
+                    HAS_CE,
+                    CE_POW,
+                    SOFTCAP,
+                    False,
+                )
             if n_full * BLOCK < V:
-                _pass3(s_ptr, t_ptr, dx_ptr, tail, tail < V, cap, tau2, c_s, lz_s, c_t, lz_t, c_a, lz_a,
-                       kl, beta, one_m_beta, w, c_soft, c_hard, c_pa, DIV, HAS_CE, CE_POW, SOFTCAP, True)  # fmt: skip
+                _pass3(
+                    s_ptr,
+                    t_ptr,
+                    dx_ptr,
+                    tail,
+                    tail < V,
+                    cap,
+                    tau2,
+                    c_s,
+                    lz_s,
+                    c_t,
+                    lz_t,
+                    c_a,
+                    lz_a,
+                    kl,
+                    beta,
+                    one_m_beta,
+                    w,
+                    c_soft,
+                    c_hard,
+                    c_pa,
+                    DIV,
+                    HAS_CE,
+                    CE_POW,
+                    SOFTCAP,
+                    True,
+                )
         # The CE's one-hot, at the label only: the passes above wrote softmax(a) there; once
         # their stores are done, that one element is written again with the one-hot subtracted
         # (a compare and select per element fewer in the loop).
@@ -475,11 +672,28 @@ def chunk_step(
     dx = (torch.empty_like(student) if out is None else out) if with_grad else None
     if rows:
         _kd_chunk_kernel[(rows,)](
-            student, teacher, dx if with_grad else student, labels, valid,
-            row_weight if with_grad else scalars, loss, soft, hard, scalars,
-            vocab, student.stride(0), teacher.stride(0), dx.stride(0) if with_grad else 0, ignore_index,
-            DIV=KERNELS[kernel], HAS_CE=has_ce, CE_POW=ce_power if has_ce else 0, SOFTCAP=softcap,
+            student,
+            teacher,
+            dx if with_grad else student,
+            labels,
+            valid,
+            row_weight if with_grad else scalars,
+            loss,
+            soft,
+            hard,
+            scalars,
+            vocab,
+            student.stride(0),
+            teacher.stride(0),
+            dx.stride(0) if with_grad else 0,
+            ignore_index,
+            DIV=KERNELS[kernel],
+            HAS_CE=has_ce,
+            CE_POW=ce_power if has_ce else 0,
+            SOFTCAP=softcap,
             WITH_GRAD=with_grad,
-            BLOCK=min(_BLOCK, triton.next_power_of_2(vocab)), STAGES=_STAGES[kernel], num_warps=_NUM_WARPS,
-        )  # fmt: skip
+            BLOCK=min(_BLOCK, triton.next_power_of_2(vocab)),
+            STAGES=_STAGES[kernel],
+            num_warps=_NUM_WARPS,
+        )
     return dx, (loss, soft, hard)

@@ -62,12 +62,22 @@ def _tile_of(tile, n_m, n_n, GROUP: tl.constexpr):
 
 @triton.jit
 def _promoted_mm_kernel(
-    a_desc, b_desc, c_desc, M, N, K, alpha,
+    a_desc,
+    b_desc,
+    c_desc,
+    M,
+    N,
+    K,
+    alpha,
     A_ROWS: tl.constexpr,  # a stored as (M, K) rows (True) or as its transpose (K, M)
     ACCUMULATE: tl.constexpr,  # C += alpha·A @ B (True) or C = alpha·A @ B
-    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-    GROUP: tl.constexpr, PROMOTE: tl.constexpr, STAGES: tl.constexpr,
-):  # fmt: skip
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
+    GROUP: tl.constexpr,
+    PROMOTE: tl.constexpr,
+    STAGES: tl.constexpr,
+):
     pid_m, pid_n = _tile_of(tl.program_id(0), tl.cdiv(M, BM), tl.cdiv(N, BN), GROUP)
     total = tl.zeros((BM, BN), tl.float32)
     # K-blocks past K read zeros (the descriptors' out-of-bounds fill): the last group may overrun.
@@ -132,12 +142,27 @@ def promoted_mm(
             out.zero_()
         return
     c, rows = config, _tma_ok(a)
-    a_desc = TensorDescriptor.from_tensor(a, [c.bm, c.bk]) if rows else TensorDescriptor.from_tensor(a.t(), [c.bk, c.bm])
+    a_desc = (
+        TensorDescriptor.from_tensor(a, [c.bm, c.bk]) if rows else TensorDescriptor.from_tensor(a.t(), [c.bk, c.bm])
+    )
     b_desc = TensorDescriptor.from_tensor(b, [c.bk, c.bn])
     c_desc = TensorDescriptor.from_tensor(out, [c.bm, c.bn])
     grid = (triton.cdiv(m, c.bm) * triton.cdiv(n, c.bn),)
     _promoted_mm_kernel[grid](
-        a_desc, b_desc, c_desc, m, n, k, alpha,
-        A_ROWS=rows, ACCUMULATE=accumulate, BM=c.bm, BN=c.bn, BK=c.bk,
-        GROUP=c.group, PROMOTE=c.promote, STAGES=c.stages, num_warps=c.warps,
-    )  # fmt: skip
+        a_desc,
+        b_desc,
+        c_desc,
+        m,
+        n,
+        k,
+        alpha,
+        A_ROWS=rows,
+        ACCUMULATE=accumulate,
+        BM=c.bm,
+        BN=c.bn,
+        BK=c.bk,
+        GROUP=c.group,
+        PROMOTE=c.promote,
+        STAGES=c.stages,
+        num_warps=c.warps,
+    )

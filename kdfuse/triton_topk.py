@@ -32,7 +32,7 @@ would turn the −inf marks into −cap). Tests compare this with the generic to
 from __future__ import annotations
 
 import functools
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import triton
@@ -99,9 +99,18 @@ def _shifted_softmax(x, m, log_z):
 
 @triton.jit
 def _complement_grad_kernel(
-    X, STATS, COEF_T, COEF_1, LABELS, COEF_LABEL, SCALARS, V, stride_x,
-    HAS_CE: tl.constexpr, BLOCK: tl.constexpr,
-):  # fmt: skip
+    X,
+    STATS,
+    COEF_T,
+    COEF_1,
+    LABELS,
+    COEF_LABEL,
+    SCALARS,
+    V,
+    stride_x,
+    HAS_CE: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     row = tl.program_id(0).to(tl.int64)
     x_ptr = X + row * stride_x
     inv_t = tl.load(SCALARS + _INV_T)
@@ -137,9 +146,15 @@ def _complement_stats(student: Tensor, scalars: Tensor, has_ce: bool) -> Tensor:
     stats = torch.zeros(rows, 4, dtype=torch.float32, device=student.device)
     if rows:
         _complement_lse_kernel[(rows,)](
-            student, stats, scalars, vocab, student.stride(0),
-            HAS_CE=has_ce, BLOCK=min(_BLOCK, triton.next_power_of_2(vocab)), num_warps=_NUM_WARPS,
-        )  # fmt: skip
+            student,
+            stats,
+            scalars,
+            vocab,
+            student.stride(0),
+            HAS_CE=has_ce,
+            BLOCK=min(_BLOCK, triton.next_power_of_2(vocab)),
+            num_warps=_NUM_WARPS,
+        )
     return stats
 
 
@@ -189,21 +204,27 @@ def _reduced_parts(
     return scalars[S.SOFT_W] * soft + scalars[S.HARD_W] * hard, soft, hard
 
 
-def _reduced_grads(reduced, has_ce, gathered, label_logit, lz_t, lz_1, stats, logprobs, real, valid, row_weight, scalars):
+def _reduced_grads(
+    reduced, has_ce, gathered, label_logit, lz_t, lz_1, stats, logprobs, real, valid, row_weight, scalars
+):
     """(d Σ_r w_r loss_r / d (gathered, label_logit, lz_t, lz_1), (loss, soft, hard))."""
 
     def total(gathered, label_logit, lz_t, lz_1):
-        parts = _reduced_parts(reduced, has_ce, gathered, label_logit, lz_t, lz_1, stats, logprobs, real, valid, scalars)
+        parts = _reduced_parts(
+            reduced, has_ce, gathered, label_logit, lz_t, lz_1, stats, logprobs, real, valid, scalars
+        )
         return (parts[0] * row_weight).sum(), parts
 
     return torch.func.grad(total, argnums=(0, 1, 2, 3), has_aux=True)(gathered, label_logit, lz_t, lz_1)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _small_fn(reduced: Callable[..., Tensor], has_ce: bool, with_grad: bool, compiled: bool) -> Callable:
     """The (C, k)-sized part, compiled once per configuration, each with its own code object
     (kdfuse.compiled; rows dynamic: marked per call)."""
-    return compile_bound(_reduced_grads if with_grad else _reduced_parts, reduced, has_ce, compiled=compiled, name="kdfuse_topk")
+    return compile_bound(
+        _reduced_grads if with_grad else _reduced_parts, reduced, has_ce, compiled=compiled, name="kdfuse_topk"
+    )
 
 
 def chunk_step(
@@ -247,9 +268,19 @@ def chunk_step(
     d_label = torch.where(at_label.any(-1), 0, d_label)
     if rows:
         _complement_grad_kernel[(rows,)](
-            student, stats, d_lz_t, d_lz_1, labels, d_label, scalars, vocab, student.stride(0),
-            HAS_CE=has_ce, BLOCK=min(_BLOCK, triton.next_power_of_2(vocab)), num_warps=_NUM_WARPS,
-        )  # fmt: skip
+            student,
+            stats,
+            d_lz_t,
+            d_lz_1,
+            labels,
+            d_label,
+            scalars,
+            vocab,
+            student.stride(0),
+            HAS_CE=has_ce,
+            BLOCK=min(_BLOCK, triton.next_power_of_2(vocab)),
+            num_warps=_NUM_WARPS,
+        )
     # The real top-k positions hold exactly 0 now, padding entries add exactly 0: order-free.
     student.scatter_add_(1, ids, d_gathered.to(student.dtype))
     return student, parts

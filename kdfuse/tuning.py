@@ -183,7 +183,8 @@ def make_key(
 def describe(key: TuningKey) -> str:
     """One line naming the key, e.g. ``N<=8192 V=128256 Hs=2048 Ht=4096 bfloat16 forward_kl+ce``."""
     teacher = {"hidden": f"Ht={key.teacher_dim}", "logits": "teacher logits", "topk": f"top-{key.teacher_dim} teacher"}
-    text = f"N<={key.rows_bucket} V={key.vocab} Hs={key.student_hidden} {teacher[key.teacher]} {key.dtype} {key.divergence}"
+    text = f"N<={key.rows_bucket} V={key.vocab} Hs={key.student_hidden} {teacher[key.teacher]}"
+    text += f" {key.dtype} {key.divergence}"
     text += "+ce" if key.with_ce else ""
     text += "" if key.with_grad else " forward-only"
     text += "" if key.impl == "compile" else f" impl={key.impl}"
@@ -256,9 +257,13 @@ def runs_in_place(key: TuningKey, device_type: str) -> bool:
     except ValueError:  # a user's divergence, named by its function
         return False
     kernel = fast_kernel(
-        fn, softcap=False, compute_dtype=torch.float64 if key.dtype == "float64" else torch.float32,
-        device_type=device_type, compiled=key.impl == "compile", wide_grad=key.dtype == "float16",
-    )  # fmt: skip
+        fn,
+        softcap=False,
+        compute_dtype=torch.float64 if key.dtype == "float64" else torch.float32,
+        device_type=device_type,
+        compiled=key.impl == "compile",
+        wide_grad=key.dtype == "float16",
+    )
     return kernel is not None and key.dtype != "float16"
 
 
@@ -342,12 +347,16 @@ class Sweep:
             "complete": self.complete,
             "floor_ms": self.floor_ms,
             "measurements": [
-                {"chunk_size": m.candidate, "ms": m.ms if math.isfinite(m.ms) else None,
-                 "peak_bytes": m.peak_bytes, "error": m.error}
+                {
+                    "chunk_size": m.candidate,
+                    "ms": m.ms if math.isfinite(m.ms) else None,
+                    "peak_bytes": m.peak_bytes,
+                    "error": m.error,
+                }
                 for m in self.measurements
             ],
             "contests": [[chunk, ratio] for chunk, ratio in self.contests.items()],
-        }  # fmt: skip
+        }
 
     @classmethod
     def from_entry(cls, key: TuningKey, entry: object) -> Sweep | None:
@@ -476,14 +485,33 @@ def resolve_chunk_size(
         return int(chunk_size)
     cfg = settings()
     budget = cfg.memory_budget if memory_budget is None else memory_budget
-    shape = (rows_bucket(rows), vocab, student_hidden, teacher, teacher_dim, dtype, divergence, with_ce, with_grad, impl)
+    shape = (
+        rows_bucket(rows),
+        vocab,
+        student_hidden,
+        teacher,
+        teacher_dim,
+        dtype,
+        divergence,
+        with_ce,
+        with_grad,
+        impl,
+    )
     memo_key = (cfg, device, shape, budget)
     size = _memo.get(memo_key)
     if size is None:
         key = make_key(
-            rows=rows, vocab=vocab, student_hidden=student_hidden, teacher=teacher, teacher_dim=teacher_dim,
-            dtype=dtype, divergence=divergence, with_ce=with_ce, with_grad=with_grad,
-            memory_budget=resolve_memory_budget(budget, device), impl=impl,
-        )  # fmt: skip
+            rows=rows,
+            vocab=vocab,
+            student_hidden=student_hidden,
+            teacher=teacher,
+            teacher_dim=teacher_dim,
+            dtype=dtype,
+            divergence=divergence,
+            with_ce=with_ce,
+            with_grad=with_grad,
+            memory_budget=resolve_memory_budget(budget, device),
+            impl=impl,
+        )
         size = _memo[memo_key] = choose_chunk_size(key, device, cfg, tune)
     return size

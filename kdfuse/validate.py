@@ -17,8 +17,8 @@ from torch import Tensor
 from .env import MemoryBudget, check_memory_budget
 
 __all__ = [
-    "REDUCTIONS",
     "IMPLS",
+    "REDUCTIONS",
     "check_choice",
     "check_chunk_size",
     "check_finite",
@@ -214,6 +214,7 @@ def _check_one_teacher(teacher_hidden, teacher_weight, teacher_logits, teacher_t
         "topk": teacher_topk is not None,
     }
     if sum(given.values()) != 1:
+
         def state(t: object) -> str | None:
             return "set" if t is not None else None
 
@@ -311,7 +312,9 @@ def _check_one_device(tensors: dict[str, Tensor | None]) -> None:
         raise ValueError("all tensors must be on one device, got " + ", ".join(f"{k}={v}" for k, v in devices.items()))
 
 
-def _check_options(temperature, soft_weight, hard_weight, softcap, reduction, impl, chunk_size, ignore_index, memory_budget) -> None:
+def _check_options(
+    temperature, soft_weight, hard_weight, softcap, reduction, impl, chunk_size, ignore_index, memory_budget
+) -> None:
     check_positive("temperature", temperature)
     check_finite("soft_weight", soft_weight)
     check_finite("hard_weight", hard_weight)
@@ -360,19 +363,34 @@ def check_inputs(
     else:
         _check_topk_teacher(teacher_topk, student_hidden, vocab)
     _check_biases(student_bias, teacher_bias, teacher_weight, form, vocab)
-    _check_same_dtype("the student's hidden states, weight and bias",
-                      {"student_hidden": student_hidden, "student_weight": student_weight, "student_bias": student_bias})  # fmt: skip
+    _check_same_dtype(
+        "the student's hidden states, weight and bias",
+        {"student_hidden": student_hidden, "student_weight": student_weight, "student_bias": student_bias},
+    )
     if form == "hidden":
-        _check_same_dtype("the teacher's hidden states, weight and bias",
-                          {"teacher_hidden": teacher_hidden, "teacher_weight": teacher_weight, "teacher_bias": teacher_bias})  # fmt: skip
+        _check_same_dtype(
+            "the teacher's hidden states, weight and bias",
+            {"teacher_hidden": teacher_hidden, "teacher_weight": teacher_weight, "teacher_bias": teacher_bias},
+        )
     _check_labels(labels, student_hidden, hard_weight)
     ids, logprobs = teacher_topk if form == "topk" else (None, None)
-    _check_one_device({
-        "student_hidden": student_hidden, "student_weight": student_weight, "student_bias": student_bias,
-        "teacher_hidden": teacher_hidden, "teacher_weight": teacher_weight, "teacher_bias": teacher_bias,
-        "teacher_logits": teacher_logits, "teacher_topk_ids": ids, "teacher_topk_logprobs": logprobs, "labels": labels,
-    })  # fmt: skip
-    _check_options(temperature, soft_weight, hard_weight, softcap, reduction, impl, chunk_size, ignore_index, memory_budget)
+    _check_one_device(
+        {
+            "student_hidden": student_hidden,
+            "student_weight": student_weight,
+            "student_bias": student_bias,
+            "teacher_hidden": teacher_hidden,
+            "teacher_weight": teacher_weight,
+            "teacher_bias": teacher_bias,
+            "teacher_logits": teacher_logits,
+            "teacher_topk_ids": ids,
+            "teacher_topk_logprobs": logprobs,
+            "labels": labels,
+        }
+    )
+    _check_options(
+        temperature, soft_weight, hard_weight, softcap, reduction, impl, chunk_size, ignore_index, memory_budget
+    )
     return form
 
 

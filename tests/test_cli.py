@@ -65,9 +65,19 @@ def test_tune_defaults_to_tiny_names_the_winner_and_writes_the_cache(monkeypatch
     assert "★" in out and "impl='eager'" in out and str(cache_file()) in out
     # chunk_size="auto" on this device now reads the CLI's winner.
     auto = tuning.resolve_chunk_size(
-        "auto", rows=700, vocab=1000, student_hidden=64, teacher="hidden", teacher_dim=96, dtype=torch.float32,
-        device=CPU, divergence="forward_kl", with_ce=True, with_grad=True, impl="eager",
-    )  # fmt: skip
+        "auto",
+        rows=700,
+        vocab=1000,
+        student_hidden=64,
+        teacher="hidden",
+        teacher_dim=96,
+        dtype=torch.float32,
+        device=CPU,
+        divergence="forward_kl",
+        with_ce=True,
+        with_grad=True,
+        impl="eager",
+    )
     assert auto == 128
 
 
@@ -90,8 +100,19 @@ def test_different_candidates_or_a_partial_entry_are_measured_again(monkeypatch,
     run(capsys, "tune", "--tokens", "256")
     run(capsys, "tune", "--tokens", "256", "--chunks", "32,64")
     assert bench.chunks == [64, 128, 256, 32, 64]
-    key = tuning.make_key(rows=256, vocab=1000, student_hidden=64, teacher="hidden", teacher_dim=96, dtype=torch.float32,
-                          divergence="forward_kl", with_ce=True, with_grad=True, memory_budget=None, impl="eager")  # fmt: skip
+    key = tuning.make_key(
+        rows=256,
+        vocab=1000,
+        student_hidden=64,
+        teacher="hidden",
+        teacher_dim=96,
+        dtype=torch.float32,
+        divergence="forward_kl",
+        with_ce=True,
+        with_grad=True,
+        memory_budget=None,
+        impl="eager",
+    )
     partial = Sweep(key, 128, tuple(Measurement(c, 1.0, 0) for c in (64, 128, 256)), None, complete=False)
     tuning.open_cache(env.settings().cache_dir, CPU).put(key.as_dict(), partial.to_entry())
     run(capsys, "tune", "--tokens", "256")
@@ -108,8 +129,13 @@ def test_json_output_parses(monkeypatch, capsys):
     assert second["key"]["rows_bucket"] == 1024 and second["chunk_size"] == 512 and second["floor_ms"] == 1.0
     assert [m["chunk_size"] for m in second["measurements"]] == [64, 128, 256, 512, 1024]
     assert second["measurements"][3] == {
-        "chunk_size": 512, "ms": 2.0, "x_floor": 2.0, "peak_bytes": 0, "error": None, "paired_ratio": None,
-    }  # fmt: skip
+        "chunk_size": 512,
+        "ms": 2.0,
+        "x_floor": 2.0,
+        "peak_bytes": 0,
+        "error": None,
+        "paired_ratio": None,
+    }
     again = json.loads(run(capsys, "tune", "--json"))
     assert [s["cached"] for s in again["shapes"]] == [True, True]
 
@@ -117,7 +143,9 @@ def test_json_output_parses(monkeypatch, capsys):
 def test_the_floor_is_timed_after_the_candidates(monkeypatch, capsys):
     """On a GPU at its power limit the floor, timed first, would catch the fresh clocks."""
     bench = FakeBench(monkeypatch)
-    monkeypatch.setattr(sweep, "bench_floor", lambda problem, *, warmup, repeat: bench.calls.append("floor") or (1.0, 0))
+    monkeypatch.setattr(
+        sweep, "bench_floor", lambda problem, *, warmup, repeat: bench.calls.append("floor") or (1.0, 0)
+    )
     run(capsys, "tune", "--tokens", "256")
     assert bench.calls == [64, 128, 256] * 3 + ["floor"]
 
@@ -145,17 +173,42 @@ def test_a_leaner_near_tie_wins_its_paired_contest_and_the_table_says_so(monkeyp
 
 def test_explicit_shapes_override_the_preset(monkeypatch, capsys):
     bench = FakeBench(monkeypatch, best=512)
-    doc = json.loads(run(
-        capsys, "tune", "--preset", "llama3-8b-1b", "--tokens", "300,500", "--vocab", "40000", "--student-hidden", "32",
-        "--teacher-logits", "--dtype", "bfloat16", "--divergence", "jsd", "--no-ce", "--json",
-    ))  # fmt: skip
+    doc = json.loads(
+        run(
+            capsys,
+            "tune",
+            "--preset",
+            "llama3-8b-1b",
+            "--tokens",
+            "300,500",
+            "--vocab",
+            "40000",
+            "--student-hidden",
+            "32",
+            "--teacher-logits",
+            "--dtype",
+            "bfloat16",
+            "--divergence",
+            "jsd",
+            "--no-ce",
+            "--json",
+        )
+    )
     (shape,) = doc["shapes"]  # 300 and 500 share the 512 bucket
     assert shape["tokens"] == [300, 500]
     assert shape["key"] == {
-        "rows_bucket": 512, "vocab": 40000, "student_hidden": 32, "teacher": "logits", "teacher_dim": None,
-        "dtype": "bfloat16", "divergence": "jsd_beta0.5", "with_ce": False, "with_grad": True, "memory_budget": None,
+        "rows_bucket": 512,
+        "vocab": 40000,
+        "student_hidden": 32,
+        "teacher": "logits",
+        "teacher_dim": None,
+        "dtype": "bfloat16",
+        "divergence": "jsd_beta0.5",
+        "with_ce": False,
+        "with_grad": True,
+        "memory_budget": None,
         "impl": "eager",
-    }  # fmt: skip
+    }
     assert bench.chunks == [256, 512]  # V >= 32768: candidates start at 256
 
 
@@ -167,8 +220,19 @@ def test_top_k_teacher(monkeypatch, capsys):
     (shape,) = doc["shapes"]
     assert (shape["key"]["teacher"], shape["key"]["teacher_dim"]) == ("topk", 32)
     assert shape["key"]["divergence"] == "topk_forward_kl_bucket"
-    doc = json.loads(run(capsys, "tune", "--tokens", "1024", "--teacher-topk", "32", "--divergence",
-                         "topk_soft_ce_renormalize", "--json"))  # fmt: skip
+    doc = json.loads(
+        run(
+            capsys,
+            "tune",
+            "--tokens",
+            "1024",
+            "--teacher-topk",
+            "32",
+            "--divergence",
+            "topk_soft_ce_renormalize",
+            "--json",
+        )
+    )
     assert doc["shapes"][0]["key"]["divergence"] == "topk_soft_ce_renormalize"
     for argv in (["--teacher-topk", "32", "--divergence", "jsd"], ["--divergence", "topk_forward_kl_bucket"]):
         with pytest.raises(SystemExit) as exc:
@@ -196,10 +260,17 @@ def test_memory_budget_prunes(monkeypatch, capsys):
 
 @pytest.mark.parametrize(
     "argv",
-    [["tune", "--memory-budget", "lots"], ["tune", "--tokens", "0"], ["tune", "--divergence", "nope"],
-     ["tune", "--preset", "mystery-model"], ["tune", "--teacher-hidden", "8", "--teacher-logits"],
-     ["tune", "--teacher-logits", "--teacher-topk", "8"], ["tune", "--divergence", "topk_nope"], ["cache"]],
-)  # fmt: skip
+    [
+        ["tune", "--memory-budget", "lots"],
+        ["tune", "--tokens", "0"],
+        ["tune", "--divergence", "nope"],
+        ["tune", "--preset", "mystery-model"],
+        ["tune", "--teacher-hidden", "8", "--teacher-logits"],
+        ["tune", "--teacher-logits", "--teacher-topk", "8"],
+        ["tune", "--divergence", "topk_nope"],
+        ["cache"],
+    ],
+)
 def test_bad_arguments_exit_2(argv, capsys):
     with pytest.raises(SystemExit) as exc:
         cli.main(argv)

@@ -42,7 +42,9 @@ def make_inputs(leading, seed: int = 0) -> dict:
         student_bias=torch.randn(V, generator=gen),
         teacher_hidden=torch.randn(*leading, HT, generator=gen),
         teacher_weight=torch.randn(V + 3, HT, generator=gen) * (2 / math.sqrt(HT)),  # 3 padded rows
-        labels=torch.randint(0, V, leading, generator=gen).masked_fill(torch.rand(leading, generator=gen) < 0.25, IGNORE),
+        labels=torch.randint(0, V, leading, generator=gen).masked_fill(
+            torch.rand(leading, generator=gen) < 0.25, IGNORE
+        ),
     )
 
 
@@ -111,14 +113,21 @@ def test_one_graph_per_spec_across_row_counts_and_scalars():
     # C: jsd across row counts; beta 0.3 -> 0.6 reuses it.
     for n, beta in ((8, 0.3), (13, 0.3), (21, 0.6), (30, 0.6)):
         inputs = make_inputs((n,), seed=n)
-        kwargs = dict(divergence=D.jsd(beta), chunk_size=CHUNK, impl="compile", temperature=1.0 + beta,
-                      ignore_index=IGNORE)  # fmt: skip
+        kwargs = dict(
+            divergence=D.jsd(beta), chunk_size=CHUNK, impl="compile", temperature=1.0 + beta, ignore_index=IGNORE
+        )
         out, grads = run(fused_linear_distill, inputs, **kwargs)
         check_against_reference(out, grads, inputs, **kwargs)
     assert unique_graphs() - start == 3
     # A name string resolves to the same kernel: still C.
-    run(fused_linear_distill, make_inputs((17,)), divergence="jsd_beta0.45", chunk_size=CHUNK, impl="compile",
-        ignore_index=IGNORE)  # fmt: skip
+    run(
+        fused_linear_distill,
+        make_inputs((17,)),
+        divergence="jsd_beta0.45",
+        chunk_size=CHUNK,
+        impl="compile",
+        ignore_index=IGNORE,
+    )
     assert unique_graphs() - start == 3
 
 

@@ -362,13 +362,26 @@ def test_stable_names():
 
 def test_names_lists_every_builtin_and_get_accepts_them():
     assert D.names() == sorted(
-        ["forward_kl", "reverse_kl", "soft_ce", "tvd", "mse_logits",
-         "jsd", "skew_kl", "skew_reverse_kl", "symmetric_kl"]
-    )  # fmt: skip
+        [
+            "forward_kl",
+            "reverse_kl",
+            "soft_ce",
+            "tvd",
+            "mse_logits",
+            "jsd",
+            "skew_kl",
+            "skew_reverse_kl",
+            "symmetric_kl",
+        ]
+    )
     s = torch.randn(2, 5, dtype=F64)
     t = torch.randn(2, 5, dtype=F64)
-    defaults = {"jsd": D.jsd(0.5), "skew_kl": D.skew_kl(0.1), "skew_reverse_kl": D.skew_reverse_kl(0.1),
-                "symmetric_kl": D.symmetric_kl(0.5)}  # fmt: skip
+    defaults = {
+        "jsd": D.jsd(0.5),
+        "skew_kl": D.skew_kl(0.1),
+        "skew_reverse_kl": D.skew_reverse_kl(0.1),
+        "symmetric_kl": D.symmetric_kl(0.5),
+    }
     for name in D.names():
         fn = D.get(name)
         if name in defaults:
@@ -390,9 +403,23 @@ def test_get_round_trips_parametrised_names(factory, value):
 
 @pytest.mark.parametrize(
     "name",
-    ["foo", "", "JSD", "forward-kl", "jsd_beta", "jsd_alpha0.3", "skew_kl_beta0.1", "forward_kl_beta0.3",
-     "jsd_beta1.5", "jsd_beta-0.1", "jsd_betanan", "jsd_betainf", "jsd_beta0.3x", "nope_beta0.3"],
-)  # fmt: skip
+    [
+        "foo",
+        "",
+        "JSD",
+        "forward-kl",
+        "jsd_beta",
+        "jsd_alpha0.3",
+        "skew_kl_beta0.1",
+        "forward_kl_beta0.3",
+        "jsd_beta1.5",
+        "jsd_beta-0.1",
+        "jsd_betanan",
+        "jsd_betainf",
+        "jsd_beta0.3x",
+        "nope_beta0.3",
+    ],
+)
 def test_get_rejects_unknown_names(name):
     with pytest.raises(ValueError):
         D.get(name)

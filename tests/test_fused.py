@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 
 import pytest
 import torch
-from torch import Tensor
 from hypothesis import given, note
 from hypothesis import strategies as st
+from torch import Tensor
 
 import kdfuse
 from kdfuse import DistillLoss, DistillOutput, fused_linear_distill, fused_linear_distill_ref
@@ -228,7 +228,7 @@ def test_rows_permute_with_reduction_none(prob, seed):
     permuted = dict(flat)
     for name in ("student_hidden", "teacher_hidden", "teacher_logits", "labels"):
         if flat.get(name) is not None:
-            x = flat[name].reshape(n, *flat[name].shape[len(prob.leading):])
+            x = flat[name].reshape(n, *flat[name].shape[len(prob.leading) :])
             permuted[name] = x[perm].reshape(flat[name].shape)
     go = torch.randn(prob.leading, dtype=F64)
     out, leaves = prob.call(fused_linear_distill, impl="eager")
@@ -256,16 +256,28 @@ def test_gradcheck_float64(reduction, teacher, divergence):
     b = torch.randn(5, generator=gen, dtype=F64, requires_grad=True)
     y = torch.tensor([[1, -100, 4], [0, 2, 3]])
     if teacher == "hidden":
-        teach = dict(teacher_hidden=torch.randn(2, 3, 4, generator=gen, dtype=F64),
-                     teacher_weight=torch.randn(6, 4, generator=gen, dtype=F64))  # fmt: skip
+        teach = dict(
+            teacher_hidden=torch.randn(2, 3, 4, generator=gen, dtype=F64),
+            teacher_weight=torch.randn(6, 4, generator=gen, dtype=F64),
+        )
     else:
         teach = dict(teacher_logits=torch.randn(2, 3, 6, generator=gen, dtype=F64))
 
     def f(h, w, b):
         return fused_linear_distill(
-            h, w, **teach, labels=y, student_bias=b, divergence=divergence, temperature=1.7, hard_weight=0.3,
-            reduction=reduction, chunk_size=2, softcap=4.0, impl="eager",
-        )  # fmt: skip
+            h,
+            w,
+            **teach,
+            labels=y,
+            student_bias=b,
+            divergence=divergence,
+            temperature=1.7,
+            hard_weight=0.3,
+            reduction=reduction,
+            chunk_size=2,
+            softcap=4.0,
+            impl="eager",
+        )
 
     assert torch.autograd.gradcheck(f, (h, w, b))
 
@@ -359,11 +371,14 @@ def test_non_contiguous_inputs(reduction):
     weight = torch.randn(5, 17, generator=gen, dtype=F64).t()  # (17, 5)
     t_logits = torch.randn(12, 40, generator=gen, dtype=F64)[:, ::2]  # (12, 20), every other column
     labels = torch.randint(0, 17, (24,), generator=gen)[::2]
-    strided = Problem((12,), dict(student_hidden=hidden, student_weight=weight, teacher_logits=t_logits, labels=labels),
-                      dict(reduction=reduction, hard_weight=0.5, divergence=D.jsd(0.7), chunk_size=5))  # fmt: skip
+    strided = Problem(
+        (12,),
+        dict(student_hidden=hidden, student_weight=weight, teacher_logits=t_logits, labels=labels),
+        dict(reduction=reduction, hard_weight=0.5, divergence=D.jsd(0.7), chunk_size=5),
+    )
     dense = Problem((12,), {k: v.contiguous() for k, v in strided.tensors.items()}, strided.kwargs)
     strided.grad_names = dense.grad_names = ("student_hidden", "student_weight")
-    a, la = strided.call(fused_linear_distill, impl="eager")
+    a, _ = strided.call(fused_linear_distill, impl="eager")
     b, lb = dense.call(fused_linear_distill, impl="eager")
     # Leaves that keep the strides (clone preserves them), so the gradients are strided too.
     h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
@@ -473,8 +488,19 @@ def assert_low_precision_close(out, grads, ref, ref_grads, dtype, bounds=LOW_PRE
 )
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_low_precision_inputs_match_float64_reference(dtype, divergence, hard_weight, reduction):
-    prob = fixed_problem(n=64, vocab=257, hs=32, ht=48, dtype=dtype, seed=3, divergence=divergence,
-                         hard_weight=hard_weight, temperature=2.0, chunk_size=24, reduction=reduction)  # fmt: skip
+    prob = fixed_problem(
+        n=64,
+        vocab=257,
+        hs=32,
+        ht=48,
+        dtype=dtype,
+        seed=3,
+        divergence=divergence,
+        hard_weight=hard_weight,
+        temperature=2.0,
+        chunk_size=24,
+        reduction=reduction,
+    )
     for name in ("student_weight", "teacher_weight"):  # logits of magnitude ~3
         prob.tensors[name] = prob.tensors[name] * 3
     out, leaves = prob.call(fused_linear_distill, impl="eager")
@@ -498,7 +524,7 @@ def hellinger(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
 @given(prob=problems(max_rows=20))
 def test_custom_divergence_matches_reference(prob):
     prob.kwargs["divergence"] = hellinger
-    out, g = compare_to_reference(prob)
+    out, _ = compare_to_reference(prob)
     kw = prob.kwargs
     if kw["reduction"] == "mean" and "normalizer" not in kw and kw["soft_weight"] == 1.0 and kw["hard_weight"] == 0:
         assert 0.0 <= out.item() <= 1.0 + 1e-12  # a mean of squared Hellinger distances, in [0, 1]
@@ -616,9 +642,11 @@ def test_string_divergence_and_labels_none():
 
 def _base():
     return dict(
-        student_hidden=torch.randn(2, 3, 4), student_weight=torch.randn(5, 4),
-        teacher_hidden=torch.randn(2, 3, 6), teacher_weight=torch.randn(5, 6),
-    )  # fmt: skip
+        student_hidden=torch.randn(2, 3, 4),
+        student_weight=torch.randn(5, 4),
+        teacher_hidden=torch.randn(2, 3, 6),
+        teacher_weight=torch.randn(5, 6),
+    )
 
 
 @pytest.mark.parametrize(
@@ -634,8 +662,16 @@ def _base():
         (dict(teacher_hidden=torch.randn(2, 4, 6)), ValueError, "rows"),
         (dict(teacher_hidden=None, teacher_weight=None, teacher_logits=torch.randn(2, 3, 4)), ValueError, "smaller"),
         (dict(teacher_hidden=None, teacher_weight=None, teacher_logits=torch.randn(5, 7)), ValueError, "rows"),
-        (dict(teacher_hidden=None, teacher_weight=None, teacher_logits=torch.randn(2, 3, 5),
-              teacher_bias=torch.randn(5)), ValueError, "teacher_bias"),  # fmt: skip
+        (
+            dict(
+                teacher_hidden=None,
+                teacher_weight=None,
+                teacher_logits=torch.randn(2, 3, 5),
+                teacher_bias=torch.randn(5),
+            ),
+            ValueError,
+            "teacher_bias",
+        ),
         (dict(student_bias=torch.randn(4)), ValueError, "student_bias"),
         (dict(teacher_bias=torch.randn(6)), ValueError, "teacher_bias"),
         (dict(student_hidden=torch.ones(2, 3, 4, dtype=torch.long)), TypeError, "floating-point"),

@@ -30,7 +30,8 @@ and (b) rounding the logit gradient D and the gradient matmuls' outputs to the i
   the float32 reference's worst error in that row of D (float32 cancellations, e.g. p_s - p_t
   at T = 20) + 2 eps32 M_r (1 + 1/T) (M_r as for float64: float32's rounding of the terms D is
   formed from, for rows where the float32 reference happens to be exact), E = err(D) @ |W| for
-  the hidden states, err(D)^T @ |H| for the weight, and the column sums for the bias. D is exact (the reference with the logits as inputs). Floors: float32
+  the hidden states, err(D)^T @ |H| for the weight, and the column sums for the bias. D is
+  exact (the reference with the logits as inputs). Floors: float32
   underflow (2^-126 per term) and float16 subnormals: 2^-25 for the returned gradients, and
   2^-38 max|D| for D (each chunk's D is scaled to a largest entry of 2^14 before rounding).
 
@@ -77,7 +78,9 @@ DENSE = st.one_of(
     st.builds(D.symmetric_kl, PARAM),
     st.just(hellinger),
 )
-SPARSE = st.sampled_from([f"topk_{k}_{t}" for k in ("forward_kl", "soft_ce") for t in ("renormalize", "bucket", "ignore")])
+SPARSE = st.sampled_from(
+    [f"topk_{k}_{t}" for k in ("forward_kl", "soft_ce") for t in ("renormalize", "bucket", "ignore")]
+)
 
 
 @dataclass
@@ -222,14 +225,39 @@ def _mutations(c: Call, data) -> dict:
     def put(name, value):
         t[name] = value
 
-    m["weight width"] = lambda: (put("student_weight", torch.zeros(vocab, hs + 1, dtype=F64)), (ValueError, r"student_hidden's last dim must equal student_weight's Hs"))[1]
-    m["weight rank"] = lambda: (put("student_weight", t["student_weight"][None]), (ValueError, r"student_weight must be \(V, Hs\)"))[1]
-    m["hidden int"] = lambda: (c.raw.update(student_hidden=torch.zeros(*c.leading, hs, dtype=torch.int32)), (TypeError, r"student_hidden must be a floating-point"))[1]
-    m["weight dtype"] = lambda: (c.raw.update(student_weight=t["student_weight"].to(_other_dtype(c.dtype))), (TypeError, r"share one dtype, got .*student_weight="))[1]
-    m["bias shape"] = lambda: (put("student_bias", torch.zeros(vocab + 1, dtype=F64)), (ValueError, rf"student_bias must have shape \({vocab},\)"))[1]
-    m["bias dtype"] = lambda: (c.raw.update(student_bias=torch.zeros(vocab, dtype=_other_dtype(c.dtype))), (TypeError, r"share one dtype, got .*student_bias"))[1]
-    m["hidden 0-d"] = lambda: (c.raw.update(student_hidden=torch.tensor(1.0, dtype=c.dtype)), (ValueError, r"student_hidden's last dim"))[1]
-    m["Hs = 0"] = lambda: (put("student_hidden", torch.zeros(*c.leading, 0, dtype=F64)), put("student_weight", torch.zeros(vocab, 0, dtype=F64)), (ValueError, r"Hs=0"))[2]
+    m["weight width"] = lambda: (
+        put("student_weight", torch.zeros(vocab, hs + 1, dtype=F64)),
+        (ValueError, r"student_hidden's last dim must equal student_weight's Hs"),
+    )[1]
+    m["weight rank"] = lambda: (
+        put("student_weight", t["student_weight"][None]),
+        (ValueError, r"student_weight must be \(V, Hs\)"),
+    )[1]
+    m["hidden int"] = lambda: (
+        c.raw.update(student_hidden=torch.zeros(*c.leading, hs, dtype=torch.int32)),
+        (TypeError, r"student_hidden must be a floating-point"),
+    )[1]
+    m["weight dtype"] = lambda: (
+        c.raw.update(student_weight=t["student_weight"].to(_other_dtype(c.dtype))),
+        (TypeError, r"share one dtype, got .*student_weight="),
+    )[1]
+    m["bias shape"] = lambda: (
+        put("student_bias", torch.zeros(vocab + 1, dtype=F64)),
+        (ValueError, rf"student_bias must have shape \({vocab},\)"),
+    )[1]
+    m["bias dtype"] = lambda: (
+        c.raw.update(student_bias=torch.zeros(vocab, dtype=_other_dtype(c.dtype))),
+        (TypeError, r"share one dtype, got .*student_bias"),
+    )[1]
+    m["hidden 0-d"] = lambda: (
+        c.raw.update(student_hidden=torch.tensor(1.0, dtype=c.dtype)),
+        (ValueError, r"student_hidden's last dim"),
+    )[1]
+    m["Hs = 0"] = lambda: (
+        put("student_hidden", torch.zeros(*c.leading, 0, dtype=F64)),
+        put("student_weight", torch.zeros(vocab, 0, dtype=F64)),
+        (ValueError, r"Hs=0"),
+    )[2]
 
     def teacher_rows():
         """One row more than the student has (a copy of the first, or zeros when there is none)."""
@@ -247,23 +275,70 @@ def _mutations(c: Call, data) -> dict:
 
     m["teacher rows"] = teacher_rows
     if form == "hidden":
-        m["teacher vocab"] = lambda: (put("teacher_weight", t["teacher_weight"][: vocab - 1]), (ValueError, r"smaller than the student's"))[1]
-        m["teacher width"] = lambda: (put("teacher_weight", torch.zeros(t["teacher_weight"].shape[0], t["teacher_hidden"].shape[-1] + 1, dtype=F64)), (ValueError, r"teacher_hidden's last dim must equal teacher_weight's Ht"))[1]
-        m["teacher dtype"] = lambda: (c.raw.update(teacher_weight=t["teacher_weight"].to(_other_dtype(c.dtype))), (TypeError, r"teacher's hidden states, weight and bias must share one dtype"))[1]
-        m["teacher bias shape"] = lambda: (put("teacher_bias", torch.zeros(t["teacher_weight"].shape[0] + 2, dtype=F64)), (ValueError, r"teacher_bias must have shape"))[1]
-        m["half a teacher"] = lambda: (t.pop("teacher_weight"), t.pop("teacher_bias", None), (ValueError, r"teacher_hidden and teacher_weight must be given together"))[2]
-        m["two teachers"] = lambda: (put("teacher_logits", torch.zeros(*c.leading, vocab, dtype=F64)), (ValueError, r"give exactly one teacher"))[1]
+        m["teacher vocab"] = lambda: (
+            put("teacher_weight", t["teacher_weight"][: vocab - 1]),
+            (ValueError, r"smaller than the student's"),
+        )[1]
+        m["teacher width"] = lambda: (
+            put(
+                "teacher_weight",
+                torch.zeros(t["teacher_weight"].shape[0], t["teacher_hidden"].shape[-1] + 1, dtype=F64),
+            ),
+            (ValueError, r"teacher_hidden's last dim must equal teacher_weight's Ht"),
+        )[1]
+        m["teacher dtype"] = lambda: (
+            c.raw.update(teacher_weight=t["teacher_weight"].to(_other_dtype(c.dtype))),
+            (TypeError, r"teacher's hidden states, weight and bias must share one dtype"),
+        )[1]
+        m["teacher bias shape"] = lambda: (
+            put("teacher_bias", torch.zeros(t["teacher_weight"].shape[0] + 2, dtype=F64)),
+            (ValueError, r"teacher_bias must have shape"),
+        )[1]
+        m["half a teacher"] = lambda: (
+            t.pop("teacher_weight"),
+            t.pop("teacher_bias", None),
+            (ValueError, r"teacher_hidden and teacher_weight must be given together"),
+        )[2]
+        m["two teachers"] = lambda: (
+            put("teacher_logits", torch.zeros(*c.leading, vocab, dtype=F64)),
+            (ValueError, r"give exactly one teacher"),
+        )[1]
     elif form == "logits":
-        m["teacher vocab"] = lambda: (put("teacher_logits", t["teacher_logits"][..., : vocab - 1]), (ValueError, r"smaller than the student's"))[1]
-        m["teacher bias with logits"] = lambda: (put("teacher_bias", torch.zeros(vocab, dtype=F64)), (ValueError, r"teacher_bias goes with teacher_weight"))[1]
+        m["teacher vocab"] = lambda: (
+            put("teacher_logits", t["teacher_logits"][..., : vocab - 1]),
+            (ValueError, r"smaller than the student's"),
+        )[1]
+        m["teacher bias with logits"] = lambda: (
+            put("teacher_bias", torch.zeros(vocab, dtype=F64)),
+            (ValueError, r"teacher_bias goes with teacher_weight"),
+        )[1]
         m["no teacher"] = lambda: (t.pop("teacher_logits"), (ValueError, r"give exactly one teacher"))[1]
-        m["sparse divergence, dense teacher"] = lambda: (kw.update(divergence="topk_soft_ce_bucket"), (ValueError, r"takes a top-k teacher"))[1]
-        m["teacher int"] = lambda: (c.raw.update(teacher_logits=torch.zeros(*c.leading, vocab, dtype=torch.int64)), (TypeError, r"teacher_logits must be a floating-point"))[1]
+        m["sparse divergence, dense teacher"] = lambda: (
+            kw.update(divergence="topk_soft_ce_bucket"),
+            (ValueError, r"takes a top-k teacher"),
+        )[1]
+        m["teacher int"] = lambda: (
+            c.raw.update(teacher_logits=torch.zeros(*c.leading, vocab, dtype=torch.int64)),
+            (TypeError, r"teacher_logits must be a floating-point"),
+        )[1]
     else:
-        m["dense divergence, top-k teacher"] = lambda: (kw.update(divergence="forward_kl"), (ValueError, r"teacher_topk needs a sparse divergence"))[1]
-        m["ids float"] = lambda: (put("teacher_ids", t["teacher_ids"].to(F64)), (TypeError, r"teacher_topk ids must be an integer tensor"))[1]
-        m["k > V"] = lambda: (put("teacher_ids", torch.zeros(*c.leading, vocab + 1, dtype=torch.long)), put("teacher_logprobs", torch.zeros(*c.leading, vocab + 1)), (ValueError, rf"k={vocab + 1} > the student's vocabulary"))[2]
-        m["ids/logprobs shapes"] = lambda: (put("teacher_logprobs", torch.zeros(*c.leading, t["teacher_ids"].shape[-1] + 1)), (ValueError, r"ids and logprobs must both be"))[1]
+        m["dense divergence, top-k teacher"] = lambda: (
+            kw.update(divergence="forward_kl"),
+            (ValueError, r"teacher_topk needs a sparse divergence"),
+        )[1]
+        m["ids float"] = lambda: (
+            put("teacher_ids", t["teacher_ids"].to(F64)),
+            (TypeError, r"teacher_topk ids must be an integer tensor"),
+        )[1]
+        m["k > V"] = lambda: (
+            put("teacher_ids", torch.zeros(*c.leading, vocab + 1, dtype=torch.long)),
+            put("teacher_logprobs", torch.zeros(*c.leading, vocab + 1)),
+            (ValueError, rf"k={vocab + 1} > the student's vocabulary"),
+        )[2]
+        m["ids/logprobs shapes"] = lambda: (
+            put("teacher_logprobs", torch.zeros(*c.leading, t["teacher_ids"].shape[-1] + 1)),
+            (ValueError, r"ids and logprobs must both be"),
+        )[1]
         # An ignored row's ids are padding, never read nor checked: the bad id goes in row 0, made
         # to count (labels absent: every row counts).
         counted = [v for v in range(min(vocab, 2)) if v != kw["ignore_index"]]
@@ -281,14 +356,32 @@ def _mutations(c: Call, data) -> dict:
 
     # labels
     if "labels" in t:
-        m["labels float"] = lambda: (put("labels", t["labels"].to(F64)), (TypeError, r"labels must be an integer tensor"))[1]
-        m["labels count"] = lambda: (put("labels", torch.zeros(n + 1, dtype=torch.long)), (ValueError, rf"labels has {n + 1} elements, student_hidden {n} rows"))[1]
+        m["labels float"] = lambda: (
+            put("labels", t["labels"].to(F64)),
+            (TypeError, r"labels must be an integer tensor"),
+        )[1]
+        m["labels count"] = lambda: (
+            put("labels", torch.zeros(n + 1, dtype=torch.long)),
+            (ValueError, rf"labels has {n + 1} elements, student_hidden {n} rows"),
+        )[1]
         if len(c.leading) >= 2 and c.leading[::-1] != c.leading:
-            m["labels transposed"] = lambda: (put("labels", t["labels"].reshape(c.leading[::-1])), (ValueError, r"labels's leading dims .* do not match student_hidden's"))[1]
+            m["labels transposed"] = lambda: (
+                put("labels", t["labels"].reshape(c.leading[::-1])),
+                (ValueError, r"labels's leading dims .* do not match student_hidden's"),
+            )[1]
         if n:
-            bad = data.draw(st.sampled_from([v for v in (vocab, vocab + 7, -2, -101) if v != kw["ignore_index"]]), label="bad label")
-            m["label out of range"] = lambda: (t["labels"].view(-1).__setitem__(0, bad), kw.update(validate=True), (ValueError, rf"labels has \d+ value\(s\) outside \[0, {vocab}\) that are not ignore_index"))[2]
-        m["ignore_index float"] = lambda: (kw.update(ignore_index=float(kw["ignore_index"]), validate=True), (TypeError, r"ignore_index must be an int"))[1]
+            bad = data.draw(
+                st.sampled_from([v for v in (vocab, vocab + 7, -2, -101) if v != kw["ignore_index"]]), label="bad label"
+            )
+            m["label out of range"] = lambda: (
+                t["labels"].view(-1).__setitem__(0, bad),
+                kw.update(validate=True),
+                (ValueError, rf"labels has \d+ value\(s\) outside \[0, {vocab}\) that are not ignore_index"),
+            )[2]
+        m["ignore_index float"] = lambda: (
+            kw.update(ignore_index=float(kw["ignore_index"]), validate=True),
+            (TypeError, r"ignore_index must be an int"),
+        )[1]
     else:
         m["CE without labels"] = lambda: (kw.update(hard_weight=0.5), (ValueError, r"needs labels"))[1]
 
@@ -297,16 +390,29 @@ def _mutations(c: Call, data) -> dict:
         kw[name] = value
         return ValueError, regex
 
-    m["temperature"] = lambda: number("temperature", [0, 0.0, -1.0, NAN, INF, -INF, True, "1", None], r"temperature must be a finite number > 0")
+    m["temperature"] = lambda: number(
+        "temperature", [0, 0.0, -1.0, NAN, INF, -INF, True, "1", None], r"temperature must be a finite number > 0"
+    )
     m["softcap"] = lambda: number("softcap", [0.0, -2.0, NAN, INF, True], r"softcap must be a finite number > 0")
-    m["soft_weight"] = lambda: number("soft_weight", [NAN, INF, -INF, "1", None, True], r"soft_weight must be a finite number")
-    m["chunk_size"] = lambda: number("chunk_size", [0, -1, True, False, 2.5, "8", None, "AUTO"], r"chunk_size must be an int >= 1 or 'auto'")
+    m["soft_weight"] = lambda: number(
+        "soft_weight", [NAN, INF, -INF, "1", None, True], r"soft_weight must be a finite number"
+    )
+    m["chunk_size"] = lambda: number(
+        "chunk_size", [0, -1, True, False, 2.5, "8", None, "AUTO"], r"chunk_size must be an int >= 1 or 'auto'"
+    )
     m["reduction"] = lambda: number("reduction", ["avg", "MEAN", None, "", "batchmean"], r"reduction must be one of")
     m["impl"] = lambda: number("impl", ["triton", None, "Eager"], r"impl must be one of")
-    m["divergence name"] = lambda: number("divergence", ["kl", "forward-kl", "jsd_beta1.5", "jsd_beta-0.1", "skew_kl_alpha2", "topk_forward_kl"],
-                                          r"unknown (sparse )?divergence|beta must be in|alpha must be in")
-    m["divergence type"] = lambda: (kw.update(divergence=data.draw(st.sampled_from([3, None, 0.5]), label="bad divergence")), (TypeError, r"divergence must be a name or a callable"))[1]
+    m["divergence name"] = lambda: number(
+        "divergence",
+        ["kl", "forward-kl", "jsd_beta1.5", "jsd_beta-0.1", "skew_kl_alpha2", "topk_forward_kl"],
+        r"unknown (sparse )?divergence|beta must be in|alpha must be in",
+    )
+    m["divergence type"] = lambda: (
+        kw.update(divergence=data.draw(st.sampled_from([3, None, 0.5]), label="bad divergence")),
+        (TypeError, r"divergence must be a name or a callable"),
+    )[1]
     if n and form != "topk":
+
         def wrong_shape():
             shape = data.draw(st.sampled_from(["(R, V)", "()", "(R, 1)"]), label="bad output shape")
 
@@ -320,10 +426,17 @@ def _mutations(c: Call, data) -> dict:
         m["divergence output shape"] = wrong_shape
 
     def meta():
-        name = data.draw(st.sampled_from(["student_hidden", "student_weight", _first_row_tensor(c)] + (["labels"] if "labels" in t else [])), label="on meta")
+        name = data.draw(
+            st.sampled_from(
+                ["student_hidden", "student_weight", _first_row_tensor(c)] + (["labels"] if "labels" in t else [])
+            ),
+            label="on meta",
+        )
         x = t.get(name)
         c.raw[name if name != "teacher_ids" else "teacher_topk"] = (
-            (x.to("meta"), t["teacher_logprobs"]) if name == "teacher_ids" else x.to(c.dtype if x.is_floating_point() else x.dtype).to("meta")
+            (x.to("meta"), t["teacher_logprobs"])
+            if name == "teacher_ids"
+            else x.to(c.dtype if x.is_floating_point() else x.dtype).to("meta")
         )
         if name == "teacher_ids":
             t.pop("teacher_ids"), t.pop("teacher_logprobs")
@@ -334,14 +447,25 @@ def _mutations(c: Call, data) -> dict:
     m["meta device"] = meta
 
     def normalizer():
-        value = data.draw(st.sampled_from(["0", "0.0", "-2", "nan", "inf", "str", "bool", "vector", "with none"]), label="bad normalizer")
+        value = data.draw(
+            st.sampled_from(["0", "0.0", "-2", "nan", "inf", "str", "bool", "vector", "with none"]),
+            label="bad normalizer",
+        )
         if value == "with none":
             kw.update(reduction="none", normalizer=4.0)
             return ValueError, r"normalizer has no effect with reduction='none'"
         if kw["reduction"] == "none":
             kw["reduction"] = "mean"
-        kw["normalizer"] = {"0": 0, "0.0": 0.0, "-2": -2.0, "nan": NAN, "inf": INF, "str": "8", "bool": True,
-                            "vector": torch.tensor([1.0, 2.0])}[value]  # fmt: skip
+        kw["normalizer"] = {
+            "0": 0,
+            "0.0": 0.0,
+            "-2": -2.0,
+            "nan": NAN,
+            "inf": INF,
+            "str": "8",
+            "bool": True,
+            "vector": torch.tensor([1.0, 2.0]),
+        }[value]
         if value == "vector":
             return ValueError, r"normalizer must be a number or a one-element tensor, got shape \(2\)"
         if value in ("str", "bool"):
@@ -376,7 +500,14 @@ def _run(fn, c: Call, go, **extra):
     grads = {}
     if leaves:
         g_out = None if go is None else go.to(loss.dtype)
-        grads = dict(zip(leaves, torch.autograd.grad(loss, list(leaves.values()), grad_outputs=g_out, allow_unused=True, materialize_grads=True)))
+        grads = dict(
+            zip(
+                leaves,
+                torch.autograd.grad(
+                    loss, list(leaves.values()), grad_outputs=g_out, allow_unused=True, materialize_grads=True
+                ),
+            )
+        )
     return _parts(out), grads, leaves
 
 
@@ -456,8 +587,11 @@ def check_valid(c: Call) -> float:
 def _check_grads(c: Call, grads, ref_grads, d_err, rel, floor) -> float:
     """|g - e| <= err(D) propagated through the gradient matmuls + rel |e| + floor, elementwise."""
     hidden = c.tensors["student_hidden"].reshape(c.rows, -1)
-    terms = {"student_hidden": (d_err @ c.tensors["student_weight"].abs()).reshape(c.tensors["student_hidden"].shape),
-             "student_weight": d_err.T @ hidden.abs(), "student_bias": d_err.sum(0)}  # fmt: skip
+    terms = {
+        "student_hidden": (d_err @ c.tensors["student_weight"].abs()).reshape(c.tensors["student_hidden"].shape),
+        "student_weight": d_err.T @ hidden.abs(),
+        "student_bias": d_err.sum(0),
+    }
     worst = 0.0
     for name, g in grads.items():
         e = ref_grads[name]
@@ -474,6 +608,7 @@ def _magnitudes(c: Call, go):
     where the teacher row has -inf entries, z the row's finite student and teacher logits)."""
     t, kw = c.tensors, c.kwargs
     n, vocab = c.rows, t["student_weight"].shape[0]
+
     def rows(x):  # (n, last dim); explicit, since reshape(0, -1) is ambiguous
         return x.reshape(n, x.shape[-1])
 
@@ -485,10 +620,15 @@ def _magnitudes(c: Call, go):
     else:
         teacher = rows(t["teacher_logprobs"]).to(F64)
     finite = torch.where(torch.isfinite(teacher), teacher, 0).abs()
-    zmax = torch.maximum(logits.abs().amax(-1) if vocab else logits.new_zeros(n), finite.amax(-1) if finite.shape[-1] else finite.new_zeros(n))
+    zmax = torch.maximum(
+        logits.abs().amax(-1) if vocab else logits.new_zeros(n),
+        finite.amax(-1) if finite.shape[-1] else finite.new_zeros(n),
+    )
     floored = torch.isneginf(teacher).any(-1).to(F64) * 1e4
     log_v = math.log(max(vocab, 1)) + 1
-    magnitude = abs(kw["soft_weight"]) * (floored + zmax / kw["temperature"] + log_v) + abs(kw["hard_weight"]) * (zmax + log_v)
+    magnitude = abs(kw["soft_weight"]) * (floored + zmax / kw["temperature"] + log_v) + abs(kw["hard_weight"]) * (
+        zmax + log_v
+    )
     labels = t.get("labels")
     valid = torch.ones(n, dtype=F64) if labels is None else (labels.reshape(n) != kw["ignore_index"]).to(F64)
     if kw["reduction"] == "none":

@@ -124,8 +124,16 @@ def test_compiled_fp16_matches_reference(kwargs):
 def test_compiled_reduction_none_bf16(teacher_logits):
     inputs = make_inputs(N, torch.bfloat16, seed=2, teacher_logits=teacher_logits)
     go = torch.randn(N, device="cuda", generator=torch.Generator(device="cuda").manual_seed(3))
-    check(inputs, torch.bfloat16, grad_output=go, reduction="none", chunk_size=CHUNK, divergence="forward_kl",
-          hard_weight=0.5, temperature=2.0)  # fmt: skip
+    check(
+        inputs,
+        torch.bfloat16,
+        grad_output=go,
+        reduction="none",
+        chunk_size=CHUNK,
+        divergence="forward_kl",
+        hard_weight=0.5,
+        temperature=2.0,
+    )
 
 
 def test_auto_chunk_size_bf16(tmp_path, monkeypatch):
@@ -379,6 +387,9 @@ def test_inside_a_users_compiled_step():
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
 def test_inputs_on_a_gpu_other_than_the_current_one():
     # Triton launches on the current device: kdfuse makes the inputs' GPU current for the call.
-    inputs = {k: v.to("cuda:1") if isinstance(v, torch.Tensor) else v for k, v in make_inputs(N, torch.bfloat16, seed=3).items()}
+    inputs = {
+        k: v.to("cuda:1") if isinstance(v, torch.Tensor) else v
+        for k, v in make_inputs(N, torch.bfloat16, seed=3).items()
+    }
     with torch.cuda.device(0):
         check(inputs, torch.bfloat16, chunk_size=CHUNK, divergence="forward_kl", hard_weight=0.5)

@@ -38,16 +38,28 @@ def _inputs(device):
     labels = torch.randint(0, V, (N,), generator=gen, device=device)
     labels[torch.rand(N, generator=gen, device=device) < 0.1] = -100
     return dict(
-        student_hidden=randn(N, HS), student_weight=randn(V, HS, scale=3 / HS**0.5),
-        teacher_hidden=randn(N, HT), teacher_weight=randn(V, HT, scale=3 / HT**0.5), labels=labels,
-    )  # fmt: skip
+        student_hidden=randn(N, HS),
+        student_weight=randn(V, HS, scale=3 / HS**0.5),
+        teacher_hidden=randn(N, HT),
+        teacher_weight=randn(V, HT, scale=3 / HT**0.5),
+        labels=labels,
+    )
 
 
 def _step(t, **kwargs):
     h = t["student_hidden"].detach().requires_grad_()
     w = t["student_weight"].detach().requires_grad_()
-    loss = fused_linear_distill(h, w, t["teacher_hidden"], t["teacher_weight"], labels=t["labels"],
-                                chunk_size="auto", impl="compile", **KWARGS, **kwargs)  # fmt: skip
+    loss = fused_linear_distill(
+        h,
+        w,
+        t["teacher_hidden"],
+        t["teacher_weight"],
+        labels=t["labels"],
+        chunk_size="auto",
+        impl="compile",
+        **KWARGS,
+        **kwargs,
+    )
     return loss, torch.autograd.grad(loss, (h, w))
 
 
@@ -63,8 +75,9 @@ def _reference_blockwise(t, block=4096):
     for start in range(0, N, block):
         rows = slice(start, start + block)
         h = t["student_hidden"][rows].to(torch.float64).requires_grad_()
-        out = fused_linear_distill_ref(h, w, t["teacher_hidden"][rows].to(torch.float64), tw,
-                                       labels=t["labels"][rows], reduction="sum", **KWARGS)  # fmt: skip
+        out = fused_linear_distill_ref(
+            h, w, t["teacher_hidden"][rows].to(torch.float64), tw, labels=t["labels"][rows], reduction="sum", **KWARGS
+        )
         gh, gw = torch.autograd.grad(out, (h, w))
         loss += out.detach()
         grad_h[rows] = gh
@@ -81,9 +94,18 @@ def test_131072_rows_bf16_within_memory_and_exact(tmp_path, tuning_env):
     _step(t)
     assert list((tmp_path / "cache").glob("*.json")), "chunk_size='auto' did not tune into KDFUSE_CACHE_DIR"
     chunk = tuning.resolve_chunk_size(
-        "auto", rows=N, vocab=V, student_hidden=HS, teacher="hidden", teacher_dim=HT, dtype=DTYPE, device=device,
-        divergence=KWARGS["divergence"], with_ce=True, with_grad=True,
-    )  # fmt: skip (the memoised choice the step used)
+        "auto",
+        rows=N,
+        vocab=V,
+        student_hidden=HS,
+        teacher="hidden",
+        teacher_dim=HT,
+        dtype=DTYPE,
+        device=device,
+        divergence=KWARGS["divergence"],
+        with_ce=True,
+        with_grad=True,
+    )
 
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
@@ -101,7 +123,9 @@ def test_131072_rows_bf16_within_memory_and_exact(tmp_path, tuning_env):
     across = N * HS * (4 + 2) + V * HS * 2 + N * (3 * 4 + 8 + 1)
     bound = chunk_bytes + across + 64 * MiB
     full_logits = 3 * N * V * DTYPE.itemsize
-    print(f"chunk={chunk} peak={peak / MiB:.0f} MiB bound={bound / MiB:.0f} MiB full-logits={full_logits / MiB:.0f} MiB")
+    print(
+        f"chunk={chunk} peak={peak / MiB:.0f} MiB bound={bound / MiB:.0f} MiB full-logits={full_logits / MiB:.0f} MiB"
+    )
     assert peak < bound, (chunk, peak / MiB, bound / MiB)
     assert peak < 0.25 * full_logits, (chunk, peak / MiB)
 
@@ -111,22 +135,38 @@ def test_131072_rows_bf16_within_memory_and_exact(tmp_path, tuning_env):
     # bf16 inputs, float32 compute, float64 reference on the same (rounded) inputs: the bounds of
     # test_fused.py (loss 2.5u, gradients 6u + the rounding of the exact gradient to bf16).
     assert_low_precision_close(
-        loss.detach(), {"student_hidden": grad_h, "student_weight": grad_w}, ref_loss,
-        {"student_hidden": ref_h, "student_weight": ref_w}, DTYPE,
-    )  # fmt: skip
+        loss.detach(),
+        {"student_hidden": grad_h, "student_weight": grad_w},
+        ref_loss,
+        {"student_hidden": ref_h, "student_weight": ref_w},
+        DTYPE,
+    )
 
     # reduction="none" at full N (forward only), 512 random rows against the reference on those rows.
     with torch.no_grad():
-        per_row = fused_linear_distill(t["student_hidden"], t["student_weight"], t["teacher_hidden"],
-                                       t["teacher_weight"], labels=t["labels"], reduction="none",
-                                       chunk_size="auto", impl="compile", **KWARGS)  # fmt: skip
+        per_row = fused_linear_distill(
+            t["student_hidden"],
+            t["student_weight"],
+            t["teacher_hidden"],
+            t["teacher_weight"],
+            labels=t["labels"],
+            reduction="none",
+            chunk_size="auto",
+            impl="compile",
+            **KWARGS,
+        )
     assert per_row.shape == (N,) and torch.isfinite(per_row).all()
     assert (per_row[t["labels"] == -100] == 0).all()
     idx = torch.randperm(N, generator=torch.Generator().manual_seed(1))[:512].to(device)
     ref_rows = fused_linear_distill_ref(
-        t["student_hidden"][idx], t["student_weight"], t["teacher_hidden"][idx], t["teacher_weight"],
-        labels=t["labels"][idx], reduction="none", **KWARGS,
-    )  # fmt: skip
+        t["student_hidden"][idx],
+        t["student_weight"],
+        t["teacher_hidden"][idx],
+        t["teacher_weight"],
+        labels=t["labels"][idx],
+        reduction="none",
+        **KWARGS,
+    )
     assert rel_err(per_row[idx], ref_rows) < LOW_PRECISION_BOUNDS[DTYPE][0]
     # The mean of the per-row losses is the scalar loss of the training step.
     n_valid = (t["labels"] != -100).sum()

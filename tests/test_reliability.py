@@ -73,8 +73,10 @@ def _inputs(leading=(2, 3), hs=4, ht=6, vocab=5, dtype=torch.float32, seed=0, te
         student_weight=torch.randn(vocab, hs, generator=gen, dtype=dtype),
     )
     if teacher == "hidden":
-        t.update(teacher_hidden=torch.randn(*leading, ht, generator=gen, dtype=dtype),
-                 teacher_weight=torch.randn(vocab, ht, generator=gen, dtype=dtype))  # fmt: skip
+        t.update(
+            teacher_hidden=torch.randn(*leading, ht, generator=gen, dtype=dtype),
+            teacher_weight=torch.randn(vocab, ht, generator=gen, dtype=dtype),
+        )
     else:
         t["teacher_logits"] = torch.randn(*leading, vocab, generator=gen, dtype=dtype)
     if labels:
@@ -90,56 +92,118 @@ LOGITS = dict(teacher_hidden=None, teacher_weight=None)  # with teacher_logits= 
 
 BAD_INPUTS = {
     # name: (change to _inputs(), error, regex the message must match)
-    "hidden/weight width": (dict(student_weight=torch.randn(5, 3)), ValueError,
-                            r"Hs=3: student_hidden \(2, 3, 4\), student_weight \(5, 3\)"),
-    "teacher hidden/weight width": (dict(teacher_weight=torch.randn(5, 7)), ValueError,
-                                    r"Ht=7: teacher_hidden \(2, 3, 6\), teacher_weight \(5, 7\)"),
-    "teacher rows": (dict(teacher_hidden=torch.randn(7, 6)), ValueError,
-                     r"teacher_hidden has 7 rows, student_hidden 6: shapes \(7, 6\) vs \(2, 3, 4\)"),
-    "teacher logits rows": (dict(LOGITS, teacher_logits=torch.randn(2, 4, 5)), ValueError,
-                            r"teacher_logits has 8 rows, student_hidden 6: shapes \(2, 4, 5\) vs \(2, 3, 4\)"),
-    "labels rows": (dict(labels=torch.zeros(7, dtype=torch.long)), ValueError,
-                    r"labels has 7 elements, student_hidden 6 rows: shapes \(7\) vs \(2, 3, 4\)"),
+    "hidden/weight width": (
+        dict(student_weight=torch.randn(5, 3)),
+        ValueError,
+        r"Hs=3: student_hidden \(2, 3, 4\), student_weight \(5, 3\)",
+    ),
+    "teacher hidden/weight width": (
+        dict(teacher_weight=torch.randn(5, 7)),
+        ValueError,
+        r"Ht=7: teacher_hidden \(2, 3, 6\), teacher_weight \(5, 7\)",
+    ),
+    "teacher rows": (
+        dict(teacher_hidden=torch.randn(7, 6)),
+        ValueError,
+        r"teacher_hidden has 7 rows, student_hidden 6: shapes \(7, 6\) vs \(2, 3, 4\)",
+    ),
+    "teacher logits rows": (
+        dict(LOGITS, teacher_logits=torch.randn(2, 4, 5)),
+        ValueError,
+        r"teacher_logits has 8 rows, student_hidden 6: shapes \(2, 4, 5\) vs \(2, 3, 4\)",
+    ),
+    "labels rows": (
+        dict(labels=torch.zeros(7, dtype=torch.long)),
+        ValueError,
+        r"labels has 7 elements, student_hidden 6 rows: shapes \(7\) vs \(2, 3, 4\)",
+    ),
     # Same row count, transposed layout: rows would pair up wrongly (added to validate.py).
-    "labels layout": (dict(labels=torch.zeros(3, 2, dtype=torch.long)), ValueError,
-                      r"labels's leading dims \(3, 2\) do not match student_hidden's \(2, 3\)"),
-    "teacher layout": (dict(teacher_hidden=torch.randn(3, 2, 6)), ValueError,
-                       r"teacher_hidden's leading dims \(3, 2\) do not match student_hidden's \(2, 3\)"),
-    "teacher logits layout": (dict(LOGITS, teacher_logits=torch.randn(3, 2, 5)), ValueError,
-                              r"teacher_logits's leading dims \(3, 2\) do not match"),
-    "teacher logits vocab": (dict(LOGITS, teacher_logits=torch.randn(2, 3, 4)), ValueError,
-                             (r"vocabulary 4 is smaller than the student's 5: teacher_logits \(2, 3, 4\), "
-                              r"student_weight \(5, 4\)")),
-    "teacher weight vocab": (dict(teacher_weight=torch.randn(4, 6)), ValueError,
-                             r"teacher vocabulary 4 is smaller than the student's 5: teacher_weight \(4, 6\)"),
-    "both teacher forms": (dict(teacher_logits=torch.randn(2, 3, 5)), ValueError,
-                           r"exactly one teacher.*teacher_hidden=set, teacher_weight=set, teacher_logits=set"),
+    "labels layout": (
+        dict(labels=torch.zeros(3, 2, dtype=torch.long)),
+        ValueError,
+        r"labels's leading dims \(3, 2\) do not match student_hidden's \(2, 3\)",
+    ),
+    "teacher layout": (
+        dict(teacher_hidden=torch.randn(3, 2, 6)),
+        ValueError,
+        r"teacher_hidden's leading dims \(3, 2\) do not match student_hidden's \(2, 3\)",
+    ),
+    "teacher logits layout": (
+        dict(LOGITS, teacher_logits=torch.randn(3, 2, 5)),
+        ValueError,
+        r"teacher_logits's leading dims \(3, 2\) do not match",
+    ),
+    "teacher logits vocab": (
+        dict(LOGITS, teacher_logits=torch.randn(2, 3, 4)),
+        ValueError,
+        (
+            r"vocabulary 4 is smaller than the student's 5: teacher_logits \(2, 3, 4\), "
+            r"student_weight \(5, 4\)"
+        ),
+    ),
+    "teacher weight vocab": (
+        dict(teacher_weight=torch.randn(4, 6)),
+        ValueError,
+        r"teacher vocabulary 4 is smaller than the student's 5: teacher_weight \(4, 6\)",
+    ),
+    "both teacher forms": (
+        dict(teacher_logits=torch.randn(2, 3, 5)),
+        ValueError,
+        r"exactly one teacher.*teacher_hidden=set, teacher_weight=set, teacher_logits=set",
+    ),
     "no teacher": (dict(LOGITS), ValueError, r"exactly one teacher.*teacher_hidden=None"),
-    "student bias shape": (dict(student_bias=torch.randn(1, 5)), ValueError,
-                           r"student_bias must have shape \(5,\), got \(1, 5\)"),
-    "teacher bias shape": (dict(teacher_bias=torch.randn(4)), ValueError,
-                           r"teacher_bias must have shape \(5,\), got \(4\)"),
+    "student bias shape": (
+        dict(student_bias=torch.randn(1, 5)),
+        ValueError,
+        r"student_bias must have shape \(5,\), got \(1, 5\)",
+    ),
+    "teacher bias shape": (
+        dict(teacher_bias=torch.randn(4)),
+        ValueError,
+        r"teacher_bias must have shape \(5,\), got \(4\)",
+    ),
     "labels not a tensor": (dict(labels=[0, 1, 2, 3, 4, 0]), TypeError, r"labels must be an integer tensor, got list"),
     "labels float": (dict(labels=torch.zeros(2, 3, dtype=torch.float16)), TypeError, r"labels.*float16"),
     "labels complex": (dict(labels=torch.zeros(2, 3, dtype=torch.complex64)), TypeError, r"labels.*complex64"),
-    "hidden complex": (dict(student_hidden=torch.randn(2, 3, 4, dtype=torch.complex64)), TypeError,
-                       r"student_hidden must be a floating-point tensor, got torch.complex64"),
+    "hidden complex": (
+        dict(student_hidden=torch.randn(2, 3, 4, dtype=torch.complex64)),
+        TypeError,
+        r"student_hidden must be a floating-point tensor, got torch.complex64",
+    ),
     # dtype mismatches: previously a bare "expected m1 and m2 to have the same dtype" from the matmul.
-    "hidden/weight dtype": (dict(student_weight=torch.randn(5, 4, dtype=F64)), TypeError,
-                            r"student_hidden=float32, student_weight=float64"),
-    "student bias dtype": (dict(student_bias=torch.randn(5, dtype=torch.bfloat16)), TypeError,
-                           r"student_bias=bfloat16"),
-    "teacher dtype": (dict(teacher_weight=torch.randn(5, 6, dtype=torch.float16)), TypeError,
-                      r"teacher_hidden=float32, teacher_weight=float16"),
-    "Hs = 0": (dict(student_hidden=torch.randn(2, 3, 0), student_weight=torch.randn(5, 0)), ValueError,
-               r"student_weight has Hs=0"),
-    "Ht = 0": (dict(teacher_hidden=torch.randn(2, 3, 0), teacher_weight=torch.randn(5, 0)), ValueError,
-               r"teacher_weight has Ht=0"),
+    "hidden/weight dtype": (
+        dict(student_weight=torch.randn(5, 4, dtype=F64)),
+        TypeError,
+        r"student_hidden=float32, student_weight=float64",
+    ),
+    "student bias dtype": (
+        dict(student_bias=torch.randn(5, dtype=torch.bfloat16)),
+        TypeError,
+        r"student_bias=bfloat16",
+    ),
+    "teacher dtype": (
+        dict(teacher_weight=torch.randn(5, 6, dtype=torch.float16)),
+        TypeError,
+        r"teacher_hidden=float32, teacher_weight=float16",
+    ),
+    "Hs = 0": (
+        dict(student_hidden=torch.randn(2, 3, 0), student_weight=torch.randn(5, 0)),
+        ValueError,
+        r"student_weight has Hs=0",
+    ),
+    "Ht = 0": (
+        dict(teacher_hidden=torch.randn(2, 3, 0), teacher_weight=torch.randn(5, 0)),
+        ValueError,
+        r"teacher_weight has Ht=0",
+    ),
     "temperature -inf": (dict(temperature=-INF), ValueError, r"temperature must be a finite number > 0, got -inf"),
     "temperature bool": (dict(temperature=True), ValueError, r"temperature must be a finite number > 0, got True"),
-    "temperature tensor": (dict(temperature=torch.tensor(2.0)), ValueError,
-                           r"temperature must be a Python number \(a finite number > 0\), not a tensor \(got shape \(\) "
-                           r"on cpu\): converting it would sync the device, so pass temperature=float\(\.\.\.\) instead"),
+    "temperature tensor": (
+        dict(temperature=torch.tensor(2.0)),
+        ValueError,
+        r"temperature must be a Python number \(a finite number > 0\), not a tensor \(got shape \(\) "
+        r"on cpu\): converting it would sync the device, so pass temperature=float\(\.\.\.\) instead",
+    ),
     "softcap nan": (dict(softcap=NAN), ValueError, r"softcap must be a finite number > 0, got nan"),
     "softcap bool": (dict(softcap=True), ValueError, r"softcap must be a finite number > 0, got True"),
     "hard_weight inf": (dict(hard_weight=INF), ValueError, r"hard_weight must be a finite number, got inf"),
@@ -147,13 +211,23 @@ BAD_INPUTS = {
     "chunk_size negative": (dict(chunk_size=-4), ValueError, r"chunk_size must be an int >= 1 or 'auto', got -4"),
     "chunk_size None": (dict(chunk_size=None), ValueError, r"chunk_size .* got None"),
     "chunk_size str": (dict(chunk_size="8"), ValueError, r"chunk_size .* got '8'"),
-    "reduction case": (dict(reduction="MEAN"), ValueError, r"reduction must be one of \('mean', 'sum', 'none'\), got 'MEAN'"),
+    "reduction case": (
+        dict(reduction="MEAN"),
+        ValueError,
+        r"reduction must be one of \('mean', 'sum', 'none'\), got 'MEAN'",
+    ),
     "divergence None": (dict(divergence=None), TypeError, r"divergence must be a name or a callable, got NoneType"),
     "divergence param name": (dict(divergence="jsd_beta1.5"), ValueError, r"beta must be in \[0, 1\], got 1.5"),
-    "divergence typo": (dict(divergence="forward_kl_"), ValueError,
-                        r"unknown divergence 'forward_kl_' \(did you mean 'forward_kl'.*\); built-ins: "),
-    "sparse divergence, dense teacher": (dict(divergence="topk_forward_kl_bucket"), ValueError,
-                                         r"topk_forward_kl_bucket takes a top-k teacher"),
+    "divergence typo": (
+        dict(divergence="forward_kl_"),
+        ValueError,
+        r"unknown divergence 'forward_kl_' \(did you mean 'forward_kl'.*\); built-ins: ",
+    ),
+    "sparse divergence, dense teacher": (
+        dict(divergence="topk_forward_kl_bucket"),
+        ValueError,
+        r"topk_forward_kl_bucket takes a top-k teacher",
+    ),
     "ignore_index float": (dict(ignore_index=-100.0), TypeError, r"ignore_index must be an int, got -100.0"),
 }
 
@@ -180,11 +254,13 @@ def test_flattened_row_aligned_tensors_are_still_accepted():
 
 @pytest.mark.parametrize(
     "labels,ignore_index,count",
-    [([0, 1, 5, 2, 3, 4], -100, 1),  # == V
-     ([0, -1, 1, 2, 3, 4], -100, 1),  # negative but not ignore_index
-     ([0, -100, 1, 2, 3, 4], -1, 1),  # -100 is not *this* ignore_index
-     ([0, 99, 7, -7, 3, -1], -1, 3)],
-)  # fmt: skip
+    [
+        ([0, 1, 5, 2, 3, 4], -100, 1),  # == V
+        ([0, -1, 1, 2, 3, 4], -100, 1),  # negative but not ignore_index
+        ([0, -100, 1, 2, 3, 4], -1, 1),  # -100 is not *this* ignore_index
+        ([0, 99, 7, -7, 3, -1], -1, 3),
+    ],
+)
 def test_labels_out_of_range_with_validate(labels, ignore_index, count):
     t = _inputs()
     t["labels"] = torch.tensor(labels).reshape(2, 3)
@@ -194,7 +270,9 @@ def test_labels_out_of_range_with_validate(labels, ignore_index, count):
     for hard_weight in (0.0, 1.0):
         for grad, reduction in ((True, "mean"), (True, "none"), (False, "mean")):
             with pytest.raises(ValueError, match=match), torch.set_grad_enabled(grad):
-                fused_linear_distill(**t, ignore_index=ignore_index, hard_weight=hard_weight, impl="eager", reduction=reduction)
+                fused_linear_distill(
+                    **t, ignore_index=ignore_index, hard_weight=hard_weight, impl="eager", reduction=reduction
+                )
 
 
 def test_labels_out_of_range_without_validate_are_not_checked():
@@ -243,7 +321,9 @@ def test_user_divergence_with_the_wrong_output_shape(case, reduction):
     divergence, shape = WRONG_SHAPES[case]
     t = _inputs()
     t["student_hidden"].requires_grad_()
-    with pytest.raises(ValueError, match=rf"divergence bad_shape returned shape {shape}, expected per-row losses \(6,\)"):
+    with pytest.raises(
+        ValueError, match=rf"divergence bad_shape returned shape {shape}, expected per-row losses \(6,\)"
+    ):
         fused_linear_distill(**t, divergence=divergence, chunk_size=16, reduction=reduction, impl="eager")
 
 
@@ -256,9 +336,14 @@ def test_reference_rejects_a_wrong_shaped_divergence(case):
 
 @pytest.mark.parametrize(
     "factory,value,param",
-    [(D.jsd, 1.5, "beta"), (D.jsd, -1e-9, "beta"), (D.skew_kl, NAN, "alpha"), (D.skew_reverse_kl, INF, "alpha"),
-     (D.symmetric_kl, -INF, "weight")],
-)  # fmt: skip
+    [
+        (D.jsd, 1.5, "beta"),
+        (D.jsd, -1e-9, "beta"),
+        (D.skew_kl, NAN, "alpha"),
+        (D.skew_reverse_kl, INF, "alpha"),
+        (D.symmetric_kl, -INF, "weight"),
+    ],
+)
 def test_divergence_parameters_outside_the_unit_interval(factory, value, param):
     with pytest.raises(ValueError, match=rf"{param} must be in \[0, 1\], got {value!r}"):
         factory(value)
@@ -283,13 +368,19 @@ def test_mixed_devices(which):
 # --- known gaps: normalizer is never validated ---------------------------------------------------
 
 
-
 @pytest.mark.parametrize(
     "normalizer,reduction",
-    [(0, "mean"), (0.0, "sum"), (-3.0, "mean"), (NAN, "mean"), (INF, "sum"), (torch.tensor([1.0, 2.0]), "mean"),
-     (4.0, "none")],
+    [
+        (0, "mean"),
+        (0.0, "sum"),
+        (-3.0, "mean"),
+        (NAN, "mean"),
+        (INF, "sum"),
+        (torch.tensor([1.0, 2.0]), "mean"),
+        (4.0, "none"),
+    ],
     ids=["0", "0.0", "negative", "nan", "inf", "vector", "with-none"],
-)  # fmt: skip
+)
 def test_bad_normalizer_raises(normalizer, reduction):
     with pytest.raises(ValueError, match="normalizer"):
         fused_linear_distill(**_inputs(), normalizer=normalizer, reduction=reduction, impl="eager")
@@ -299,17 +390,39 @@ def _check_inputs(**change) -> None:
     """validate.check_inputs on _inputs() with default arguments, but for ``change``."""
     t = _inputs()
     validate.check_inputs(
-        t["student_hidden"], t["student_weight"], t["teacher_hidden"], t["teacher_weight"], None, t["labels"],
-        **{**dict(student_bias=None, teacher_bias=None, temperature=1.0, soft_weight=1.0, hard_weight=0.0,
-                  reduction="mean", chunk_size=4, softcap=None, impl="eager"), **change},
-    )  # fmt: skip
+        t["student_hidden"],
+        t["student_weight"],
+        t["teacher_hidden"],
+        t["teacher_weight"],
+        None,
+        t["labels"],
+        **{
+            **dict(
+                student_bias=None,
+                teacher_bias=None,
+                temperature=1.0,
+                soft_weight=1.0,
+                hard_weight=0.0,
+                reduction="mean",
+                chunk_size=4,
+                softcap=None,
+                impl="eager",
+            ),
+            **change,
+        },
+    )
 
 
 # NumPy scalars (e.g. from a config read with NumPy) are numbers like Python's, not "temperature must
 # be a finite number > 0, got np.float32(2.0)". The values are exact in float32, so the loss is the same.
 PYTHON_NUMBERS = dict(temperature=2.0, soft_weight=0.5, hard_weight=0.25, softcap=30.0, normalizer=4.0)
-NUMPY_NUMBERS = dict(temperature=np.float32(2.0), soft_weight=np.float16(0.5), hard_weight=np.float32(0.25),
-                     softcap=np.int64(30), normalizer=np.float32(4.0))  # fmt: skip
+NUMPY_NUMBERS = dict(
+    temperature=np.float32(2.0),
+    soft_weight=np.float16(0.5),
+    hard_weight=np.float32(0.25),
+    softcap=np.int64(30),
+    normalizer=np.float32(4.0),
+)
 
 
 def test_check_inputs_takes_numpy_scalars():
@@ -335,15 +448,22 @@ def test_numpy_scalars_with_chunk_size_auto(tuning_env):
 # checked only with validate=True gave a bare torch error (-100.0) or an AttributeError (None),
 # and memory_budget, read only by chunk_size="auto", was ignored with an int chunk size.
 CHEAP_ARGUMENTS = {
-    "ignore_index float": (dict(ignore_index=-100.0), TypeError, r"ignore_index must be an int, got -100.0: pass a Python int"),
+    "ignore_index float": (
+        dict(ignore_index=-100.0),
+        TypeError,
+        r"ignore_index must be an int, got -100.0: pass a Python int",
+    ),
     "ignore_index None": (dict(ignore_index=None), TypeError, r"ignore_index must be an int, got None"),
     "ignore_index bool": (dict(ignore_index=True), TypeError, r"ignore_index must be an int, got True"),
-    "memory_budget str": (dict(memory_budget="lots"), ValueError,
-                          r"memory_budget: memory budget must be bytes > 1 .* or a fraction in \(0, 1\] .*, got 'lots'"),
+    "memory_budget str": (
+        dict(memory_budget="lots"),
+        ValueError,
+        r"memory_budget: memory budget must be bytes > 1 .* or a fraction in \(0, 1\] .*, got 'lots'",
+    ),
     "memory_budget 0": (dict(memory_budget=0), ValueError, r"memory_budget: .* got 0$"),
     "memory_budget bool": (dict(memory_budget=True), ValueError, r"memory_budget: .* got True$"),
     "memory_budget partial bytes": (dict(memory_budget=1.5), ValueError, r"memory_budget: .* must be whole, got 1.5"),
-}  # fmt: skip
+}
 
 
 @pytest.mark.parametrize("case", list(CHEAP_ARGUMENTS))
@@ -372,8 +492,9 @@ def test_leading_dims_of_rank_1_to_4(leading, reduction):
     t = _inputs(leading=leading, dtype=F64, vocab=9, seed=len(leading))
     t["labels"] = t["labels"].masked_fill(torch.rand(leading, generator=torch.Generator().manual_seed(1)) < 0.3, -100)
     t["student_bias"] = torch.randn(9, dtype=F64)
-    prob = Problem(leading, t, dict(divergence=D.jsd(0.3), hard_weight=0.4, temperature=1.5, chunk_size=4,
-                                    reduction=reduction))  # fmt: skip
+    prob = Problem(
+        leading, t, dict(divergence=D.jsd(0.3), hard_weight=0.4, temperature=1.5, chunk_size=4, reduction=reduction)
+    )
     out, g = compare_to_reference(prob)
     assert out.shape == (leading if reduction == "none" else ())
     assert g["student_hidden"].shape == (*leading, 4)
@@ -389,8 +510,13 @@ def test_strided_and_expanded_views():
     teacher = torch.randn(1, 4, 5, generator=gen, dtype=F64).expand(3, 4, 5)  # one teacher row per position
     labels = torch.randint(0, 11, (4,), generator=gen).expand(3, 4)
     weight = torch.randn(11, 3, generator=gen, dtype=F64)
-    t = dict(student_hidden=hidden, student_weight=weight, teacher_hidden=teacher,
-             teacher_weight=torch.randn(12, 5, generator=gen, dtype=F64), labels=labels)  # fmt: skip
+    t = dict(
+        student_hidden=hidden,
+        student_weight=weight,
+        teacher_hidden=teacher,
+        teacher_weight=torch.randn(12, 5, generator=gen, dtype=F64),
+        labels=labels,
+    )
     kwargs = dict(divergence="reverse_kl", hard_weight=0.5, chunk_size=5)
     assert not hidden.is_contiguous() and teacher.stride(0) == 0 and labels.stride(0) == 0
     strided = Problem((3, 4), t, kwargs)
@@ -431,8 +557,9 @@ def test_no_rows_in_low_precision(dtype, reduction):
 def test_all_rows_ignored_float16(reduction):
     """float16 takes its own gradient scaling path (unit row weights, scaled at the end): with
     every row ignored the loss is 0 and the gradients exactly 0 (no 0 * inf = nan)."""
-    prob = fixed_problem(n=10, dtype=torch.float16, hard_weight=0.7, divergence="reverse_kl", ignore_index=-1,
-                         reduction=reduction)  # fmt: skip
+    prob = fixed_problem(
+        n=10, dtype=torch.float16, hard_weight=0.7, divergence="reverse_kl", ignore_index=-1, reduction=reduction
+    )
     prob.tensors["labels"] = torch.full((10,), -1, dtype=torch.int32)
     out, leaves = prob.call(fused_linear_distill, impl="eager", return_parts=True)
     for part in out:
@@ -456,8 +583,14 @@ def _tied_problem(dtype=F64, seed=0):
 def test_tied_embeddings(reduction):
     """The same tensor is the embedding and the lm_head: its gradient sums both uses."""
     table, tokens, mix, teacher, labels = _tied_problem()
-    kwargs = dict(teacher_logits=teacher, labels=labels, hard_weight=0.5, divergence="forward_kl",
-                  reduction=reduction, chunk_size=5)  # fmt: skip
+    kwargs = dict(
+        teacher_logits=teacher,
+        labels=labels,
+        hard_weight=0.5,
+        divergence="forward_kl",
+        reduction=reduction,
+        chunk_size=5,
+    )
     go = torch.randn(3, 4, generator=torch.Generator().manual_seed(9), dtype=F64) if reduction == "none" else None
 
     def run(fn, **extra):
@@ -484,8 +617,10 @@ def test_weight_is_a_slice_of_a_bigger_tensor(dtype):
     gen = torch.Generator().manual_seed(4)
     big = torch.randn(20, 9, generator=gen, dtype=F64).to(dtype)
     hidden = torch.randn(10, 5, generator=gen, dtype=F64).to(dtype)
-    teacher = dict(teacher_hidden=torch.randn(10, 7, generator=gen, dtype=F64).to(dtype),
-                   teacher_weight=torch.randn(16, 7, generator=gen, dtype=F64).to(dtype))  # fmt: skip
+    teacher = dict(
+        teacher_hidden=torch.randn(10, 7, generator=gen, dtype=F64).to(dtype),
+        teacher_weight=torch.randn(16, 7, generator=gen, dtype=F64).to(dtype),
+    )
     labels = torch.randint(0, 15, (10,), generator=gen)
     kwargs = dict(**teacher, labels=labels, hard_weight=0.3, divergence=D.skew_kl(0.2), chunk_size=4)
 
@@ -556,8 +691,13 @@ def _edge_problem(dtype, seed=0, n=12, hs=4, vocab=11):
     teacher = offset + step * torch.randint(-12, 13, (n, vocab), generator=gen).to(F64)
     labels = torch.randint(0, vocab, (n,), generator=gen)
     labels[::4] = -100
-    t = dict(student_hidden=hidden, student_weight=weight, student_bias=torch.full((vocab,), offset, dtype=F64),
-             teacher_logits=teacher, labels=labels)  # fmt: skip
+    t = dict(
+        student_hidden=hidden,
+        student_weight=weight,
+        student_bias=torch.full((vocab,), offset, dtype=F64),
+        teacher_logits=teacher,
+        labels=labels,
+    )
     for x in t.values():  # the construction is exact in the dtype
         assert not x.is_floating_point() or torch.equal(x.to(dtype).to(F64), x)
     return Problem((n,), t)
@@ -601,8 +741,11 @@ def assert_close_given_float32_compute(prob, dtype):
     assert loss_err <= loss_allowed, ("loss", out.item(), ref.item(), ref32.item())
     d = _logit_grad(prob).abs()
     d = d + delta / u  # so that u * 2 * terms below includes 2 * delta per term
-    terms = {"student_hidden": d @ prob.tensors["student_weight"].abs(),
-             "student_bias": d.sum(0), "student_weight": d.T @ prob.tensors["student_hidden"].abs()}  # fmt: skip
+    terms = {
+        "student_hidden": d @ prob.tensors["student_weight"].abs(),
+        "student_bias": d.sum(0),
+        "student_weight": d.T @ prob.tensors["student_hidden"].abs(),
+    }
     for name in g:
         e = g_ref[name]
         assert g[name].dtype == dtype and torch.isfinite(g[name]).all(), name
@@ -620,8 +763,13 @@ def assert_close_given_float32_compute(prob, dtype):
 )
 def test_huge_logits_in_16_bit(dtype, temperature, divergence):
     prob = _edge_problem(dtype, seed=int(temperature * 100))
-    prob.kwargs = dict(divergence=divergence, temperature=temperature, soft_weight=min(1.0, temperature**2),
-                       hard_weight=0.5, chunk_size=5)  # fmt: skip
+    prob.kwargs = dict(
+        divergence=divergence,
+        temperature=temperature,
+        soft_weight=min(1.0, temperature**2),
+        hard_weight=0.5,
+        chunk_size=5,
+    )
     t = prob.tensors
     logits = t["student_hidden"] @ t["student_weight"].T + t["student_bias"]
     assert torch.equal(logits.to(dtype).to(F64), logits)  # exact in the dtype: no rounding of logits
@@ -640,8 +788,11 @@ def test_float16_unscaled_intermediate_does_not_overflow_on_cpu():
     weight = torch.tensor([[2.0**15], [-(2.0**15)]], dtype=torch.float16)
     teacher = torch.tensor([[-8.0, 8.0]] * n, dtype=torch.float16)
     labels = torch.ones(n, dtype=torch.long)
-    prob = Problem((n,), dict(student_hidden=hidden, student_weight=weight, teacher_logits=teacher, labels=labels),
-                   dict(hard_weight=1.0, chunk_size=4))  # fmt: skip
+    prob = Problem(
+        (n,),
+        dict(student_hidden=hidden, student_weight=weight, teacher_logits=teacher, labels=labels),
+        dict(hard_weight=1.0, chunk_size=4),
+    )
     ref, ref_leaves = prob.call(fused_linear_distill_ref, dtype=F64)
     exact = grads_of(ref, ref_leaves)["student_hidden"]
     assert exact.abs().max() < 65504 / 2 and exact.abs().max() * n > 65504  # fits; n times it does not
@@ -668,7 +819,11 @@ def _check_dtype(prob, dtype, reduction="mean", loss_scale=0.0):
     16-bit: the bounds of test_fused.py (the reference sees exact float64 copies of the inputs;
     ``loss_scale`` as in assert_low_precision_close)."""
     prob.kwargs["reduction"] = reduction
-    go = torch.randn(prob.leading, generator=torch.Generator().manual_seed(2), dtype=F64) if reduction == "none" else None
+    go = (
+        torch.randn(prob.leading, generator=torch.Generator().manual_seed(2), dtype=F64)
+        if reduction == "none"
+        else None
+    )
     if dtype == F64:
         return compare_to_reference(prob, grad_output=go)
     out, leaves = prob.call(fused_linear_distill, dtype=dtype, impl="eager")
@@ -683,8 +838,17 @@ def _check_dtype(prob, dtype, reduction="mean", loss_scale=0.0):
     return out, g
 
 
-ALL_DIVERGENCES = ["forward_kl", "reverse_kl", "soft_ce", "tvd", "mse_logits", D.jsd(0.3), D.skew_kl(0.1),
-                   D.skew_reverse_kl(0.1), D.symmetric_kl(0.3)]  # fmt: skip
+ALL_DIVERGENCES = [
+    "forward_kl",
+    "reverse_kl",
+    "soft_ce",
+    "tvd",
+    "mse_logits",
+    D.jsd(0.3),
+    D.skew_kl(0.1),
+    D.skew_reverse_kl(0.1),
+    D.symmetric_kl(0.3),
+]
 
 
 @pytest.mark.parametrize("temperature", [0.05, 20.0])
@@ -737,8 +901,12 @@ def test_identical_student_and_teacher(divergence, dtype):
     (same matmul), so only the divergences' own float32 rounding (e.g. JSD's log-mixture) is left."""
     prob = fixed_problem(n=14, vocab=23, hs=6, dtype=dtype, seed=2)
     w = prob.tensors["student_weight"] * 4
-    prob.tensors.update(student_weight=w, teacher_hidden=prob.tensors["student_hidden"], teacher_weight=w,
-                        teacher_bias=prob.tensors["student_bias"])  # fmt: skip
+    prob.tensors.update(
+        student_weight=w,
+        teacher_hidden=prob.tensors["student_hidden"],
+        teacher_weight=w,
+        teacher_bias=prob.tensors["student_bias"],
+    )
     kwargs = dict(divergence=divergence, temperature=1.3, hard_weight=0.6, chunk_size=5)
     out, leaves = prob.call(fused_linear_distill, impl="eager", return_parts=True, **kwargs)
     assert abs(out.soft_loss.item()) < IDENTICAL_TOL[dtype]
@@ -779,8 +947,12 @@ def test_float16_logit_gradient_beyond_its_range_does_not_overflow():
     beyond float16's 65504, though the final 1/N-scaled gradient (~2.9e3) fits: each chunk's
     logit gradient is scaled into float16's range by a power of two (fused._half_with_scale)."""
     n, vocab = 64, 4
-    t = dict(student_hidden=torch.zeros(n, 1, dtype=F64), student_weight=torch.zeros(vocab, 1, dtype=F64),
-             student_bias=torch.zeros(vocab, dtype=F64), teacher_logits=torch.zeros(n, vocab, dtype=F64))  # fmt: skip
+    t = dict(
+        student_hidden=torch.zeros(n, 1, dtype=F64),
+        student_weight=torch.zeros(vocab, 1, dtype=F64),
+        student_bias=torch.zeros(vocab, dtype=F64),
+        teacher_logits=torch.zeros(n, vocab, dtype=F64),
+    )
     t["teacher_logits"][0, 1:] = -INF  # one row: the teacher allows only token 0
     prob = Problem((n,), t, dict(divergence="reverse_kl", temperature=0.01, chunk_size=16))
     out, leaves = prob.call(fused_linear_distill, dtype=torch.float16, impl="eager")
@@ -829,7 +1001,9 @@ def test_triton_kernel_ignored_row_with_fully_masked_teacher():
     valid = labels != -100
     weights = valid.float()
     scalars = torch.tensor([1.0, 1.0, 0.5, 1.0], device=device)
-    dlogits, (loss, _, _) = tc.chunk_step("forward_kl", True, False, -100, student, teacher, labels, valid, weights, scalars)
+    dlogits, (loss, _, _) = tc.chunk_step(
+        "forward_kl", True, False, -100, student, teacher, labels, valid, weights, scalars
+    )
     assert torch.isfinite(loss).all()
     assert torch.isfinite(dlogits).all()
 
@@ -847,14 +1021,18 @@ ROWS_20 = (2, 3, 5, 7, 8, 9, 10, 11, 12, 13, 15, 17, 23, 24, 25, 31, 33, 40, 47,
 
 def _compile_inputs(leading, seed=0, teacher_logits=False):
     gen = torch.Generator().manual_seed(seed)
-    t = dict(student_hidden=torch.randn(*leading, CHS, generator=gen, dtype=F64),
-             student_weight=torch.randn(CV, CHS, generator=gen, dtype=F64) * (2 / math.sqrt(CHS)),
-             labels=torch.randint(0, CV, leading, generator=gen))  # fmt: skip
+    t = dict(
+        student_hidden=torch.randn(*leading, CHS, generator=gen, dtype=F64),
+        student_weight=torch.randn(CV, CHS, generator=gen, dtype=F64) * (2 / math.sqrt(CHS)),
+        labels=torch.randint(0, CV, leading, generator=gen),
+    )
     if teacher_logits:
         t["teacher_logits"] = torch.randn(*leading, CV, generator=gen, dtype=F64) * 2
     else:
-        t.update(teacher_hidden=torch.randn(*leading, CHT, generator=gen, dtype=F64),
-                 teacher_weight=torch.randn(CV, CHT, generator=gen, dtype=F64) * (2 / math.sqrt(CHT)))  # fmt: skip
+        t.update(
+            teacher_hidden=torch.randn(*leading, CHT, generator=gen, dtype=F64),
+            teacher_weight=torch.randn(CV, CHT, generator=gen, dtype=F64) * (2 / math.sqrt(CHT)),
+        )
     return Problem(leading, t)
 
 
@@ -886,8 +1064,15 @@ def test_one_graph_for_20_row_counts_and_per_call_numbers():
     # The divergence's parameter, temperature, both weights, normalizer, reduction and leading
     # dims change per call; the lm_head weights are new tensors every call anyway.
     for i, (alpha, temperature, soft, hard) in enumerate([(0.3, 2.0, 0.5, 1.5), (0.7, 0.25, 2.0, 0.1)]):
-        kwargs = dict(base, divergence=D.skew_reverse_kl(alpha), temperature=temperature, soft_weight=soft,
-                      hard_weight=hard, normalizer=37.0, reduction="sum")  # fmt: skip
+        kwargs = dict(
+            base,
+            divergence=D.skew_reverse_kl(alpha),
+            temperature=temperature,
+            soft_weight=soft,
+            hard_weight=hard,
+            normalizer=37.0,
+            reduction="sum",
+        )
         _compiled_vs_reference(_compile_inputs((3, 5 + i), seed=i), **kwargs)
     assert _graphs() == 1, "a per-call number caused a recompile"
 
@@ -925,8 +1110,17 @@ def test_a_single_row_does_not_recompile():
 
 CUDA = torch.device("cuda", 0)
 CANDIDATES = (256, 512, 1024, 2048, 4096, 8192)
-CALL = dict(rows=5000, vocab=128256, student_hidden=2048, teacher="hidden", teacher_dim=4096, dtype=torch.bfloat16,
-            divergence="forward_kl", with_ce=True, with_grad=True)  # fmt: skip
+CALL = dict(
+    rows=5000,
+    vocab=128256,
+    student_hidden=2048,
+    teacher="hidden",
+    teacher_dim=4096,
+    dtype=torch.bfloat16,
+    divergence="forward_kl",
+    with_ce=True,
+    with_grad=True,
+)
 
 
 @pytest.fixture
@@ -937,7 +1131,9 @@ def fake_cuda(monkeypatch, tmp_path, tuning_env):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (40 * 2**30, 80 * 2**30))
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
-    monkeypatch.setattr(sweep, "build_problem", lambda key, device: type("P", (), {"key": key, "rows": key.rows_bucket})())
+    monkeypatch.setattr(
+        sweep, "build_problem", lambda key, device: type("P", (), {"key": key, "rows": key.rows_bucket})()
+    )
     monkeypatch.setattr(sweep, "distill_step", lambda problem, chunk, distill: lambda: None)
     return tmp_path / "cache"
 
@@ -977,8 +1173,14 @@ def test_failing_candidates_are_skipped_and_recorded(monkeypatch, fake_cuda):
     """OOM on the big chunks, a compile failure and an error on others: the fastest survivor
     wins, is saved, and the failures are recorded with their reasons."""
     oom = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 12.00 GiB")
-    outcomes = {8192: oom, 4096: oom, 2048: RuntimeError("triton compilation failed: out of resources"),
-                1024: 3.0, 512: 2.0, 256: ValueError("bad block")}  # fmt: skip
+    outcomes = {
+        8192: oom,
+        4096: oom,
+        2048: RuntimeError("triton compilation failed: out of resources"),
+        1024: 3.0,
+        512: 2.0,
+        256: ValueError("bad block"),
+    }
     calls = _bench(monkeypatch, outcomes)
     assert _resolve() == 512
     assert sorted(calls) == list(CANDIDATES)
@@ -1015,6 +1217,7 @@ def test_unwritable_cache_dir_falls_back_to_memory(monkeypatch, fake_cuda):
     fake_cuda.mkdir(parents=True)
     as_root = not hasattr(os, "geteuid") or os.geteuid() == 0
     if as_root:
+
         def refuse(*args, **kwargs):
             raise PermissionError(13, "Permission denied", str(fake_cuda))
 
@@ -1041,7 +1244,7 @@ def _tune_in_child(barrier, queue) -> None:
     barrier.wait()  # all tune, read-merge-write at the same time
     try:
         queue.put(_resolve())
-    except BaseException as exc:  # noqa: BLE001 - reported to the parent
+    except BaseException as exc:
         queue.put(repr(exc))
 
 

@@ -290,9 +290,15 @@ def topk_problems(draw):
 def test_teacher_topk_matches_full_logits(problem):
     hidden, weight, k, chunk, options = problem
     ids, logprobs = kdfuse.teacher_topk(
-        hidden, weight, k, chunk_size=chunk, temperature=options["temperature"],
-        teacher_bias=options["bias"], softcap=options["softcap"], vocab=options["vocab"],
-    )  # fmt: skip
+        hidden,
+        weight,
+        k,
+        chunk_size=chunk,
+        temperature=options["temperature"],
+        teacher_bias=options["bias"],
+        softcap=options["softcap"],
+        vocab=options["vocab"],
+    )
     top, every = full_topk(hidden, weight, k, **options)
     assert ids.shape == logprobs.shape == (*hidden.shape[:-1], k)
     assert ids.dtype == torch.int64 and logprobs.dtype == torch.float32
@@ -362,8 +368,17 @@ def test_ignored_row_may_hold_anything(fn, validate):
     def run(ids, logprobs):
         hl, wl = h.clone().requires_grad_(), w.clone().requires_grad_()
         kw = {"impl": "eager"} if fn == "fused" else {}
-        loss = call(hl, wl, teacher_topk=(ids, logprobs), labels=labels, divergence="topk_forward_kl_bucket",
-                    hard_weight=0.5, chunk_size=4, validate=validate, **kw)  # fmt: skip
+        loss = call(
+            hl,
+            wl,
+            teacher_topk=(ids, logprobs),
+            labels=labels,
+            divergence="topk_forward_kl_bucket",
+            hard_weight=0.5,
+            chunk_size=4,
+            validate=validate,
+            **kw,
+        )
         return (loss, *torch.autograd.grad(loss, (hl, wl)))
 
     dirty_ids, dirty_lp = ids.clone(), logprobs.clone()

@@ -56,20 +56,37 @@ def test_kernel_matches_torch_func(tc, div, rows, vocab, has_ce, softcap, inv_t,
     weights = (torch.rand(rows, generator=g).to(DEVICE) + 0.5) * valid
     kernel, params = registry.entry_of(div.fn).kernel, div.args
     scalars = torch.tensor([inv_t, 0.7, 0.4 if has_ce else 0.0, softcap or 1.0, *params], device=DEVICE)
-    spec = chunk.ChunkSpec(div.fn, len(params), False, has_ce, softcap is not None, -100, torch.float32, with_grad, False)
+    spec = chunk.ChunkSpec(
+        div.fn, len(params), False, has_ce, softcap is not None, -100, torch.float32, with_grad, False
+    )
 
     # At T = 1 and 2 the CE's softmax may come from the soft one (ce_power 1, 2), else anew.
     ce_power = tc.ce_power(1.0 / inv_t) if ce_shortcut else 0
     got_grad, got = tc.chunk_step(
-        kernel, has_ce, softcap is not None, -100, student, teacher, labels, valid, weights if with_grad else None,
-        scalars, ce_power=ce_power,
-    )  # fmt: skip
+        kernel,
+        has_ce,
+        softcap is not None,
+        -100,
+        student,
+        teacher,
+        labels,
+        valid,
+        weights if with_grad else None,
+        scalars,
+        ce_power=ce_power,
+    )
     if with_grad:
         want_grad, want = chunk.loss_and_grad(spec, student, (teacher,), labels, valid, weights, scalars)
         # float32 throughout on both sides, summed in different orders: an element's error is
         # float32 rounding of the terms that make it up, which cancel (see _gradient_terms).
-        bound = 1e-6 + 1e-5 * want_grad.abs() + 8 * torch.finfo(torch.float32).eps * _gradient_terms(
-            kernel, params, student, teacher, softcap, inv_t, 0.7, 0.4 if has_ce else 0.0, weights, want[1]
+        bound = (
+            1e-6
+            + 1e-5 * want_grad.abs()
+            + 8
+            * torch.finfo(torch.float32).eps
+            * _gradient_terms(
+                kernel, params, student, teacher, softcap, inv_t, 0.7, 0.4 if has_ce else 0.0, weights, want[1]
+            )
         )
         err = (got_grad - want_grad).abs()
         assert (err <= bound).all(), f"worst error {err.max().item():.3g}, {(err / bound).max().item():.3g} x its bound"
@@ -103,7 +120,7 @@ def _gradient_terms(kernel, params, student, teacher, softcap, inv_t, soft_w, ha
     if kernel == "reverse_kl":
         terms = ps * (ls.abs() + lt.abs() + row)
     elif kernel == "jsd":
-        beta, one_m_beta, log_beta, log_1m_beta = params
+        _, one_m_beta, log_beta, log_1m_beta = params
         lm = torch.logaddexp(log_beta + lt, log_1m_beta + ls).clamp_min(-1e4)
         terms = one_m_beta * ps * (ls.abs() + lm.abs()) + ps * row
     else:

@@ -130,9 +130,9 @@ def test_fused_step_routes_long_reductions_to_the_promoted_gemm(monkeypatch, n, 
     calls = []
     real = mm.promoted_mm
 
-    def spy(out, a, b, accumulate, alpha=1.0, config=mm.MMConfig()):
+    def spy(out, a, b, accumulate, alpha=1.0, config=None):
         calls.append((tuple(a.shape), tuple(b.shape), accumulate))
-        real(out, a, b, accumulate, alpha, config)
+        real(out, a, b, accumulate, alpha, config or mm.MMConfig())
 
     monkeypatch.setattr(mm, "promoted_mm", spy)
     v, hs, ht = 8200, 64, 96
@@ -166,7 +166,9 @@ def test_a_config_without_promotion_is_refused():
     assert _mm().MMConfig(promote=2).promote == 2
 
 
-@pytest.mark.parametrize("a_shape, b_shape, out_shape", [((40, 16), (24, 40), (40, 40)), ((40, 16), (16, 40), (40, 48))])
+@pytest.mark.parametrize(
+    "a_shape, b_shape, out_shape", [((40, 16), (24, 40), (40, 40)), ((40, 16), (16, 40), (40, 48))]
+)
 def test_mismatched_shapes_are_refused(a_shape, b_shape, out_shape):
     a = torch.zeros(a_shape, dtype=DTYPES[0], device=DEVICE)
     b = torch.zeros(b_shape, dtype=DTYPES[0], device=DEVICE)

@@ -64,20 +64,29 @@ def test_chunk_step_matches_torch_func(
     padding = min(padding, k - 1)
     ids, logprobs = _teacher(g, rows, vocab, k, padding, repeat)
     student = (torch.randn(rows, vocab, generator=g) * 4).to(dtype)
-    labels = torch.where(
-        torch.tensor(label_in_topk), ids[:, 0], torch.randint(0, vocab, (rows,), generator=g)
-    )  # fmt: skip
+    labels = torch.where(torch.tensor(label_in_topk), ids[:, 0], torch.randint(0, vocab, (rows,), generator=g))
     labels[0] = -100  # an ignored row, with an all-padding teacher row
     logprobs[0] = float("-inf")
     valid = labels != -100
     weights = (torch.rand(rows, generator=g) + 0.5) * valid
     scalars = torch.tensor([inv_t, 0.7, 0.4 if has_ce else 0.0, 1.0])
-    ids, logprobs, labels, valid, weights, scalars = (t.to(DEVICE) for t in (ids, logprobs, labels, valid, weights, scalars))
+    ids, logprobs, labels, valid, weights, scalars = (
+        t.to(DEVICE) for t in (ids, logprobs, labels, valid, weights, scalars)
+    )
     student = student.to(DEVICE)
     spec = chunk.ChunkSpec(div.fn, 0, True, has_ce, False, -100, torch.float32, with_grad, False)
 
     got_grad, got = tt.chunk_step(
-        registry.entry_of(div.fn).reduced, has_ce, student.clone(), ids, logprobs, labels, valid, weights if with_grad else None, scalars, compiled=False
+        registry.entry_of(div.fn).reduced,
+        has_ce,
+        student.clone(),
+        ids,
+        logprobs,
+        labels,
+        valid,
+        weights if with_grad else None,
+        scalars,
+        compiled=False,
     )
     if with_grad:
         want_grad, want = chunk.loss_and_grad(spec, student, (ids, logprobs), labels, valid, weights, scalars)
@@ -103,14 +112,29 @@ def test_chunk_step_matches_torch_func(
 
 def _spec(divergence, **changes) -> chunk.ChunkSpec:
     div = registry.get(divergence)
-    base = dict(fn=div.fn, n_args=len(div.args), sparse=div.sparse, has_ce=True, softcap=False, ignore_index=-100,
-                compute_dtype=torch.float32, with_grad=False, compiled=True)  # fmt: skip
+    base = dict(
+        fn=div.fn,
+        n_args=len(div.args),
+        sparse=div.sparse,
+        has_ce=True,
+        softcap=False,
+        ignore_index=-100,
+        compute_dtype=torch.float32,
+        with_grad=False,
+        compiled=True,
+    )
     return chunk.ChunkSpec(**{**base, **changes})
 
 
 def _kernel(spec: chunk.ChunkSpec, device_type: str = "cuda") -> str | None:
-    return chunk.fast_kernel(spec.fn, softcap=spec.softcap, compute_dtype=spec.compute_dtype, device_type=device_type,
-                             compiled=spec.compiled, wide_grad=spec.wide_grad)  # fmt: skip
+    return chunk.fast_kernel(
+        spec.fn,
+        softcap=spec.softcap,
+        compute_dtype=spec.compute_dtype,
+        device_type=device_type,
+        compiled=spec.compiled,
+        wide_grad=spec.wide_grad,
+    )
 
 
 def test_the_combinator_picks_the_fused_paths_where_they_apply():
@@ -132,8 +156,12 @@ def test_the_combinator_picks_the_fused_paths_where_they_apply():
     def user(student, ids, logprobs):  # a user's sparse divergence: the generic path
         return K.forward_kl("renormalize")(student, ids, logprobs)
 
-    assert chunk.fast_kernel(user, softcap=False, compute_dtype=torch.float32, device_type="cuda", compiled=True,
-                             wide_grad=False) is None  # fmt: skip
+    assert (
+        chunk.fast_kernel(
+            user, softcap=False, compute_dtype=torch.float32, device_type="cuda", compiled=True, wide_grad=False
+        )
+        is None
+    )
 
 
 def test_the_dense_kernel_takes_its_ce_shortcut_at_temperatures_one_and_two():

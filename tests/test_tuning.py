@@ -27,9 +27,16 @@ CPU = torch.device("cpu")
 CUDA = torch.device("cuda", 0)
 # An LLM-sized call: V >= 32768, so candidates run 256 .. min(8192, bucket).
 CALL = {
-    "rows": 5000, "vocab": 128256, "student_hidden": 2048, "teacher": "hidden", "teacher_dim": 4096,
-    "dtype": torch.bfloat16, "divergence": "forward_kl", "with_ce": True, "with_grad": True,
-}  # fmt: skip
+    "rows": 5000,
+    "vocab": 128256,
+    "student_hidden": 2048,
+    "teacher": "hidden",
+    "teacher_dim": 4096,
+    "dtype": torch.bfloat16,
+    "divergence": "forward_kl",
+    "with_ce": True,
+    "with_grad": True,
+}
 
 
 pytestmark = pytest.mark.usefixtures("tuning_env")
@@ -86,7 +93,9 @@ def no_problem(monkeypatch):
     at LLM sizes); records the keys built and the chunk sizes warmed up."""
     built, warmed = [], []
     monkeypatch.setattr(
-        sweep, "build_problem", lambda key, device: built.append(key) or types.SimpleNamespace(key=key, rows=key.rows_bucket)
+        sweep,
+        "build_problem",
+        lambda key, device: built.append(key) or types.SimpleNamespace(key=key, rows=key.rows_bucket),
     )
     monkeypatch.setattr(sweep, "distill_step", lambda problem, chunk, distill: lambda: warmed.append(chunk))
     return types.SimpleNamespace(built=built, warmed=warmed)
@@ -134,9 +143,16 @@ def test_settings_bad_values_name_the_variable(monkeypatch, name, value):
 
 @pytest.mark.parametrize(
     ("text", "expected"),
-    [("0.5", 0.5), ("1", 1.0), ("8000000000", 8 * 10**9), ("8e9", 8 * 10**9), ("16GiB", 16 * GiB),
-     ("512 MB", 512 * 10**6), ("0.5GiB", GiB // 2)],
-)  # fmt: skip
+    [
+        ("0.5", 0.5),
+        ("1", 1.0),
+        ("8000000000", 8 * 10**9),
+        ("8e9", 8 * 10**9),
+        ("16GiB", 16 * GiB),
+        ("512 MB", 512 * 10**6),
+        ("0.5GiB", GiB // 2),
+    ],
+)
 def test_parse_memory_budget(text, expected):
     value = env.parse_memory_budget(text)
     assert value == expected and type(value) is type(expected)
@@ -154,10 +170,18 @@ def test_parse_memory_budget_rejects(text):
 def test_key_contents_and_bucketing():
     key = key_for()
     assert key.as_dict() == {
-        "rows_bucket": 8192, "vocab": 128256, "student_hidden": 2048, "teacher": "hidden", "teacher_dim": 4096,
-        "dtype": "bfloat16", "divergence": "forward_kl", "with_ce": True, "with_grad": True, "memory_budget": None,
+        "rows_bucket": 8192,
+        "vocab": 128256,
+        "student_hidden": 2048,
+        "teacher": "hidden",
+        "teacher_dim": 4096,
+        "dtype": "bfloat16",
+        "divergence": "forward_kl",
+        "with_ce": True,
+        "with_grad": True,
+        "memory_budget": None,
         "impl": "compile",
-    }  # fmt: skip
+    }
     assert [tuning.rows_bucket(n) for n in (1, 2, 3, 4096, 4097, 8192)] == [1, 2, 4, 4096, 8192, 8192]
     assert key_for(rows=4097) == key_for(rows=8192) == key
     assert key_for(rows=8193).rows_bucket == 16384
@@ -196,13 +220,25 @@ def test_estimate_bytes():
     assert tuning.estimate_bytes(8, 10, 4, torch.float64, True) == 8 * 10 * (3 * 8 + 2 * 8) + 10 * 4 * 8
     # The in-place kernels: the student's block, the teacher's at most TEACHER_ROWS rows, no copies.
     rows = TEACHER_ROWS
-    assert tuning.estimate_bytes(4 * rows, 1000, 64, torch.bfloat16, True, in_place=True) == 5 * rows * 1000 * 2 + 1000 * 64 * 4
+    assert (
+        tuning.estimate_bytes(4 * rows, 1000, 64, torch.bfloat16, True, in_place=True)
+        == 5 * rows * 1000 * 2 + 1000 * 64 * 4
+    )
     assert tuning.estimate_bytes(64, 1000, 64, torch.bfloat16, False, in_place=True) == 2 * 64 * 1000 * 2
-    assert tuning.estimate_bytes(4 * rows, 1000, 64, torch.bfloat16, True, "topk", True) == 4 * rows * 1000 * 2 + 1000 * 64 * 4
+    assert (
+        tuning.estimate_bytes(4 * rows, 1000, 64, torch.bfloat16, True, "topk", True)
+        == 4 * rows * 1000 * 2 + 1000 * 64 * 4
+    )
     # Teacher logits the caller gives are read where they are: no teacher block of ours, on
     # either path (the generic one still makes its float32 copy).
-    assert tuning.estimate_bytes(4 * rows, 1000, 64, torch.bfloat16, True, "logits", True) == 4 * rows * 1000 * 2 + 1000 * 64 * 4
-    assert tuning.estimate_bytes(1024, 1000, 64, torch.bfloat16, True, "logits") == 1024 * 1000 * (2 * 2 + 2 * 4) + 1000 * 64 * 4
+    assert (
+        tuning.estimate_bytes(4 * rows, 1000, 64, torch.bfloat16, True, "logits", True)
+        == 4 * rows * 1000 * 2 + 1000 * 64 * 4
+    )
+    assert (
+        tuning.estimate_bytes(1024, 1000, 64, torch.bfloat16, True, "logits")
+        == 1024 * 1000 * (2 * 2 + 2 * 4) + 1000 * 64 * 4
+    )
     with pytest.raises(ValueError, match="teacher must be one of"):
         tuning.estimate_bytes(1024, 1000, 64, torch.bfloat16, True, "dense")
 
@@ -217,7 +253,9 @@ def test_working_set_adds_the_returned_gradients():
     key = key_for()
     outputs = (128256 + 8192 * 3) * 2048 * 2  # grad_weight (bf16), grad_hidden (fp32, then bf16)
     assert tuning.working_set(key, "cuda")(4096) == tuning.key_estimate(key, "cuda")(4096) + outputs
-    assert tuning.working_set(key_for(with_grad=False), "cuda")(4096) == tuning.key_estimate(key_for(with_grad=False), "cuda")(4096)
+    assert tuning.working_set(key_for(with_grad=False), "cuda")(4096) == tuning.key_estimate(
+        key_for(with_grad=False), "cuda"
+    )(4096)
 
 
 def test_runs_in_place_names_the_kernels_path():
@@ -238,8 +276,15 @@ def test_memory_budget_prunes_by_the_path_that_runs():
     is handed the same estimate."""
     key = key_for(memory_budget=3 * 2**30)
     assert tuning.heuristic_choice(key, "cuda") == 2048
-    assert tuning.heuristic_choice(tuning.make_key(**{**CALL, "memory_budget": 3 * 2**30, "divergence": "mse_logits"}), "cuda") == 1024
-    assert tuning.key_estimate(key, "cuda")(4096) == tuning.estimate_bytes(4096, 128256, 2048, torch.bfloat16, True, in_place=True)
+    assert (
+        tuning.heuristic_choice(
+            tuning.make_key(**{**CALL, "memory_budget": 3 * 2**30, "divergence": "mse_logits"}), "cuda"
+        )
+        == 1024
+    )
+    assert tuning.key_estimate(key, "cuda")(4096) == tuning.estimate_bytes(
+        4096, 128256, 2048, torch.bfloat16, True, in_place=True
+    )
     assert tuning.key_estimate(key, "cpu")(4096) == tuning.estimate_bytes(4096, 128256, 2048, torch.bfloat16, True)
 
 
@@ -554,9 +599,18 @@ def one_thread():
 
 
 TINY = {
-    "rows": 200, "vocab": 300, "student_hidden": 16, "teacher": "hidden", "teacher_dim": 24, "dtype": torch.float32,
-    "divergence": "forward_kl", "with_ce": True, "with_grad": True, "memory_budget": None, "impl": "eager",
-}  # fmt: skip
+    "rows": 200,
+    "vocab": 300,
+    "student_hidden": 16,
+    "teacher": "hidden",
+    "teacher_dim": 24,
+    "dtype": torch.float32,
+    "divergence": "forward_kl",
+    "with_ce": True,
+    "with_grad": True,
+    "memory_budget": None,
+    "impl": "eager",
+}
 
 
 @pytest.mark.parametrize("teacher", ["hidden", "logits"])
@@ -591,8 +645,13 @@ def test_top_k_teacher_problem(one_thread):
     grad_h, grad_w = sweep.distill_step(problem, 64, kdfuse.fused_linear_distill)()
     assert grad_h.shape == (256, 16) and torch.isfinite(grad_w).all() and grad_w.abs().sum() > 0
     assert len(sweep.floor_step(problem)()) == 3
-    assert tuning.key_estimate(key, "cpu")(64) == tuning.estimate_bytes(64, 300, 16, torch.float32, True, teacher="topk")
-    assert tuning.estimate_bytes(1024, 1000, 64, torch.bfloat16, True, teacher="topk") == 1024 * 1000 * (2 * 2 + 4) + 1000 * 64 * 4
+    assert tuning.key_estimate(key, "cpu")(64) == tuning.estimate_bytes(
+        64, 300, 16, torch.float32, True, teacher="topk"
+    )
+    assert (
+        tuning.estimate_bytes(1024, 1000, 64, torch.bfloat16, True, teacher="topk")
+        == 1024 * 1000 * (2 * 2 + 4) + 1000 * 64 * 4
+    )
 
 
 def test_fused_call_reaches_the_tuner_with_its_teacher_form_and_a_stable_name(monkeypatch):
@@ -607,7 +666,9 @@ def test_fused_call_reaches_the_tuner_with_its_teacher_form_and_a_stable_name(mo
     gen = torch.Generator().manual_seed(0)
     h, w = torch.randn(6, 4, generator=gen), torch.randn(10, 4, generator=gen)
     logprobs, ids = torch.randn(6, 10, generator=gen).log_softmax(-1).topk(3, dim=-1)
-    kdfuse.fused_linear_distill(h, w, teacher_topk=(ids, logprobs), divergence="topk_forward_kl_bucket", chunk_size="auto")
+    kdfuse.fused_linear_distill(
+        h, w, teacher_topk=(ids, logprobs), divergence="topk_forward_kl_bucket", chunk_size="auto"
+    )
 
     def scaled_kl(s, t, scale):
         return scale * D.forward_kl(s, t)
@@ -617,7 +678,9 @@ def test_fused_call_reaches_the_tuner_with_its_teacher_form_and_a_stable_name(mo
             return D.forward_kl(s, t) / 2
 
     for divergence in (functools.partial(scaled_kl, scale=0.5), Halved()):
-        kdfuse.fused_linear_distill(h, w, torch.randn(6, 5), torch.randn(10, 5), divergence=divergence, chunk_size="auto")
+        kdfuse.fused_linear_distill(
+            h, w, torch.randn(6, 5), torch.randn(10, 5), divergence=divergence, chunk_size="auto"
+        )
     assert (seen[0].teacher, seen[0].teacher_dim, seen[0].divergence) == ("topk", 3, "topk_forward_kl_bucket")
     local = "test_fused_call_reaches_the_tuner_with_its_teacher_form_and_a_stable_name.<locals>"
     assert [k.divergence for k in seen[1:]] == [f"{local}.scaled_kl", f"{local}.Halved"]

@@ -45,18 +45,18 @@ import math
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import kdfuse  # noqa: E402
-from autotune import measure_interleaved  # noqa: E402
-from kdfuse import divergences as D  # noqa: E402
+import kdfuse
+from autotune import measure_interleaved
+from kdfuse import divergences as D
 
 GiB = 2**30
 
@@ -186,26 +186,39 @@ def contenders(cfg: Config, chunks: list[int], liger_chunks: list[int], inputs) 
     else:
         for c in liger_chunks:
             mod = LigerFusedLinearJSDLoss(
-                weight_hard_loss=cfg.hard_weight, weight_soft_loss=cfg.soft_weight, beta=cfg.beta,
-                temperature=cfg.temperature, chunk_size=c,
-            )  # fmt: skip
+                weight_hard_loss=cfg.hard_weight,
+                weight_soft_loss=cfg.soft_weight,
+                beta=cfg.beta,
+                temperature=cfg.temperature,
+                chunk_size=c,
+            )
             out[f"liger-c{c}"] = grads_of(lambda h, ws, th, wt, y, mod=mod: mod(h, ws, th, wt, y), *inputs)
         triton_jsd = LigerFusedLinearJSD(jsd_beta=cfg.beta, temperature=cfg.temperature)
         out["liger-triton"] = grads_of(lambda h, ws, th, wt, y: triton_jsd(h, ws, th, wt, y), *inputs)
     for c in ["auto", *chunks]:
         kw = dict(
-            labels=y, divergence=cfg.divergence, temperature=cfg.temperature,
-            soft_weight=cfg.soft_weight, hard_weight=cfg.hard_weight, chunk_size=c,
-        )  # fmt: skip
+            labels=y,
+            divergence=cfg.divergence,
+            temperature=cfg.temperature,
+            soft_weight=cfg.soft_weight,
+            hard_weight=cfg.hard_weight,
+            chunk_size=c,
+        )
         name = "kdfuse-auto" if c == "auto" else f"kdfuse-c{c}"
         out[name] = grads_of(lambda h, ws, th, wt, y, kw=kw: kdfuse.fused_linear_distill(h, ws, th, wt, **kw), *inputs)
     if cfg.divergence == "forward_kl":  # sparse teacher: top-64 log-probs extracted once, offline
         topk = kdfuse.teacher_topk(th, wt, 64, temperature=cfg.temperature)
         kw = dict(
-            teacher_topk=topk, labels=y, divergence="topk_forward_kl_renormalize", temperature=cfg.temperature,
-            soft_weight=cfg.soft_weight, hard_weight=cfg.hard_weight,
-        )  # fmt: skip
-        out["kdfuse-topk64"] = grads_of(lambda h, ws, th, wt, y, kw=kw: kdfuse.fused_linear_distill(h, ws, **kw), *inputs)
+            teacher_topk=topk,
+            labels=y,
+            divergence="topk_forward_kl_renormalize",
+            temperature=cfg.temperature,
+            soft_weight=cfg.soft_weight,
+            hard_weight=cfg.hard_weight,
+        )
+        out["kdfuse-topk64"] = grads_of(
+            lambda h, ws, th, wt, y, kw=kw: kdfuse.fused_linear_distill(h, ws, **kw), *inputs
+        )
     return out
 
 
@@ -262,7 +275,11 @@ def run_case(case: str, cfg_key: str, args) -> list[Row]:
     torch.cuda.empty_cache()
     rows: list[Row] = []
     steps = contenders(cfg, args.chunks, args.liger_chunks, inputs)
-    steps = {name: step for name, step in steps.items() if not args.contenders or any(name.startswith(c) for c in args.contenders)}
+    steps = {
+        name: step
+        for name, step in steps.items()
+        if not args.contenders or any(name.startswith(c) for c in args.contenders)
+    }
     # First calls one contender at a time (compile time, errors, crashes); then the timing, in
     # rounds over every contender that ran (see autotune.measure_interleaved: the clocks of a GPU
     # at its power limit drift, and contenders timed one after the other would not share them).
@@ -365,14 +382,39 @@ def print_table(rows: list[Row]) -> None:
     from rich.table import Table
 
     table = Table(title=f"KD loss fwd+bwd on {torch.cuda.get_device_name()} (bf16)", box=box.MARKDOWN)
-    cols = ("case", "config", "contender", "× floor", "ms", "J × floor", "J", "peak GiB", "grad err", "vs exact", "loss err", "1st call s", "note")
+    cols = (
+        "case",
+        "config",
+        "contender",
+        "× floor",
+        "ms",
+        "J × floor",
+        "J",
+        "peak GiB",
+        "grad err",
+        "vs exact",
+        "loss err",
+        "1st call s",
+        "note",
+    )
     for col in cols:
         table.add_column(col, justify="left" if col in ("case", "config", "contender", "note") else "right")
     for r in rows:
         table.add_row(
-            r.case, r.config, r.contender, f"{r.ratio:.3f}", f"{r.ms:.2f}", f"{r.joules_ratio:.3f}", f"{r.joules:.2f}", f"{r.peak_gib:.2f}",
-            f"{r.grad_err:.1e}", f"{r.grad_err_exact:.2e}", f"{r.loss_err:.1e}", f"{r.first_call_s:.1f}", r.note,
-        )  # fmt: skip
+            r.case,
+            r.config,
+            r.contender,
+            f"{r.ratio:.3f}",
+            f"{r.ms:.2f}",
+            f"{r.joules_ratio:.3f}",
+            f"{r.joules:.2f}",
+            f"{r.peak_gib:.2f}",
+            f"{r.grad_err:.1e}",
+            f"{r.grad_err_exact:.2e}",
+            f"{r.loss_err:.1e}",
+            f"{r.first_call_s:.1f}",
+            r.note,
+        )
     Console(width=200).print(table)
 
 
@@ -385,8 +427,14 @@ def plot(rows: list[Row], path: str) -> None:
     groups = sorted({(r.case, r.config) for r in rows})
     fig, axes = plt.subplots(len(groups), 1, figsize=(10, 2.8 * len(groups)), squeeze=False)
     for ax, (case, cfg) in zip(axes[:, 0], groups):
-        sel = [r for r in rows if (r.case, r.config) == (case, cfg) and r.contender != "floor" and math.isfinite(r.ratio)]
-        ax.barh([r.contender for r in sel], [r.ratio for r in sel], color=["tab:green" if r.contender.startswith("kdfuse") else "tab:gray" for r in sel])
+        sel = [
+            r for r in rows if (r.case, r.config) == (case, cfg) and r.contender != "floor" and math.isfinite(r.ratio)
+        ]
+        ax.barh(
+            [r.contender for r in sel],
+            [r.ratio for r in sel],
+            color=["tab:green" if r.contender.startswith("kdfuse") else "tab:gray" for r in sel],
+        )
         ax.axvline(1.0, color="k", lw=0.8)
         ax.set_title(f"{case} {cfg}: time / floor", fontsize=9)
         ax.tick_params(labelsize=7)
@@ -403,9 +451,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--liger-chunks", type=int, nargs="*", default=[1024, 4096])
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeat", type=int, default=5, help="timed calls per contender per round")
-    parser.add_argument("--rounds", type=int, default=3, help="rounds over all contenders (see autotune.measure_interleaved)")
-    parser.add_argument("--settle", type=float, default=1.0, help="seconds each contender runs untimed before its timed calls, each round")
-    parser.add_argument("--energy", type=float, default=1.0, help="seconds of steps whose energy is read per contender (0: none)")
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="rounds over all contenders (see autotune.measure_interleaved)"
+    )
+    parser.add_argument(
+        "--settle",
+        type=float,
+        default=1.0,
+        help="seconds each contender runs untimed before its timed calls, each round",
+    )
+    parser.add_argument(
+        "--energy", type=float, default=1.0, help="seconds of steps whose energy is read per contender (0: none)"
+    )
     parser.add_argument("--json", help="write all rows here")
     parser.add_argument("--png", help="draw time/floor per case here")
     args = parser.parse_args(argv)

@@ -3,12 +3,13 @@
     python tools/kernel_bench.py                      # 4096 x 128256 bf16 chunk, defaults
     python tools/kernel_bench.py --rows 2048 --blocks 1024 2048 4096 --warps 4 8 --stages 1 2 3
 
-For each (BLOCK, num_warps[, pipeline stages of the dense kernel's loops]) it times ``triton_chunk.chunk_step`` (forward KL + CE and JSD + CE,
-T = 2, with gradient) and ``triton_topk.chunk_step`` (top-64, bucket, + CE), reports the median
-ms and the effective bandwidth of the bytes each must move (forward KL: two reads of both logit
-blocks and one write; JSD: three reads of both and one write; top-k: three reads and one write
-of the student block), next to a plain device copy of one block as the attainable rate. The chosen
-defaults live in the kernel modules (_BLOCK, _NUM_WARPS, _STAGES). It also times the backward's
+For each (BLOCK, num_warps[, pipeline stages of the dense kernel's loops]) it times
+``triton_chunk.chunk_step`` (forward KL + CE and JSD + CE, T = 2, with gradient) and
+``triton_topk.chunk_step`` (top-64, bucket, + CE), reports the median ms and the effective
+bandwidth of the bytes each must move (forward KL: two reads of both logit blocks and one write;
+JSD: three reads of both and one write; top-k: three reads and one write of the student block),
+next to a plain device copy of one block as the attainable rate. The chosen defaults live in
+the kernel modules (_BLOCK, _NUM_WARPS, _STAGES). It also times the backward's
 final scale + cast of the float32 grad_weight accumulator (kdfuse.triton_cast against torch.mul).
 """
 
@@ -22,8 +23,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from autotune import measure  # noqa: E402
-from kdfuse import registry  # noqa: E402
+from autotune import measure
+from kdfuse import registry
 
 
 def time_cast(vocab: int, dev: torch.device, gen: torch.Generator) -> None:
@@ -49,7 +50,13 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=64)
     parser.add_argument("--blocks", type=int, nargs="+", default=[2048, 4096, 8192])
     parser.add_argument("--warps", type=int, nargs="+", default=[4, 8, 16])
-    parser.add_argument("--stages", type=int, nargs="+", default=[0], help="dense kernel: pipeline stages of its loops (0: the module's)")
+    parser.add_argument(
+        "--stages",
+        type=int,
+        nargs="+",
+        default=[0],
+        help="dense kernel: pipeline stages of its loops (0: the module's)",
+    )
     args = parser.parse_args()
     from kdfuse import triton_chunk, triton_topk
 
@@ -78,7 +85,9 @@ def main() -> None:
 
         def step():
             work.copy_(student)  # the kernel overwrites its input; the copy is timed separately above
-            triton_chunk.chunk_step(kernel, True, False, -100, work, teacher, labels, valid, weights, with_params, out=work)
+            triton_chunk.chunk_step(
+                kernel, True, False, -100, work, teacher, labels, valid, weights, with_params, out=work
+            )
 
         return step
 
@@ -89,7 +98,11 @@ def main() -> None:
     time_cast(vocab, dev, gen)
     defaults = dict(triton_chunk._STAGES)
     print(f"{'kernel':8} {'BLOCK':>6} {'warps':>5} {'stages':>6} {'ms':>8} {'GB/s':>7}")
-    cases = (("fkl", dense("forward_kl"), 5 * block_bytes), ("jsd", dense("jsd"), 7 * block_bytes), ("topk", topk, 4 * block_bytes))
+    cases = (
+        ("fkl", dense("forward_kl"), 5 * block_bytes),
+        ("jsd", dense("jsd"), 7 * block_bytes),
+        ("topk", topk, 4 * block_bytes),
+    )
     for name, step, traffic in cases:
         for block in args.blocks:
             for warps in args.warps:

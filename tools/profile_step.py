@@ -25,15 +25,17 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from autotune import measure  # noqa: E402
-from kdfuse import fused_linear_distill, sweep, tuning  # noqa: E402
+from autotune import measure
+from kdfuse import fused_linear_distill, sweep, tuning
 
 
 def timeline(prof: profile, steps: int, top: int = 5) -> str:
     """Per step: span, busy and idle time of the profiled steps' device activity (busy split into
     kernels and copies/fills), and the largest gaps."""
     spans = sorted(
-        (e.time_range.start, e.time_range.end, e.name) for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
+        (e.time_range.start, e.time_range.end, e.name)
+        for e in prof.events()
+        if e.device_type == torch.autograd.DeviceType.CUDA
     )
     if not spans:
         return "no device activity recorded"
@@ -68,10 +70,17 @@ def main() -> None:
     ap.add_argument("--warm-steps", type=int, default=3, help="steps run back to back just before the profiled ones")
     args = ap.parse_args()
     key = tuning.make_key(
-        rows=args.tokens, vocab=args.vocab, student_hidden=args.student_hidden, teacher="hidden",
-        teacher_dim=args.teacher_hidden, dtype=torch.bfloat16, divergence=args.divergence, with_ce=True,
-        with_grad=True, memory_budget=None,
-    )  # fmt: skip
+        rows=args.tokens,
+        vocab=args.vocab,
+        student_hidden=args.student_hidden,
+        teacher="hidden",
+        teacher_dim=args.teacher_hidden,
+        dtype=torch.bfloat16,
+        divergence=args.divergence,
+        with_ce=True,
+        with_grad=True,
+        memory_budget=None,
+    )
     problem = sweep.build_problem(key, torch.device("cuda"))
 
     step = sweep.distill_step(problem, args.chunk, fused_linear_distill, validate=not args.no_validate)
@@ -86,7 +95,11 @@ def main() -> None:
                 fn()
             torch.cuda.synchronize()
         print(f"{name}:")
-        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14 if name == "kdfuse" else 6, max_name_column_width=70))
+        print(
+            prof.key_averages().table(
+                sort_by="cuda_time_total", row_limit=14 if name == "kdfuse" else 6, max_name_column_width=70
+            )
+        )
         ms, _ = measure(fn, warmup=3, repeat=10)
         torch.cuda.synchronize()
         t0 = time.perf_counter()
@@ -99,9 +112,11 @@ def main() -> None:
         # waits for the host (idle gaps before the first ops of a step). With the value check
         # (kdfuse without --no-validate) the host also waits for each step's check, so "queued"
         # then includes those waits: compare with --no-validate.
-        print(f"{name}: 10 steps queued by the host in {queued * 1e3:.1f} ms, done on the device after {done * 1e3:.1f} ms")
+        host, device = queued * 1e3, done * 1e3
+        print(f"{name}: 10 steps queued by the host in {host:.1f} ms, done on the device after {device:.1f} ms")
         print(f"{name}, {args.steps} steps profiled, {timeline(prof, args.steps)}")
         print(f"{name}: median step (CUDA events, back to back, as tools/bench.py times it): {ms:.2f} ms")
+
 
 if __name__ == "__main__":
     main()

@@ -14,15 +14,15 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from kdfuse.shards import HiddenFn, write_topk_shards  # noqa: E402
+from kdfuse.shards import HiddenFn, write_topk_shards
 
 _TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -77,11 +77,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"shard {done}/{total}", file=sys.stderr, flush=True)
 
     manifest = write_topk_shards(
-        hidden_fn, weight, tokens, args.out, k=args.k, seq_len=args.seq_len, batch_size=args.batch_size,
-        sequences_per_shard=args.sequences_per_shard, temperature=args.temperature, dtype=args.logprob_dtype,
-        resume=not args.no_resume, progress=progress, softcap=softcap, vocab=args.vocab,
+        hidden_fn,
+        weight,
+        tokens,
+        args.out,
+        k=args.k,
+        seq_len=args.seq_len,
+        batch_size=args.batch_size,
+        sequences_per_shard=args.sequences_per_shard,
+        temperature=args.temperature,
+        dtype=args.logprob_dtype,
+        resume=not args.no_resume,
+        progress=progress,
+        softcap=softcap,
+        vocab=args.vocab,
         metadata={"teacher": args.hf_model, "model_dtype": args.model_dtype, "tokens": str(args.tokens.resolve())},
-    )  # fmt: skip
+    )
     print(f"{manifest['num_sequences']} sequences in {len(manifest['shards'])} shards under {args.out}")
     return 0
 
