@@ -1,4 +1,5 @@
-"""Shared test configuration: hypothesis profiles and the ``gpu`` marker.
+"""Shared test configuration: hypothesis profiles, the ``gpu`` and ``slow`` markers, and the
+fixtures several test modules use (shared helpers that are not fixtures are in helpers.py).
 
 Hypothesis profiles (select with ``--hypothesis-profile NAME``, which hypothesis' own pytest plugin
 provides, or with the environment variable ``KDFUSE_HYPOTHESIS_PROFILE``; the command-line option
@@ -8,7 +9,9 @@ wins):
 * ``dev``: a few hundred examples, for local work on the kernels.
 * ``long``: 10 000 examples, for fuzzing overnight.
 
-Tests marked ``@pytest.mark.gpu`` are skipped when CUDA is not available.
+Tests marked ``@pytest.mark.gpu`` are skipped when CUDA is not available. Tests marked
+``@pytest.mark.slow`` (CPU compiles, real benchmark and command runs) are deselected by
+``-m "not slow"``, the quick run; a plain ``pytest tests`` (CI) runs everything.
 """
 
 from __future__ import annotations
@@ -80,3 +83,34 @@ def tuning_env(monkeypatch, tmp_path):
     tuning.clear_memo()
     yield
     tuning.clear_memo()
+
+
+@pytest.fixture
+def no_problem(monkeypatch):
+    """The tuner's benchmark inputs are not built and its warm-up step does nothing (for stubbed
+    benches at LLM sizes); records the keys built and the chunk sizes warmed up."""
+    import helpers
+
+    return helpers.no_problem_stubs(monkeypatch)
+
+
+@pytest.fixture
+def fake_cuda(monkeypatch, no_problem, tuning_env):
+    """Lets resolve_chunk_size take its real CUDA path on a CPU-only machine: the device queries
+    are stubbed (40 of 80 GiB free), and so is the benchmark problem; with tuning_env's private
+    cache dir and empty memo. Yields no_problem's record."""
+    GiB = 2**30
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Fake GPU")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (40 * GiB, 80 * GiB))
+    return no_problem
+
+
+@pytest.fixture
+def one_thread():
+    """Real CPU work with one intra-op thread: on a busy machine, spinning OpenMP threads make
+    tiny problems (and tiny benchmarks) many times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
