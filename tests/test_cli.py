@@ -8,7 +8,7 @@ import threading
 
 import pytest
 import torch
-from bench_stubs import SweepCalls
+from helpers import SweepCalls
 
 import autotune.cache
 from autotune import Measurement
@@ -329,16 +329,7 @@ def test_cache_clear_waits_for_the_cache_lock(capsys):
     assert capsys.readouterr().out.strip() == f"cleared {cache.path}"
 
 
-@pytest.fixture
-def one_thread():
-    """Real CPU timing with one intra-op thread: on a busy machine, spinning OpenMP threads make
-    a tiny benchmark many times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
+@pytest.mark.slow
 def test_tiny_end_to_end_for_real(capsys, one_thread):
     """The one unstubbed run: real timing of the tiny preset (few repeats), then a cache hit."""
     out = run(capsys, "tune", "--warmup", "1", "--repeat", "2")

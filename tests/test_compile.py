@@ -13,7 +13,11 @@ graphs as differences of Dynamo's counters, never resetting Dynamo: a reset woul
 the bug a shared recompile limit caused (the ninth configuration of a process silently ran
 eagerly). Labels are ignored with ``IGNORE`` (part of every spec), so no other test file compiles
 these specs first. The agreement tests reuse the counting test's graphs (run alone, they compile
-their own).
+their own). The same holds for the float64-input tests below (their own spec, one graph for 20
+row counts and every per-call number).
+
+Every test here compiles on the CPU (5-10 s per new graph, 2-3 minutes for the file with a cold
+inductor cache): the module is marked ``slow``.
 """
 
 from __future__ import annotations
@@ -22,16 +26,19 @@ import math
 
 import pytest
 import torch
+from helpers import F64, INF, STUDENT, Problem, grads_of, rel_err, run_student, topk_mixed_case
 from torch._dynamo.utils import counters
 
 import kdfuse
 from kdfuse import divergences as D
 from kdfuse import fused_linear_distill, fused_linear_distill_ref, registry
+from kdfuse import topk as T
+
+pytestmark = pytest.mark.slow
 
 V, HS, HT, CHUNK = 61, 16, 24, 8  # V prime; with CHUNK = 8 the row counts below leave tails
 IGNORE = -3
 ROW_COUNTS = (8, 13, 17, 21, 30)  # of 0, 5, 1 (merged into a 9-row chunk), 5 and 6 rows
-STUDENT = ("student_hidden", "student_weight", "student_bias")
 
 
 def make_inputs(leading, seed: int = 0) -> dict:
@@ -48,17 +55,6 @@ def make_inputs(leading, seed: int = 0) -> dict:
     )
 
 
-def run(fn, inputs: dict, grad: bool = True, grad_output=None, **kwargs):
-    """(loss, [grad hidden, grad weight, grad bias]) with the student tensors as fresh leaves."""
-    args = dict(inputs)
-    leaves = [args[name].detach().clone().requires_grad_(grad) for name in STUDENT]
-    args.update(zip(STUDENT, leaves))
-    out = fn(**args, **kwargs)
-    if not grad:
-        return out, None
-    return out, list(torch.autograd.grad(out, leaves, grad_outputs=grad_output))
-
-
 def unique_graphs() -> int:
     return counters["stats"]["unique_graphs"]
 
@@ -70,7 +66,7 @@ def assert_rel_close(actual, expected, tol, what=""):
 
 
 def check_against_reference(out, grads, inputs, grad_output=None, **kwargs):
-    ref, ref_grads = run(fused_linear_distill_ref, inputs, grad_output=grad_output, **kwargs)
+    ref, ref_grads = run_student(fused_linear_distill_ref, inputs, grad_output=grad_output, **kwargs)
     # float32 inputs, float32 compute vs float64: a few float32 roundings (u = 6e-8) per term.
     assert_rel_close(out, ref, 2e-5, "loss")
     for name, g, r in zip(STUDENT, grads, ref_grads):
@@ -84,7 +80,7 @@ def test_one_graph_per_spec_across_row_counts_and_scalars():
     # A: five row counts, various tails, one graph.
     for n in ROW_COUNTS:
         inputs = make_inputs((n,), seed=n)
-        out, grads = run(fused_linear_distill, inputs, **base)
+        out, grads = run_student(fused_linear_distill, inputs, **base)
         check_against_reference(out, grads, inputs, **base)
     assert unique_graphs() - start == 1
 
@@ -92,7 +88,7 @@ def test_one_graph_per_spec_across_row_counts_and_scalars():
     inputs = make_inputs((3, 7), seed=1)
     for temperature, soft, hard in ((2.0, 0.3, 0.7), (0.5, 1.5, 2.0)):
         kwargs = dict(base, temperature=temperature, soft_weight=soft, hard_weight=hard, normalizer=100.0)
-        out, grads = run(fused_linear_distill, inputs, reduction="sum", **kwargs)
+        out, grads = run_student(fused_linear_distill, inputs, reduction="sum", **kwargs)
         check_against_reference(out, grads, inputs, reduction="sum", **kwargs)
     assert unique_graphs() - start == 1
 
@@ -100,13 +96,13 @@ def test_one_graph_per_spec_across_row_counts_and_scalars():
     for n in (13, 22):
         inputs = make_inputs((n,), seed=n)
         go = torch.randn(n, generator=torch.Generator().manual_seed(n))
-        out, grads = run(fused_linear_distill, inputs, grad_output=go, reduction="none", **base)
+        out, grads = run_student(fused_linear_distill, inputs, grad_output=go, reduction="none", **base)
         check_against_reference(out, grads, inputs, grad_output=go, reduction="none", **base)
     assert unique_graphs() - start == 2
     # B again, through torch.no_grad, at new row counts and temperature.
     with torch.no_grad():
         for n in (9, 30):
-            out, _ = run(fused_linear_distill, make_inputs((n,)), grad=False, temperature=3.0, **base)
+            out, _ = run_student(fused_linear_distill, make_inputs((n,)), grad=False, temperature=3.0, **base)
             assert out.grad_fn is None
     assert unique_graphs() - start == 2
 
@@ -116,11 +112,11 @@ def test_one_graph_per_spec_across_row_counts_and_scalars():
         kwargs = dict(
             divergence=D.jsd(beta), chunk_size=CHUNK, impl="compile", temperature=1.0 + beta, ignore_index=IGNORE
         )
-        out, grads = run(fused_linear_distill, inputs, **kwargs)
+        out, grads = run_student(fused_linear_distill, inputs, **kwargs)
         check_against_reference(out, grads, inputs, **kwargs)
     assert unique_graphs() - start == 3
     # A name string resolves to the same kernel: still C.
-    run(
+    run_student(
         fused_linear_distill,
         make_inputs((17,)),
         divergence="jsd_beta0.45",
@@ -147,8 +143,8 @@ def test_compiled_matches_eager(kwargs):
     for leading, extra in (((21,), {}), ((4, 6), {"softcap": 9.0} if "softcap" in kwargs else {})):
         inputs = make_inputs(leading, seed=sum(leading))
         call = dict(kwargs, **extra, chunk_size=CHUNK, ignore_index=IGNORE)
-        out, grads = run(fused_linear_distill, inputs, impl="compile", **call)
-        eager, eager_grads = run(fused_linear_distill, inputs, impl="eager", **call)
+        out, grads = run_student(fused_linear_distill, inputs, impl="compile", **call)
+        eager, eager_grads = run_student(fused_linear_distill, inputs, impl="eager", **call)
         # Same float32 math, fused differently by inductor: agreement to a few float32 ulps.
         assert_rel_close(out, eager, 1e-5, "loss")
         for name, g, e in zip(STUDENT, grads, eager_grads):
@@ -171,7 +167,6 @@ def _user_divergence(i: int):
     return divergence
 
 
-@pytest.mark.slow
 def test_every_configuration_gets_its_own_graph_without_a_reset(monkeypatch, caplog):
     """12 user divergences and every built-in (dense and top-k), each with and without gradient,
     in one process: each configuration compiles exactly one graph of its own, and none reaches
@@ -192,7 +187,113 @@ def test_every_configuration_gets_its_own_graph_without_a_reset(monkeypatch, cap
     for divergence, teacher, grad in calls:
         before = unique_graphs()
         kwargs = dict(divergence=divergence, chunk_size=CHUNK, impl="compile", ignore_index=ignore, hard_weight=0.5)
-        out, _ = run(fused_linear_distill, {**student, **teacher}, grad=grad, **kwargs)
+        out, _ = run_student(fused_linear_distill, {**student, **teacher}, grad=grad, **kwargs)
         assert torch.isfinite(out)
         assert unique_graphs() - before == 1, (getattr(divergence, "__name__", divergence), grad)
     assert "recompile_limit" not in caplog.text
+
+
+# =================================================================================================
+# One graph for 20 row counts and every per-call number (float64 inputs cast to float32)
+# =================================================================================================
+
+# skew_reverse_kl is not on the Triton path on CUDA either (kdfuse.triton_chunk handles forward/
+# reverse KL, soft CE and JSD), so this is the torch.compile graph on every device. One spec
+# (divergence kernel, CE on, float32, with gradient, ignore_index CIGNORE, which nothing else
+# uses): ONE compiled graph for these three tests, counted by the first.
+CV, CHS, CHT, CCHUNK, CIGNORE = 17, 8, 12, 8, -7
+ROWS_20 = (2, 3, 5, 7, 8, 9, 10, 11, 12, 13, 15, 17, 23, 24, 25, 31, 33, 40, 47, 64)
+SKEW = dict(divergence=D.skew_reverse_kl(0.1), hard_weight=0.3, chunk_size=CCHUNK, ignore_index=CIGNORE)
+
+
+def _compile_inputs(leading, seed=0, teacher_logits=False):
+    gen = torch.Generator().manual_seed(seed)
+    t = dict(
+        student_hidden=torch.randn(*leading, CHS, generator=gen, dtype=F64),
+        student_weight=torch.randn(CV, CHS, generator=gen, dtype=F64) * (2 / math.sqrt(CHS)),
+        labels=torch.randint(0, CV, leading, generator=gen),
+    )
+    if teacher_logits:
+        t["teacher_logits"] = torch.randn(*leading, CV, generator=gen, dtype=F64) * 2
+    else:
+        t.update(
+            teacher_hidden=torch.randn(*leading, CHT, generator=gen, dtype=F64),
+            teacher_weight=torch.randn(CV, CHT, generator=gen, dtype=F64) * (2 / math.sqrt(CHT)),
+        )
+    return Problem(leading, t)
+
+
+def _compiled_vs_reference(prob, **kwargs):
+    out, leaves = prob.call(fused_linear_distill, dtype=torch.float32, impl="compile", **kwargs)
+    ref, ref_leaves = prob.call(fused_linear_distill_ref, dtype=torch.float32, **kwargs)
+    g, g_ref = grads_of(out, leaves), grads_of(ref, ref_leaves)
+    assert out.dtype == torch.float32 and torch.isfinite(out)
+    # float32 compute against float64 on the same float32 inputs: a few float32 roundings.
+    assert rel_err(out.detach(), ref.detach()) < 1e-5
+    for name in g:
+        assert torch.isfinite(g[name]).all(), name
+        assert rel_err(g[name], g_ref[name]) < 2e-5, name
+
+
+def test_one_graph_for_20_row_counts_and_per_call_numbers():
+    start = unique_graphs()
+    _compiled_vs_reference(_compile_inputs((16,)), **SKEW)  # warm-up: the one compile
+    assert unique_graphs() - start == 1
+    for n in ROWS_20:  # full chunks, tails of 2..7 rows and 1-row tails (merged): no recompile
+        _compiled_vs_reference(_compile_inputs((n,), seed=n), **SKEW)
+    assert unique_graphs() - start == 1, f"{unique_graphs() - start} graphs for 20 row counts"
+    # The divergence's parameter, temperature, both weights, normalizer, reduction and leading
+    # dims change per call; the lm_head weights are new tensors every call anyway.
+    for i, (alpha, temperature, soft, hard) in enumerate([(0.3, 2.0, 0.5, 1.5), (0.7, 0.25, 2.0, 0.1)]):
+        kwargs = dict(
+            SKEW,
+            divergence=D.skew_reverse_kl(alpha),
+            temperature=temperature,
+            soft_weight=soft,
+            hard_weight=hard,
+            normalizer=37.0,
+            reduction="sum",
+        )
+        _compiled_vs_reference(_compile_inputs((3, 5 + i), seed=i), **kwargs)
+    assert unique_graphs() - start == 1, "a per-call number caused a recompile"
+
+
+def test_compiled_edge_values_without_a_recompile():
+    """The compiled chunk on edge values (masked teacher vocabulary, one-hot-like rows, extreme
+    temperatures): finite and equal to the reference, in the graph compiled above."""
+    _compiled_vs_reference(_compile_inputs((16,)), **SKEW)  # (the graph, when run alone)
+    before = unique_graphs()
+    prob = _compile_inputs((21,), seed=5, teacher_logits=True)
+    t = prob.tensors["teacher_logits"]
+    mask = torch.rand(t.shape, generator=torch.Generator().manual_seed(1)) < 0.4
+    mask[:, 0] = False
+    t = t.masked_fill(mask, -INF)
+    t[::3, 1] += 50.0  # one-hot-like rows (column 1 is unmasked in them or -inf + 50 = -inf)
+    t[::3, 1] = torch.where(torch.isinf(t[::3, 1]), 50.0, t[::3, 1])
+    prob.tensors["teacher_logits"] = t
+    for temperature in (0.05, 20.0):
+        _compiled_vs_reference(prob, **dict(SKEW, temperature=temperature))
+    assert unique_graphs() == before
+
+
+def test_a_single_row_does_not_recompile():
+    _compiled_vs_reference(_compile_inputs((16,)), **SKEW)
+    before = unique_graphs()
+    _compiled_vs_reference(_compile_inputs((1,)), **SKEW)
+    assert unique_graphs() == before
+
+
+# --- a sparse divergence's gradient compiles -----------------------------------------------------
+
+
+def test_a_sparse_divergence_gradient_compiles():
+    fn = T.forward_kl("bucket")
+    student, ids, logprobs = topk_mixed_case()
+    student = student.detach().float()
+    logprobs = logprobs.float()
+
+    def grad(s, i, lp):
+        return torch.func.grad(lambda x: fn(x, i, lp).sum())(s)
+
+    compiled = torch.compile(grad, dynamic=False)
+    torch.testing.assert_close(compiled(student, ids, logprobs), grad(student, ids, logprobs))

@@ -12,6 +12,7 @@ import math
 
 import pytest
 import torch
+from helpers import STUDENT, run_student
 from torch._dynamo.utils import counters
 
 from kdfuse import divergences as D
@@ -21,10 +22,9 @@ pytestmark = pytest.mark.gpu
 
 N, V, HS, HT = 1000, 3001, 64, 96
 CHUNK = 384  # 1000 = 2·384 + 232: a tail
-STUDENT = ("student_hidden", "student_weight", "student_bias")
 
 # Norm-relative error bounds against the float64 reference fed exact float64 copies of the same
-# rounded inputs, as derived in test_fused.py (LOW_PRECISION_BOUNDS): loss 2.5u; gradients 6u
+# rounded inputs, as derived in helpers.py (LOW_PRECISION_BOUNDS): loss 2.5u; gradients 6u
 # beyond the unavoidable rounding of the exact gradient to the output dtype (``inherent``: for
 # fp16 "mean" gradients over 1000 rows, mostly below fp16's smallest normal 6.1e-5, that rounding
 # alone is 5-10u). Measured on an H100 (4 seeds; teacher hidden and logits; mean and none):
@@ -70,25 +70,17 @@ def make_inputs(n: int, dtype: torch.dtype, seed: int = 0, teacher_logits: bool 
     return inputs
 
 
-def run(fn, inputs: dict, grad_output=None, **kwargs):
-    args = dict(inputs)
-    leaves = [args[name].detach().clone().requires_grad_() for name in STUDENT]
-    args.update(zip(STUDENT, leaves))
-    out = fn(**args, **kwargs)
-    return out, list(torch.autograd.grad(out, leaves, grad_outputs=grad_output))
-
-
 def rel_err(actual, expected) -> float:
     actual, expected = actual.double(), expected.double()
     return ((actual - expected).norm() / expected.norm().clamp_min(1e-30)).item()
 
 
 def check(inputs, dtype, grad_output=None, **kwargs):
-    out, grads = run(fused_linear_distill, inputs, grad_output=grad_output, impl="compile", **kwargs)
+    out, grads = run_student(fused_linear_distill, inputs, grad_output=grad_output, impl="compile", **kwargs)
     # The reference gets exact float64 copies of the rounded inputs, so its gradients are exact
     # (with the low-precision leaves themselves, autograd would round them to the leaf dtype).
     exact = {k: v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v for k, v in inputs.items()}
-    ref, ref_grads = run(
+    ref, ref_grads = run_student(
         fused_linear_distill_ref, exact, grad_output=None if grad_output is None else grad_output.double(), **kwargs
     )
     assert out.dtype == torch.float32 and torch.isfinite(out).all()
@@ -151,14 +143,16 @@ def test_no_recompile_across_row_counts_on_gpu():
     base = dict(divergence=D.skew_kl(0.1), hard_weight=0.5, chunk_size=CHUNK, impl="compile")
     for n in (1000, 777, 1531, 64, 2049, 1):  # single chunks, tails of 9, 1 (merged), 129, N = 1
         inputs = make_inputs(n, torch.bfloat16, seed=n)
-        run(fused_linear_distill, inputs, **base)
+        run_student(fused_linear_distill, inputs, **base)
     assert counters["stats"]["unique_graphs"] == 1
     inputs = make_inputs(900, torch.bfloat16, seed=5)
     for temperature, soft, hard in ((0.5, 1.0, 0.1), (3.0, 0.2, 2.0)):
-        run(fused_linear_distill, inputs, **dict(base, temperature=temperature, soft_weight=soft, hard_weight=hard))
+        run_student(
+            fused_linear_distill, inputs, **dict(base, temperature=temperature, soft_weight=soft, hard_weight=hard)
+        )
     for n, alpha in ((1000, 0.3), (555, 0.6)):
         inputs = make_inputs(n, torch.bfloat16)
-        run(fused_linear_distill, inputs, **dict(base, divergence=D.skew_kl(alpha)))
+        run_student(fused_linear_distill, inputs, **dict(base, divergence=D.skew_kl(alpha)))
     assert counters["stats"]["unique_graphs"] == 1
 
 
@@ -189,7 +183,9 @@ def test_topk_no_recompile_across_row_counts():
     counters.clear()
     for n in (1000, 777, 1, 64, 2049):
         inputs = _with_topk(make_inputs(n, torch.bfloat16, seed=n), k=16)
-        run(fused_linear_distill, inputs, divergence="topk_forward_kl_bucket", hard_weight=0.5, chunk_size=CHUNK)
+        run_student(
+            fused_linear_distill, inputs, divergence="topk_forward_kl_bucket", hard_weight=0.5, chunk_size=CHUNK
+        )
     assert counters["stats"]["unique_graphs"] == 1
 
 
@@ -236,13 +232,13 @@ def test_step_does_not_sync_the_stream(teacher, validate):
     if teacher == "topk":
         inputs = _with_topk(inputs, k=16)
     kw.update(chunk_size=CHUNK, hard_weight=0.5, temperature=2.0, validate=validate)
-    run(fused_linear_distill, inputs, **kw)  # compile and warm up outside the watched call
-    run(fused_linear_distill, inputs, normalizer=123.0, **kw)
+    run_student(fused_linear_distill, inputs, **kw)  # compile and warm up outside the watched call
+    run_student(fused_linear_distill, inputs, normalizer=123.0, **kw)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        run(fused_linear_distill, inputs, **kw)
-        run(fused_linear_distill, inputs, normalizer=123.0, **kw)
+        run_student(fused_linear_distill, inputs, **kw)
+        run_student(fused_linear_distill, inputs, normalizer=123.0, **kw)
     finally:
         torch.cuda.set_sync_debug_mode("default")
 
@@ -255,9 +251,9 @@ def test_autocast_on_cuda(reduction):
     kwargs = dict(divergence="forward_kl", hard_weight=0.5, temperature=2.0, chunk_size=CHUNK, reduction=reduction)
     go = None if reduction == "mean" else torch.rand(N, device="cuda")
     with torch.autocast("cuda", dtype=torch.bfloat16):
-        out, grads = run(fused_linear_distill, inputs, grad_output=go, **kwargs)
+        out, grads = run_student(fused_linear_distill, inputs, grad_output=go, **kwargs)
     cast = {k: v.bfloat16() if v.is_floating_point() else v for k, v in inputs.items()}
-    want, want_grads = run(fused_linear_distill, cast, grad_output=go, **kwargs)
+    want, want_grads = run_student(fused_linear_distill, cast, grad_output=go, **kwargs)
     assert torch.equal(out, want)
     for g, w in zip(grads, want_grads):
         assert g.dtype == torch.float32 and torch.equal(g, w.float())
@@ -271,8 +267,8 @@ def test_topk_ignored_rows_may_hold_anything_on_cuda():
     ids[ignored] = V + 5
     logprobs[ignored] = float("nan")
     kwargs = dict(divergence="topk_forward_kl_bucket", hard_weight=0.5, chunk_size=CHUNK)
-    out, grads = run(fused_linear_distill, dict(inputs, teacher_topk=(ids, logprobs)), **kwargs)
-    want, want_grads = run(fused_linear_distill, inputs, **kwargs)
+    out, grads = run_student(fused_linear_distill, dict(inputs, teacher_topk=(ids, logprobs)), **kwargs)
+    want, want_grads = run_student(fused_linear_distill, inputs, **kwargs)
     assert len(ignored) > 0 and torch.equal(out, want)
     for g, w in zip(grads, want_grads):
         assert torch.equal(g, w)

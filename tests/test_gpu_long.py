@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_fused import LOW_PRECISION_BOUNDS, assert_low_precision_close, rel_err
+from helpers import LOW_PRECISION_BOUNDS, assert_low_precision_close, rel_err
 
 from kdfuse import fused_linear_distill, fused_linear_distill_ref, tuning
 from kdfuse.tuning import estimate_bytes
@@ -34,7 +34,7 @@ def _inputs(device):
     def randn(*shape, scale=1.0):
         return (torch.randn(*shape, generator=gen, device=device, dtype=torch.float32) * scale).to(DTYPE)
 
-    # Logits of standard deviation ~3 (the regime test_fused.py's bf16 bounds were derived for).
+    # Logits of standard deviation ~3 (the regime helpers.LOW_PRECISION_BOUNDS' bf16 bounds were derived for).
     labels = torch.randint(0, V, (N,), generator=gen, device=device)
     labels[torch.rand(N, generator=gen, device=device) < 0.1] = -100
     return dict(
@@ -133,7 +133,7 @@ def test_131072_rows_bf16_within_memory_and_exact(tmp_path, tuning_env):
         assert torch.isfinite(x).all()
     ref_loss, ref_h, ref_w = _reference_blockwise(t)
     # bf16 inputs, float32 compute, float64 reference on the same (rounded) inputs: the bounds of
-    # test_fused.py (loss 2.5u, gradients 6u + the rounding of the exact gradient to bf16).
+    # helpers.py (loss 2.5u, gradients 6u + the rounding of the exact gradient to bf16).
     assert_low_precision_close(
         loss.detach(),
         {"student_hidden": grad_h, "student_weight": grad_w},

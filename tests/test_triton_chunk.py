@@ -2,8 +2,8 @@
 
 Without a GPU the kernel runs under Triton's interpreter (TRITON_INTERPRET=1, numpy on the CPU),
 so CI checks the very kernel source the GPU runs: every divergence it implements, with and
-without CE and softcap, masked teacher entries, ignored rows, arbitrary row weights, loss-only
-mode, and vocabulary sizes that do not divide the block.
+without CE and softcap, masked teacher entries, ignored rows (also with an all -inf teacher row),
+arbitrary row weights, loss-only mode, and vocabulary sizes that do not divide the block.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import math
 
 import pytest
 import torch
+from helpers import INF, grid, wide_grid
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -40,20 +41,21 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
     softcap=st.sampled_from([None, 5.0]),
     inv_t=st.sampled_from([0.25, 0.5, 1.0, 2.0]),
     ce_shortcut=st.booleans(),
-    masked=st.booleans(),
     with_grad=st.booleans(),
-    seed=st.integers(0, 2**16),
+    data=st.data(),
 )
-def test_kernel_matches_torch_func(tc, div, rows, vocab, has_ce, softcap, inv_t, ce_shortcut, masked, with_grad, seed):
-    g = torch.Generator().manual_seed(seed)
-    student = (torch.randn(rows, vocab, generator=g) * 4).to(DEVICE)
-    teacher = (torch.randn(rows, vocab, generator=g) * 4).to(DEVICE)
-    if masked and vocab > 1:  # masked vocabulary on the teacher side, never the whole row
-        teacher[0, : vocab // 2] = float("-inf")
-    labels = torch.randint(0, vocab, (rows,), generator=g).to(DEVICE)
+def test_kernel_matches_torch_func(tc, div, rows, vocab, has_ce, softcap, inv_t, ce_shortcut, with_grad, data):
+    # Logits in [-8, 8] on a grid of 1/2 (wide_grid: every entry drawn up to 97 columns, a tiled
+    # drawn block with drawn offsets beyond), labels and row weights in [0.5, 1.5] drawn too.
+    student = data.draw(wide_grid(rows, vocab, -16, 16, 0.5), label="student").to(DEVICE)
+    teacher = data.draw(wide_grid(rows, vocab, -16, 16, 0.5), label="teacher").to(DEVICE)
+    # Masked vocabulary on the teacher side (a drawn prefix of a drawn row), never the whole row.
+    masked_row = data.draw(st.integers(0, rows - 1), label="masked row")
+    teacher[masked_row, : data.draw(st.integers(0, vocab - 1), label="masked entries")] = -INF
+    labels = data.draw(grid((rows,), 0, vocab - 1, dtype=torch.int64), label="labels").to(DEVICE)
     labels[0] = -100
     valid = labels != -100
-    weights = (torch.rand(rows, generator=g).to(DEVICE) + 0.5) * valid
+    weights = data.draw(grid((rows,), 2, 6, 0.25, torch.float32), label="row weights").to(DEVICE) * valid
     kernel, params = registry.entry_of(div.fn).kernel, div.args
     scalars = torch.tensor([inv_t, 0.7, 0.4 if has_ce else 0.0, softcap or 1.0, *params], device=DEVICE)
     spec = chunk.ChunkSpec(
@@ -135,3 +137,21 @@ def test_ce_power_only_at_temperatures_one_and_two(tc):
 def test_every_dense_kernel_the_registry_names_exists(tc):
     named = {e.kernel for e in registry.ENTRIES.values() if e.kernel and not e.sparse}
     assert named == set(tc.KERNELS)
+
+
+def test_ignored_row_with_fully_masked_teacher(tc):
+    """An ignored row's nan logit gradient (its teacher row all -inf, e.g. padding) must not
+    survive its row weight of 0."""
+    gen = torch.Generator().manual_seed(0)
+    student = torch.randn(3, 7, generator=gen).to(DEVICE)
+    teacher = torch.randn(3, 7, generator=gen).to(DEVICE)
+    teacher[1] = -INF
+    labels = torch.tensor([1, -100, 2], device=DEVICE)
+    valid = labels != -100
+    weights = valid.float()
+    scalars = torch.tensor([1.0, 1.0, 0.5, 1.0], device=DEVICE)
+    dlogits, (loss, _, _) = tc.chunk_step(
+        "forward_kl", True, False, -100, student, teacher, labels, valid, weights, scalars
+    )
+    assert torch.isfinite(loss).all()
+    assert torch.isfinite(dlogits).all()

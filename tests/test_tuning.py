@@ -1,167 +1,31 @@
-"""Tests for kdfuse.tuning and kdfuse.env: keys, the memo -> cache -> tune -> heuristic order, the
-environment knobs and memory budgets. CPU only; measuring is stubbed except in the few tests
-that run the real benchmark on tiny shapes."""
+"""How ``chunk_size="auto"`` becomes a number (kdfuse.tuning): keys and their bucketing,
+candidates, the memory estimate and the heuristic; the lookup order memo -> cache -> in-process
+tuning -> heuristic; the environment knobs and memory budgets; and faults: failing candidates,
+a corrupt or unwritable cache, eight processes tuning one key. Measuring is stubbed (the real
+benchmark is test_sweep.py's); CUDA's path runs on a faked device (conftest's fake_cuda)."""
 
 from __future__ import annotations
 
 import json
 import math
-import types
-from dataclasses import replace
-from pathlib import Path
+import multiprocessing
+import os
+import tempfile
+import warnings
 
 import pytest
 import torch
-from bench_stubs import SweepCalls
+from helpers import CALL, CANDIDATES, CPU, CUDA, FakeBench, GiB, key_for, resolve, stored, stub_tune
 
 import autotune
-import autotune.tuner
+import autotune.cache
 import kdfuse
-from autotune import Measurement
+from autotune import Measurement, TuningCacheWarning
 from kdfuse import env, sweep, tuning
 from kdfuse.teacher import TEACHER_ROWS
-from kdfuse.tuning import Sweep, TuningKey
-
-GiB = 2**30
-CPU = torch.device("cpu")
-CUDA = torch.device("cuda", 0)
-# An LLM-sized call: V >= 32768, so candidates run 256 .. min(8192, bucket).
-CALL = {
-    "rows": 5000,
-    "vocab": 128256,
-    "student_hidden": 2048,
-    "teacher": "hidden",
-    "teacher_dim": 4096,
-    "dtype": torch.bfloat16,
-    "divergence": "forward_kl",
-    "with_ce": True,
-    "with_grad": True,
-}
-
+from kdfuse.tuning import Sweep
 
 pytestmark = pytest.mark.usefixtures("tuning_env")
-
-
-def stub_tune(device: torch.device):
-    """resolve_chunk_size's ``tune``: kdfuse.sweep.tune_in_process on a stand-in problem (the
-    call's own tensors in kdfuse.fused; the benches are stubbed here)."""
-
-    def tune(key, preferred):
-        problem = sweep.build_problem(key, device)
-        return sweep.tune_in_process(key, preferred, device=device, problem=problem, distill=None)
-
-    return tune
-
-
-def resolve(device: torch.device = CPU, **overrides) -> int:
-    return tuning.resolve_chunk_size("auto", device=device, tune=stub_tune(device), **{**CALL, **overrides})
-
-
-def key_for(**overrides) -> TuningKey:
-    call = {**CALL, "memory_budget": None, **overrides}
-    return tuning.make_key(**call)
-
-
-class FakeBench(SweepCalls):
-    """Replaces the measuring functions: canned ms (and peak bytes) per chunk size. Every call is
-    recorded in ``calls``; ``chunks`` has each sweep's candidates once, in the order its first
-    round ran them."""
-
-    def __init__(self, monkeypatch, times: dict[int, float] | None = None, peaks: dict[int, int] | None = None):
-        self.times, self.peaks = times or {}, peaks or {}
-        super().__init__()
-        self.floors = 0
-        self.problems: list[TuningKey] = []
-        monkeypatch.setattr(sweep, "bench_chunk_size", self.bench)
-        monkeypatch.setattr(sweep, "bench_floor", self.floor)
-
-    def bench(self, problem, chunk_size, distill, *, warmup, repeat):
-        self.record(problem, chunk_size)
-        result = self.times.get(chunk_size, 10.0 + chunk_size / 1000)
-        if isinstance(result, Exception):
-            raise result
-        return result, self.peaks.get(chunk_size, 0)
-
-    def floor(self, problem, *, warmup, repeat):
-        self.floors += 1
-        return 1.0, 0
-
-
-@pytest.fixture
-def no_problem(monkeypatch):
-    """The benchmark's inputs are not built and its warm-up step does nothing (for stubbed benches
-    at LLM sizes); records the keys built and the chunk sizes warmed up."""
-    built, warmed = [], []
-    monkeypatch.setattr(
-        sweep,
-        "build_problem",
-        lambda key, device: built.append(key) or types.SimpleNamespace(key=key, rows=key.rows_bucket),
-    )
-    monkeypatch.setattr(sweep, "distill_step", lambda problem, chunk, distill: lambda: warmed.append(chunk))
-    return types.SimpleNamespace(built=built, warmed=warmed)
-
-
-@pytest.fixture
-def fake_cuda(monkeypatch, no_problem):
-    """Lets resolve_chunk_size take its real CUDA path on this CPU-only machine: the device
-    queries are stubbed (40 of 80 GiB free), and so is the benchmark problem."""
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Fake GPU")
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
-    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (40 * GiB, 80 * GiB))
-    return no_problem
-
-
-def stored(device: torch.device = CPU) -> dict:
-    return tuning.open_cache(env.settings().cache_dir, device).entries()
-
-
-# --- env --------------------------------------------------------------------------------------
-
-
-def test_settings_defaults_and_knobs(monkeypatch, tmp_path):
-    cfg = env.settings()
-    assert cfg == env.Settings(True, tmp_path / "cache", False, False, None)
-    monkeypatch.delenv("KDFUSE_CACHE_DIR")
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    assert env.settings().cache_dir == autotune.default_cache_dir("kdfuse") == tmp_path / "xdg" / "kdfuse"
-    monkeypatch.setenv("KDFUSE_AUTOTUNE", "0")
-    monkeypatch.setenv("KDFUSE_PRINT_AUTOTUNING", "yes")
-    monkeypatch.setenv("KDFUSE_FORCE_RETUNE", "On")
-    monkeypatch.setenv("KDFUSE_MEMORY_BUDGET", "0.5")
-    monkeypatch.setenv("KDFUSE_CACHE_DIR", "~/kd")
-    assert env.settings() == env.Settings(False, Path.home() / "kd", True, True, 0.5)
-
-
-@pytest.mark.parametrize(
-    ("name", "value"), [("AUTOTUNE", "maybe"), ("FORCE_RETUNE", "2"), ("MEMORY_BUDGET", "lots"), ("MEMORY_BUDGET", "0")]
-)
-def test_settings_bad_values_name_the_variable(monkeypatch, name, value):
-    monkeypatch.setenv(env.PREFIX + name, value)
-    with pytest.raises(ValueError, match=env.PREFIX + name):
-        env.settings()
-
-
-@pytest.mark.parametrize(
-    ("text", "expected"),
-    [
-        ("0.5", 0.5),
-        ("1", 1.0),
-        ("8000000000", 8 * 10**9),
-        ("8e9", 8 * 10**9),
-        ("16GiB", 16 * GiB),
-        ("512 MB", 512 * 10**6),
-        ("0.5GiB", GiB // 2),
-    ],
-)
-def test_parse_memory_budget(text, expected):
-    value = env.parse_memory_budget(text)
-    assert value == expected and type(value) is type(expected)
-
-
-@pytest.mark.parametrize("text", ["", "-1", "0", "1.5", "inf", "nan", "12 parsecs", "1b", "GiB"])
-def test_parse_memory_budget_rejects(text):
-    with pytest.raises(ValueError):
-        env.parse_memory_budget(text)
 
 
 # --- keys, candidates, estimate, heuristic ------------------------------------------------------
@@ -384,25 +248,6 @@ def test_no_print_without_the_knob(monkeypatch, capsys, fake_cuda):
     assert capsys.readouterr() == ("", "")
 
 
-def test_time_budget_cuts_the_sweep_and_marks_it_partial(monkeypatch, fake_cuda):
-    clock = [0.0]
-    monkeypatch.setattr(autotune.tuner, "time", types.SimpleNamespace(monotonic=lambda: clock[0]))
-    bench = FakeBench(monkeypatch, {1024: 1.0, 2048: 3.0, 4096: 2.0})
-    real_bench = bench.bench
-
-    def slow_bench(*args, **kwargs):
-        clock[0] += 4.0  # each candidate takes four fake seconds
-        return real_bench(*args, **kwargs)
-
-    monkeypatch.setattr(sweep, "bench_chunk_size", slow_bench)
-    assert sweep.AUTO_TIME_BUDGET_S == 10.0
-    assert resolve(CUDA) == 1024
-    assert bench.chunks == [2048, 1024, 4096]  # three fit in 10 s
-    entry = next(iter(stored(CUDA).values()))
-    assert entry["complete"] is False
-    assert [m["error"] for m in entry["measurements"]][3:] == ["skipped: time budget of 10.0s exhausted"] * 3
-
-
 def test_a_single_candidate_is_not_measured(monkeypatch, fake_cuda):
     bench = FakeBench(monkeypatch)
     assert resolve(CUDA, rows=100) == 128 and resolve(CUDA, rows=0) == 1
@@ -413,60 +258,6 @@ def test_all_candidates_failing_falls_back_to_the_heuristic_unsaved(monkeypatch,
     FakeBench(monkeypatch, {c: RuntimeError("boom") for c in (256, 512, 1024, 2048, 4096, 8192)})
     assert resolve(CUDA) == 2048
     assert stored(CUDA) == {}
-
-
-def _free(monkeypatch, free: int) -> None:
-    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free, 80 * GiB))
-
-
-def test_in_process_tuning_tries_only_candidates_that_fit_the_free_memory(monkeypatch, fake_cuda):
-    """The first step must not run out of memory where every later one fits: candidates whose
-    working set (with the margin) exceeds the memory available at the call are not run, and the
-    entry says why."""
-    need = tuning.working_set(key_for(), "cuda")
-    _free(monkeypatch, int(need(1024) * (1 + sweep._FREE_MARGIN)) + sweep._FREE_RESERVE + 1)
-    bench = FakeBench(monkeypatch, {256: 3.0, 512: 2.0, 1024: 1.0})
-    assert resolve(CUDA) == 1024
-    assert sorted(bench.chunks) == [256, 512, 1024]
-    (entry,) = stored(CUDA).values()
-    errors = {m["chunk_size"]: m["error"] for m in entry["measurements"]}
-    assert all(errors[c] is None for c in (256, 512, 1024)) and entry["complete"] is False
-    for chunk in (2048, 4096, 8192):
-        assert errors[chunk].startswith("skipped: needs ~") and "available at the call" in errors[chunk]
-
-
-def test_allocator_cache_counts_as_available(monkeypatch, fake_cuda):
-    """Memory PyTorch's allocator holds unused is available (it is released before an OOM)."""
-    need = tuning.working_set(key_for(), "cuda")
-    _free(monkeypatch, 0)
-    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 2 * need(8192))
-    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 0)
-    bench = FakeBench(monkeypatch)
-    resolve(CUDA)
-    assert sorted(bench.chunks) == [256, 512, 1024, 2048, 4096, 8192]
-
-
-def test_a_candidate_out_of_memory_leaves_no_trace(monkeypatch, fake_cuda):
-    """A candidate that runs out of memory all the same is skipped, the allocator's cache is
-    emptied, and the call goes on with the best candidate that ran; the cache is emptied once
-    more after the sweep, so the candidates' blocks do not fragment later steps."""
-    emptied = []
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # autotune empties CUDA's cache only
-    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: emptied.append(len(bench.calls)))
-    oom = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-    bench = FakeBench(monkeypatch, {2048: oom, 1024: 2.0, 4096: 1.5, 8192: 1.0}, peaks={8192: 0})
-    bench.times[8192] = oom
-    assert resolve(CUDA) == 4096
-    (entry,) = stored(CUDA).values()
-    errors = {m["chunk_size"]: m["error"] for m in entry["measurements"]}
-    assert errors[2048].startswith("OOM: CUDA out of memory") and errors[8192].startswith("OOM")
-    assert len(emptied) == 3 and emptied[-1] == len(bench.calls)  # per OOM, and after the sweep
-
-
-def test_nothing_fits_falls_back_to_the_heuristic_unsaved(monkeypatch, fake_cuda):
-    _free(monkeypatch, 100 * 2**20)
-    bench = FakeBench(monkeypatch)
-    assert resolve(CUDA) == 2048 and bench.chunks == [] and stored(CUDA) == {}
 
 
 def test_malformed_cache_entry_is_a_miss(monkeypatch, fake_cuda):
@@ -495,6 +286,40 @@ def test_sweep_entry_round_trip():
     assert Sweep.from_entry(key_for(), old).contests == {}
     for bad in ("12", None, [[256]], [["256", 1.0]], [[256, "x"]], [256, 1.0]):
         assert Sweep.from_entry(key_for(), {**entry, "contests": bad}) is None, bad
+
+
+def test_fused_call_reaches_the_tuner_with_its_teacher_form_and_a_stable_name(monkeypatch):
+    """fused_linear_distill's key: a top-k teacher as "topk:K", and a divergence without
+    __name__ (functools.partial, a callable object) by a name free of memory addresses."""
+    import functools
+
+    from kdfuse import divergences as D
+
+    seen = []
+    monkeypatch.setattr(tuning, "choose_chunk_size", lambda key, device, cfg, tune: seen.append(key) or 4)
+    gen = torch.Generator().manual_seed(0)
+    h, w = torch.randn(6, 4, generator=gen), torch.randn(10, 4, generator=gen)
+    logprobs, ids = torch.randn(6, 10, generator=gen).log_softmax(-1).topk(3, dim=-1)
+    # impl="eager": the key is the same but for its impl, and a CPU compile costs seconds.
+    kdfuse.fused_linear_distill(
+        h, w, teacher_topk=(ids, logprobs), divergence="topk_forward_kl_bucket", chunk_size="auto", impl="eager"
+    )
+
+    def scaled_kl(s, t, scale):
+        return scale * D.forward_kl(s, t)
+
+    class Halved:
+        def __call__(self, s, t):
+            return D.forward_kl(s, t) / 2
+
+    for divergence in (functools.partial(scaled_kl, scale=0.5), Halved()):
+        kdfuse.fused_linear_distill(
+            h, w, torch.randn(6, 5), torch.randn(10, 5), divergence=divergence, chunk_size="auto", impl="eager"
+        )
+    assert [k.impl for k in seen] == ["eager"] * 3
+    assert (seen[0].teacher, seen[0].teacher_dim, seen[0].divergence) == ("topk", 3, "topk_forward_kl_bucket")
+    local = "test_fused_call_reaches_the_tuner_with_its_teacher_form_and_a_stable_name.<locals>"
+    assert [k.divergence for k in seen[1:]] == [f"{local}.scaled_kl", f"{local}.Halved"]
 
 
 # --- environment knobs ------------------------------------------------------------------------
@@ -585,123 +410,117 @@ def test_memory_budget_nothing_fits(monkeypatch, fake_cuda):
     assert bench.chunks == [] and stored(CUDA) == {}
 
 
-# --- the real benchmark on tiny shapes (no stubs) ---------------------------------------------
+# --- faults: failing candidates, a corrupt or unwritable cache, concurrent processes -------------
 
 
-@pytest.fixture
-def one_thread():
-    """Real CPU work with one intra-op thread: on a busy machine, spinning OpenMP threads make
-    tiny problems many times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _stored_file() -> dict:
+    """The one cache file's JSON document."""
+    files = [p for p in env.settings().cache_dir.iterdir() if p.suffix == ".json"]
+    assert len(files) == 1, files
+    return json.loads(files[0].read_text())
 
 
-TINY = {
-    "rows": 200,
-    "vocab": 300,
-    "student_hidden": 16,
-    "teacher": "hidden",
-    "teacher_dim": 24,
-    "dtype": torch.float32,
-    "divergence": "forward_kl",
-    "with_ce": True,
-    "with_grad": True,
-    "memory_budget": None,
-    "impl": "eager",
-}
+def test_failing_candidates_are_skipped_and_recorded(monkeypatch, fake_cuda):
+    """OOM on the big chunks, a compile failure and an error on others: the fastest survivor
+    wins, is saved, and the failures are recorded with their reasons."""
+    oom = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 12.00 GiB")
+    outcomes = {
+        8192: oom,
+        4096: oom,
+        2048: RuntimeError("triton compilation failed: out of resources"),
+        1024: 3.0,
+        512: 2.0,
+        256: ValueError("bad block"),
+    }
+    calls = FakeBench(monkeypatch, outcomes).chunks
+    assert resolve(CUDA) == 512
+    assert sorted(calls) == list(CANDIDATES)
+    (entry,) = [e["value"] for e in _stored_file()["entries"].values()]
+    errors = {m["chunk_size"]: m["error"] for m in entry["measurements"]}
+    assert errors[8192].startswith("OOM: CUDA out of memory") and errors[4096].startswith("OOM")
+    assert errors[2048] == "RuntimeError: triton compilation failed: out of resources"
+    assert errors[256] == "ValueError: bad block" and errors[512] is None and errors[1024] is None
+    assert entry["chunk_size"] == 512 and entry["complete"] is True
 
 
-@pytest.mark.parametrize("teacher", ["hidden", "logits"])
-def test_problem_and_steps(teacher, one_thread):
-    key = tuning.make_key(**{**TINY, "teacher": teacher})
-    rng = torch.get_rng_state()
-    problem = sweep.build_problem(key, CPU)
-    assert torch.equal(torch.get_rng_state(), rng)  # a private generator
-    assert problem.student_hidden.shape == (256, 16) and problem.student_hidden.requires_grad
-    assert (problem.teacher_logits is None) == (teacher == "hidden")
-    assert ((problem.labels == -100).float().mean() - 0.1).abs() < 0.07
-    grad_h, grad_w = sweep.distill_step(problem, 64, kdfuse.fused_linear_distill)()
-    assert grad_h.shape == (256, 16) and grad_w.shape == (300, 16) and torch.isfinite(grad_w).all()
-    assert len(sweep.floor_step(problem)()) == (4 if teacher == "hidden" else 3)
+@pytest.mark.parametrize("content", [b'{"device": "Fake GPU (sm_90)", "entries": {"k": ', b"\x00" * 64, b"null"])
+def test_corrupt_cache_file_is_rebuilt_with_one_warning(monkeypatch, fake_cuda, content):
+    cache_dir = env.settings().cache_dir
+    calls = FakeBench(monkeypatch, {1024: 1.0}).chunks
+    cache_dir.mkdir(parents=True)
+    path = cache_dir / "Fake_GPU_sm_90.json"
+    path.write_bytes(content)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert resolve(CUDA) == 1024
+        tuning.clear_memo()
+        assert resolve(CUDA, rows=6000) == 1024  # same key, from the rebuilt file
+    assert len([w for w in caught if issubclass(w.category, TuningCacheWarning)]) == 1
+    assert "rebuilding" in str(next(w for w in caught if issubclass(w.category, TuningCacheWarning)).message)
+    assert len(calls) == len(CANDIDATES)  # measured once
+    doc = json.loads(path.read_text())
+    assert doc["device"] == "Fake GPU (sm_90)" and len(doc["entries"]) == 1
 
 
-def test_top_k_teacher_problem(one_thread):
-    """A top-k key times a top-k call: no teacher GEMM or dense teacher block, K distinct ids per
-    row with 90% of the mass, and a smaller memory estimate than the dense teacher's."""
-    key = tuning.make_key(**{**TINY, "teacher": "topk", "teacher_dim": 8})
-    problem = sweep.build_problem(key, CPU)
-    assert problem.teacher_hidden is None and problem.teacher_logits is None
-    ids, logprobs = problem.teacher_topk
-    assert ids.shape == logprobs.shape == (256, 8) and ids.min() >= 0 and ids.max() < 300
-    assert all(len(set(row)) == 8 for row in ids.tolist())
-    torch.testing.assert_close(logprobs.logsumexp(-1), torch.full((256,), math.log(0.9)))
-    assert sweep.bench_divergence(key) == "topk_forward_kl_bucket"  # not a sparse built-in: the stand-in
-    assert sweep.bench_divergence(replace(key, divergence="topk_soft_ce_renormalize")) == "topk_soft_ce_renormalize"
-    assert sweep.bench_divergence(replace(key, divergence="my_div")) == "topk_forward_kl_bucket"
-    dense = tuning.make_key(**TINY)
-    assert sweep.bench_divergence(replace(dense, divergence="my_div")) == "forward_kl"
-    grad_h, grad_w = sweep.distill_step(problem, 64, kdfuse.fused_linear_distill)()
-    assert grad_h.shape == (256, 16) and torch.isfinite(grad_w).all() and grad_w.abs().sum() > 0
-    assert len(sweep.floor_step(problem)()) == 3
-    assert tuning.key_estimate(key, "cpu")(64) == tuning.estimate_bytes(
-        64, 300, 16, torch.float32, True, teacher="topk"
-    )
-    assert (
-        tuning.estimate_bytes(1024, 1000, 64, torch.bfloat16, True, teacher="topk")
-        == 1024 * 1000 * (2 * 2 + 4) + 1000 * 64 * 4
-    )
+def test_unwritable_cache_dir_falls_back_to_memory(monkeypatch, fake_cuda):
+    """A read-only cache dir: chmod where permissions apply; as root (which ignores them) the
+    write fails the same way, through a mkstemp that raises EACCES."""
+    cache_dir = env.settings().cache_dir
+    calls = FakeBench(monkeypatch, {2048: 1.0, 4096: 0.5}).chunks
+    cache_dir.mkdir(parents=True)
+    as_root = not hasattr(os, "geteuid") or os.geteuid() == 0
+    if as_root:
+
+        def refuse(*args, **kwargs):
+            raise PermissionError(13, "Permission denied", str(cache_dir))
+
+        monkeypatch.setattr(tempfile, "mkstemp", refuse)
+        monkeypatch.setattr(autotune.cache.tempfile, "mkstemp", refuse)
+    else:
+        cache_dir.chmod(0o500)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            assert resolve(CUDA) == 4096
+            assert resolve(CUDA, rows=20000) == 4096  # a second key: still tuned, kept in memory
+        unwritable = [w for w in caught if issubclass(w.category, TuningCacheWarning)]
+        assert len(unwritable) == 1  # once per process and path
+        assert "keeping results in memory" in str(unwritable[0].message)
+        assert not [p for p in cache_dir.iterdir() if p.suffix == ".json"]  # nothing written
+        assert len(calls) == 2 * len(CANDIDATES)
+    finally:
+        cache_dir.chmod(0o700)
 
 
-def test_fused_call_reaches_the_tuner_with_its_teacher_form_and_a_stable_name(monkeypatch):
-    """fused_linear_distill's key: a top-k teacher as "topk:K", and a divergence without
-    __name__ (functools.partial, a callable object) by a name free of memory addresses."""
-    import functools
-
-    from kdfuse import divergences as D
-
-    seen = []
-    monkeypatch.setattr(tuning, "choose_chunk_size", lambda key, device, cfg, tune: seen.append(key) or 4)
-    gen = torch.Generator().manual_seed(0)
-    h, w = torch.randn(6, 4, generator=gen), torch.randn(10, 4, generator=gen)
-    logprobs, ids = torch.randn(6, 10, generator=gen).log_softmax(-1).topk(3, dim=-1)
-    kdfuse.fused_linear_distill(
-        h, w, teacher_topk=(ids, logprobs), divergence="topk_forward_kl_bucket", chunk_size="auto"
-    )
-
-    def scaled_kl(s, t, scale):
-        return scale * D.forward_kl(s, t)
-
-    class Halved:
-        def __call__(self, s, t):
-            return D.forward_kl(s, t) / 2
-
-    for divergence in (functools.partial(scaled_kl, scale=0.5), Halved()):
-        kdfuse.fused_linear_distill(
-            h, w, torch.randn(6, 5), torch.randn(10, 5), divergence=divergence, chunk_size="auto"
-        )
-    assert (seen[0].teacher, seen[0].teacher_dim, seen[0].divergence) == ("topk", 3, "topk_forward_kl_bucket")
-    local = "test_fused_call_reaches_the_tuner_with_its_teacher_form_and_a_stable_name.<locals>"
-    assert [k.divergence for k in seen[1:]] == [f"{local}.scaled_kl", f"{local}.Halved"]
+def _tune_in_child(barrier, queue) -> None:
+    tuning.clear_memo()
+    barrier.wait()  # all tune, read-merge-write at the same time
+    try:
+        queue.put(resolve(CUDA))
+    except BaseException as exc:
+        queue.put(repr(exc))
 
 
-def test_problem_in_inference_mode_and_forward_only(one_thread):
-    key = tuning.make_key(**{**TINY, "with_grad": False, "with_ce": False})
-    with torch.inference_mode():
-        problem = sweep.build_problem(key, CPU)
-        loss = sweep.distill_step(problem, 64, kdfuse.fused_linear_distill)()
-    assert loss.dim() == 0 and problem.labels is None
-    with torch.inference_mode():
-        grads = sweep.distill_step(sweep.build_problem(tuning.make_key(**TINY), CPU), 64, kdfuse.fused_linear_distill)()
-    assert grads[1].shape == (300, 16)
-
-
-def test_run_sweep_for_real(one_thread):
-    key = tuning.make_key(**TINY)
-    steps = []
-    result = sweep.run_sweep(
-        key, CPU, (64, 128), distill=kdfuse.fused_linear_distill, warmup=0, repeat=1, on_step=lambda: steps.append(1)
-    )
-    assert result.best in (64, 128) and result.complete and len(steps) == 3
-    assert result.floor_ms > 0 and all(m.ms > 0 and m.error is None for m in result.measurements)
+def test_8_processes_tuning_one_key_leave_one_valid_file(monkeypatch, fake_cuda):
+    if "fork" not in multiprocessing.get_all_start_methods():
+        pytest.skip("needs fork (the stubs are monkeypatched into this process)")
+    cache_dir = env.settings().cache_dir
+    FakeBench(monkeypatch, {1024: 1.0})
+    ctx = multiprocessing.get_context("fork")
+    barrier, queue = ctx.Barrier(8), ctx.Queue()
+    procs = [ctx.Process(target=_tune_in_child, args=(barrier, queue)) for _ in range(8)]
+    for p in procs:
+        p.start()
+    results = [queue.get(timeout=60) for _ in procs]
+    for p in procs:
+        p.join(timeout=60)
+    assert [p.exitcode for p in procs] == [0] * 8
+    assert results == [1024] * 8
+    doc = _stored_file()  # exactly one .json, and valid JSON
+    assert len(doc["entries"]) == 1
+    (entry,) = doc["entries"].values()
+    assert entry["value"]["chunk_size"] == 1024
+    leftovers = [p.name for p in cache_dir.iterdir() if p.name.endswith(".tmp")]
+    assert leftovers == []
+    tuning.clear_memo()
+    assert resolve(CUDA) == 1024  # and this process reads it
