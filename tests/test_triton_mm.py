@@ -12,6 +12,7 @@ import importlib
 
 import pytest
 import torch
+from helpers import sparse_floats
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -54,16 +55,18 @@ def _bound(a: torch.Tensor, b: torch.Tensor, alpha: float, old: torch.Tensor | N
     accumulate=st.booleans(),
     alpha=st.sampled_from([1.0, 0.5, -3.0, 2.0**-14]),
     dtype=st.sampled_from(DTYPES),
-    seed=st.integers(0, 2**16),
+    data=st.data(),
 )
-def test_promoted_mm_is_the_float32_product(m, n, k, rows, accumulate, alpha, dtype, seed):
+def test_promoted_mm_is_the_float32_product(m, n, k, rows, accumulate, alpha, dtype, data):
     mm = _mm()
     if not rows:
         m = 8 * (m // 8 + 1)  # the (K, M) storage's rows are 16-byte aligned too
-    g = torch.Generator().manual_seed(seed)
-    a = torch.randn(m, k, generator=g).to(dtype) if rows else torch.randn(k, m, generator=g).to(dtype).t()
-    b = torch.randn(k, n, generator=g).to(dtype)
-    old = torch.randn(m, n, generator=g) * 10
+    # Operands of up to 16800 entries: hypothesis' sparse arrays (a few hundred drawn entries at
+    # drawn positions, the rest one drawn value), float16 values, exact in the operand dtype.
+    a = data.draw(sparse_floats((m, k) if rows else (k, m), 4.0, dtype, width=16), label="a")
+    a = a if rows else a.t()
+    b = data.draw(sparse_floats((k, n), 4.0, dtype, width=16), label="b")
+    old = data.draw(sparse_floats((m, n), 30.0, torch.float32), label="out")
     a, b, out = a.to(DEVICE), b.to(DEVICE), old.clone().to(DEVICE)
     mm.promoted_mm(out, a, b, accumulate=accumulate, alpha=alpha, config=_config())
     exact = alpha * (a.double() @ b.double()) + (old.double().to(DEVICE) if accumulate else 0)

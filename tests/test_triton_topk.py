@@ -13,6 +13,7 @@ import importlib
 
 import pytest
 import torch
+from helpers import grid, wide_grid
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -31,17 +32,6 @@ def tt():
     return importlib.import_module("kdfuse.triton_topk")
 
 
-def _teacher(g: torch.Generator, rows: int, vocab: int, k: int, padding: int, repeat: bool):
-    """(ids, logprobs) (rows, k): the top-k of random teacher logits, the last ``padding`` entries
-    padding (log-prob −inf) with id 0 or (``repeat``) the row's first real id."""
-    lp = (torch.randn(rows, vocab, generator=g) * 3).log_softmax(-1)
-    logprobs, ids = lp.topk(k, dim=-1)
-    if padding:
-        logprobs[:, k - padding :] = float("-inf")
-        ids[:, k - padding :] = ids[:, :1] if repeat else 0
-    return ids, logprobs
-
-
 @given(
     div=st.sampled_from(SPARSE),
     rows=st.integers(1, 4),
@@ -54,21 +44,28 @@ def _teacher(g: torch.Generator, rows: int, vocab: int, k: int, padding: int, re
     inv_t=st.sampled_from([0.25, 1.0, 2.0]),
     with_grad=st.booleans(),
     dtype=st.sampled_from([torch.float32, torch.bfloat16]),
-    seed=st.integers(0, 2**16),
+    data=st.data(),
 )
 def test_chunk_step_matches_torch_func(
-    tt, div, rows, vocab, k_frac, padding, repeat, label_in_topk, has_ce, inv_t, with_grad, dtype, seed
+    tt, div, rows, vocab, k_frac, padding, repeat, label_in_topk, has_ce, inv_t, with_grad, dtype, data
 ):
-    g = torch.Generator().manual_seed(seed)
     k = max(1, min(vocab, round(k_frac * vocab), 9)) if k_frac < 1 else vocab
     padding = min(padding, k - 1)
-    ids, logprobs = _teacher(g, rows, vocab, k, padding, repeat)
-    student = (torch.randn(rows, vocab, generator=g) * 4).to(dtype)
-    labels = torch.where(torch.tensor(label_in_topk), ids[:, 0], torch.randint(0, vocab, (rows,), generator=g))
+    # The teacher: the top-k of drawn logits in [-6, 6] (wide_grid: every entry drawn up to 97
+    # columns, a tiled drawn block with drawn offsets beyond), the last ``padding`` entries
+    # padding (log-prob -inf) with id 0 or (``repeat``) the row's first real id.
+    lp = data.draw(wide_grid(rows, vocab, -24, 24, 0.25), label="teacher logits").log_softmax(-1)
+    logprobs, ids = lp.topk(k, dim=-1)
+    if padding:
+        logprobs[:, k - padding :] = float("-inf")
+        ids[:, k - padding :] = ids[:, :1] if repeat else 0
+    student = data.draw(wide_grid(rows, vocab, -16, 16, 0.5), label="student").to(dtype)
+    drawn_labels = data.draw(grid((rows,), 0, vocab - 1, dtype=torch.int64), label="labels")
+    labels = ids[:, 0].clone() if label_in_topk else drawn_labels
     labels[0] = -100  # an ignored row, with an all-padding teacher row
     logprobs[0] = float("-inf")
     valid = labels != -100
-    weights = (torch.rand(rows, generator=g) + 0.5) * valid
+    weights = data.draw(grid((rows,), 2, 6, 0.25, torch.float32), label="row weights") * valid
     scalars = torch.tensor([inv_t, 0.7, 0.4 if has_ce else 0.0, 1.0])
     ids, logprobs, labels, valid, weights, scalars = (
         t.to(DEVICE) for t in (ids, logprobs, labels, valid, weights, scalars)
@@ -108,67 +105,3 @@ def test_chunk_step_matches_torch_func(
         want = chunk.row_losses(spec, student, (ids, logprobs), labels, valid, scalars)
     for name, a, b in zip(("loss", "soft", "hard"), got, want):
         torch.testing.assert_close(a, b, rtol=2e-5, atol=2e-5, msg=lambda m, n=name: f"{n}: {m}")
-
-
-def _spec(divergence, **changes) -> chunk.ChunkSpec:
-    div = registry.get(divergence)
-    base = dict(
-        fn=div.fn,
-        n_args=len(div.args),
-        sparse=div.sparse,
-        has_ce=True,
-        softcap=False,
-        ignore_index=-100,
-        compute_dtype=torch.float32,
-        with_grad=False,
-        compiled=True,
-    )
-    return chunk.ChunkSpec(**{**base, **changes})
-
-
-def _kernel(spec: chunk.ChunkSpec, device_type: str = "cuda") -> str | None:
-    return chunk.fast_kernel(
-        spec.fn,
-        softcap=spec.softcap,
-        compute_dtype=spec.compute_dtype,
-        device_type=device_type,
-        compiled=spec.compiled,
-        wide_grad=spec.wide_grad,
-    )
-
-
-def test_the_combinator_picks_the_fused_paths_where_they_apply():
-    """chunk.fast_kernel: which spec runs which kernel (decided on the host, so checkable
-    without a GPU): dense built-ins and built-in sparse divergences without softcap, float32
-    compute, impl="compile", CUDA; float16 keeps the generic path for top-k teachers; a user's
-    function always the generic path."""
-    assert _kernel(_spec("forward_kl")) == "forward_kl" and _kernel(_spec("jsd_beta0.3")) == "jsd"
-    assert _kernel(_spec("jsd_beta0")) == "forward_kl"  # the endpoint is forward KL's function
-    assert _kernel(_spec("topk_forward_kl_bucket")) == "topk"
-    assert _kernel(_spec("forward_kl"), "cpu") is None
-    assert _kernel(_spec("forward_kl", compiled=False)) is None
-    assert _kernel(_spec("forward_kl", compute_dtype=torch.float64)) is None
-    assert _kernel(_spec("tvd")) is None
-    assert _kernel(_spec("topk_forward_kl_bucket", softcap=True)) is None
-    assert _kernel(_spec("topk_soft_ce_ignore", wide_grad=True)) is None
-    assert _kernel(_spec("forward_kl", wide_grad=True)) == "forward_kl"  # writes a float32 buffer
-
-    def user(student, ids, logprobs):  # a user's sparse divergence: the generic path
-        return K.forward_kl("renormalize")(student, ids, logprobs)
-
-    assert (
-        chunk.fast_kernel(
-            user, softcap=False, compute_dtype=torch.float32, device_type="cuda", compiled=True, wide_grad=False
-        )
-        is None
-    )
-
-
-def test_the_dense_kernel_takes_its_ce_shortcut_at_temperatures_one_and_two():
-    """chunk.with_kernel: the CE's probabilities come from the soft ones (triton_chunk.ce_power)
-    for the dense kernel with a CE at T = 1 and 2 only."""
-    assert [chunk.with_kernel(_spec("forward_kl"), "cuda", t).ce_power for t in (1.0, 2.0, 3.0)] == [1, 2, 0]
-    assert chunk.with_kernel(_spec("jsd"), "cuda", 2.0).ce_power == 2
-    assert chunk.with_kernel(_spec("forward_kl", has_ce=False), "cuda", 2.0).ce_power == 0
-    assert chunk.with_kernel(_spec("topk_forward_kl_bucket"), "cuda", 2.0).ce_power == 0
-    assert chunk.with_kernel(_spec("forward_kl"), "cpu", 2.0) == _spec("forward_kl")
