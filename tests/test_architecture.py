@@ -120,3 +120,63 @@ def test_functions_are_short(package):
             if is_function and not _is_triton_kernel(node) and _code_lines(node) > MAX_FUNCTION_LINES:
                 long.append(f"{name}.{node.name}: {_code_lines(node)} lines")
     assert not long, long
+
+
+# --- the tests' own shape ------------------------------------------------------------------------
+
+TESTS = ROOT / "tests"
+
+
+def _test_modules() -> dict[str, ast.Module]:
+    return {path.name: ast.parse(path.read_text(), str(path)) for path in sorted(TESTS.glob("*.py"))}
+
+
+def test_no_test_module_imports_another():
+    """Shared code lives in helpers.py (fixtures in conftest.py): a test module imported by
+    another would run its tests twice under some import modes and couple unrelated units."""
+    found = []
+    for name, tree in _test_modules().items():
+        for node in ast.walk(tree):
+            modules = [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            if isinstance(node, ast.Import):
+                modules = [alias.name for alias in node.names]
+            found += [f"{name}: {m}" for m in modules if m.split(".")[0].startswith(("test_", "conftest", "bench_"))]
+    assert not found, found
+
+
+def _decorator_names(node: ast.FunctionDef) -> set[str]:
+    names = set()
+    for d in node.decorator_list:
+        target = d.func if isinstance(d, ast.Call) else d
+        names.add(target.attr if isinstance(target, ast.Attribute) else getattr(target, "id", ""))
+    return names
+
+
+def test_hypothesis_draws_the_data_not_a_seed():
+    """A @given test or a composite strategy draws the tensors themselves (helpers' strategies),
+    so a failure shrinks to simple values: no drawn ``seed``, no torch generator seeded inside."""
+    found = []
+    for name, tree in _test_modules().items():
+        for node in ast.walk(tree):
+            if not isinstance(node, ast.FunctionDef) or not _decorator_names(node) & {"given", "composite"}:
+                continue
+            given_args = [kw.arg for d in node.decorator_list if isinstance(d, ast.Call) for kw in d.keywords]
+            seeded = "seed" in given_args or "seed" in [a.arg for a in node.args.args]
+            seeded |= "manual_seed" in ast.dump(node) or 'label="seed"' in ast.unparse(node)
+            if seeded:
+                found.append(f"{name}: {node.name}")
+    assert not found, found
+
+
+def test_dynamo_is_never_reset_without_a_reason():
+    """Graph counts are differences of Dynamo's counters (test_compile.py): a reset would hide a
+    shared recompile limit. A test that truly needs a clean slate says why on the line above."""
+    found = []
+    for name, tree in _test_modules().items():
+        lines = (TESTS / name).read_text().splitlines()
+        for node in ast.walk(tree):
+            func = node.func if isinstance(node, ast.Call) else None
+            resets = isinstance(func, ast.Attribute) and func.attr == "reset" and "_dynamo" in ast.unparse(func.value)
+            if resets and not lines[node.lineno - 2].strip().startswith("#"):
+                found.append(f"{name}:{node.lineno}")
+    assert not found, found

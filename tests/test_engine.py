@@ -34,7 +34,6 @@ from hypothesis import strategies as st
 from kdfuse import divergences as D
 from kdfuse import fused_linear_distill, fused_linear_distill_ref
 
-
 # --- chunking ------------------------------------------------------------------------------------
 
 

@@ -70,6 +70,10 @@ def make_inputs(n: int, dtype: torch.dtype, seed: int = 0, teacher_logits: bool 
     return inputs
 
 
+def unique_graphs() -> int:
+    return counters["stats"]["unique_graphs"]
+
+
 def rel_err(actual, expected) -> float:
     actual, expected = actual.double(), expected.double()
     return ((actual - expected).norm() / expected.norm().clamp_min(1e-30)).item()
@@ -137,14 +141,15 @@ def test_auto_chunk_size_bf16(tmp_path, monkeypatch):
 
 def test_no_recompile_across_row_counts_on_gpu():
     """The torch.compile path (a divergence the Triton kernel does not implement) compiles one
-    graph for every row count, temperature, weight and divergence parameter."""
-    torch._dynamo.reset()
-    counters.clear()
+    graph for every row count, temperature, weight and divergence parameter. (skew_kl runs in no
+    other test here: the graphs counted are this test's own, counted as a difference of Dynamo's
+    counters, see test_compile.py.)"""
+    start = unique_graphs()
     base = dict(divergence=D.skew_kl(0.1), hard_weight=0.5, chunk_size=CHUNK, impl="compile")
     for n in (1000, 777, 1531, 64, 2049, 1):  # single chunks, tails of 9, 1 (merged), 129, N = 1
         inputs = make_inputs(n, torch.bfloat16, seed=n)
         run_student(fused_linear_distill, inputs, **base)
-    assert counters["stats"]["unique_graphs"] == 1
+    assert unique_graphs() - start == 1
     inputs = make_inputs(900, torch.bfloat16, seed=5)
     for temperature, soft, hard in ((0.5, 1.0, 0.1), (3.0, 0.2, 2.0)):
         run_student(
@@ -153,7 +158,7 @@ def test_no_recompile_across_row_counts_on_gpu():
     for n, alpha in ((1000, 0.3), (555, 0.6)):
         inputs = make_inputs(n, torch.bfloat16)
         run_student(fused_linear_distill, inputs, **dict(base, divergence=D.skew_kl(alpha)))
-    assert counters["stats"]["unique_graphs"] == 1
+    assert unique_graphs() - start == 1
 
 
 def _with_topk(inputs: dict, k: int) -> dict:
@@ -178,15 +183,14 @@ def test_topk_teacher_matches_reference(dtype, divergence):
 
 
 def test_topk_no_recompile_across_row_counts():
-    """The top-k path's compiled (C, k) part: one graph for every row count, N = 1 included."""
-    torch._dynamo.reset()
-    counters.clear()
+    """The top-k path's compiled (C, k) part: one graph for every row count, N = 1 included.
+    (topk_soft_ce_bucket runs in no other test here, and the (C, k) part is compiled once per
+    divergence, CE and gradient: the graph counted is this test's own.)"""
+    start = unique_graphs()
     for n in (1000, 777, 1, 64, 2049):
         inputs = _with_topk(make_inputs(n, torch.bfloat16, seed=n), k=16)
-        run_student(
-            fused_linear_distill, inputs, divergence="topk_forward_kl_bucket", hard_weight=0.5, chunk_size=CHUNK
-        )
-    assert counters["stats"]["unique_graphs"] == 1
+        run_student(fused_linear_distill, inputs, divergence="topk_soft_ce_bucket", hard_weight=0.5, chunk_size=CHUNK)
+    assert unique_graphs() - start == 1
 
 
 @pytest.mark.parametrize("teacher", ["dense", "topk"])
@@ -373,7 +377,6 @@ def test_inside_a_users_compiled_step():
 
     leaves = [t.detach().requires_grad_() for t in (h, w)]
     loss, grads = step(*leaves)
-    torch._dynamo.reset()
     c_loss, c_grads = torch.compile(step)(*leaves)
     assert rel_err(c_loss, loss) < 1e-6, (c_loss.item(), loss.item())
     for got, want in zip(c_grads, grads):
