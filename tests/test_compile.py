@@ -1,12 +1,16 @@
 """``impl="compile"``: agreement with eager and the float64 reference, and the compile count.
 
-CPU compilation costs ~5-10 s per graph, so every test here uses one fixed vocabulary and dtype,
-and the file compiles four graphs in all (one per chunk-function spec), shared by the tests:
+CPU compilation costs ~5-10 s per graph, so the tests share a few graphs (one per chunk-function
+spec), each test on one fixed vocabulary and dtype:
 
   A  forward_kl + CE, with gradient     (mean/sum forward, and the "none" backward)
   B  forward_kl + CE, no gradient       (torch.no_grad, and the "none" forward)
   C  jsd (mixture kernel), with gradient
   D  reverse_kl + softcap, with gradient
+  E  skew_reverse_kl + CE, with gradient, float64 inputs cast to float32 (20 row counts, edge values)
+
+plus one graph per configuration of the test that compiles every divergence, and one of a
+sparse divergence's gradient compiled directly.
 
 Each compiled configuration has a code object of its own (kdfuse.compiled), so these tests count
 graphs as differences of Dynamo's counters, never resetting Dynamo: a reset would hide exactly

@@ -178,6 +178,10 @@ def always(a: dict) -> bool:
     return True
 
 
+def _holds_tensor(value: object) -> bool:
+    return isinstance(value, Tensor) or (isinstance(value, (tuple, list)) and any(map(_holds_tensor, value)))
+
+
 @dataclass(frozen=True)
 class Bad:
     """One mistake: ``change`` to a valid call's keyword arguments (a dict, or a function of the
@@ -198,7 +202,7 @@ class Bad:
     def anywhere(self) -> bool:
         """Whether it breaks any valid call of its forms (else only the base, which its tensors
         are sized for)."""
-        return callable(self.change) or not any(isinstance(v, Tensor) for v in self.change.values())
+        return callable(self.change) or not any(_holds_tensor(v) for v in self.change.values())
 
     def applies_to(self, a: dict) -> bool:
         return self.anywhere and form_of(a) in self.forms and self.when(a)
