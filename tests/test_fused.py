@@ -565,8 +565,6 @@ def test_public_api():
 # intermediate, are < 1/8 of the max). mse_logits squares logit differences: at bf16's offset
 # those overflow float32 (inherent to the compute dtype), so it only runs at float16's.
 EDGE = {torch.float16: (30000.0, 16.0), torch.bfloat16: (2.0**100, 2.0**93)}
-
-
 EDGE_DIVERGENCES = ["forward_kl", "reverse_kl", "soft_ce", "tvd", D.jsd(0.5), D.skew_reverse_kl(0.3)]
 
 
