@@ -15,8 +15,7 @@ does the least work a row needs, one program per row, looping over the vocabular
 
 The loops are software-pipelined (``tl.range(num_stages=...)``): the next blocks' loads are in
 flight while a block computes. The kernel issues instructions about as fast as it moves bytes
-(ncu: ~70% of the SMs' issue slots at 66% of the memory bandwidth, before this layout), so the
-loops carry as few per element as they can: base-2 exponents with the scales folded into one
+(docs/design.md, "Instruction diet of the chunk kernel"), so the loops carry as few per element as they can: base-2 exponents with the scales folded into one
 FMA, per-lane log-sum-exp sums instead of a block reduction per block, no bound checks but on
 the row's last block, no one-hot compare (the label's element is rewritten after the loop).
 
@@ -124,8 +123,7 @@ def _terms(x, m, scale):
     A running base-2 log-sum-exp of x·scale is kept per lane as z = Σ terms(x, m) over the blocks
     so far, m their running max, and folded as z·rescale + terms: one more FMA per element (the
     rescale is a scalar). Per-lane sums, added up once per row, spare a block-wide reduction per
-    block (the kernel issues instructions at ~70% of the SMs' rate, ncu, so each counts:
-    docs/benchmarks.md)."""
+    block (the kernel is nearly issue-bound, so each instruction counts: docs/design.md)."""
     return _exp2(x * scale - _shift(m, scale))
 
 
