@@ -15,9 +15,10 @@ does the least work a row needs, one program per row, looping over the vocabular
 
 The loops are software-pipelined (``tl.range(num_stages=...)``): the next blocks' loads are in
 flight while a block computes. The kernel issues instructions about as fast as it moves bytes
-(docs/design.md, "Instruction diet of the chunk kernel"), so the loops carry as few per element as they can: base-2 exponents with the scales folded into one
-FMA, per-lane log-sum-exp sums instead of a block reduction per block, no bound checks but on
-the row's last block, no one-hot compare (the label's element is rewritten after the loop).
+(docs/design.md, "Instruction diet of the chunk kernel"), so the loops carry as few per element as
+they can: base-2 exponents with the scales folded into one FMA, per-lane log-sum-exp sums instead
+of a block reduction per block, no bound checks but on the row's last block, no one-hot compare
+(the label's element is rewritten after the loop).
 
 So 2 reads of both logit tensors plus one write of the gradient (3 reads for reverse KL / JSD),
 all in the logits' own dtype, against ~6 float32 passes for the generic path. The math is the

@@ -27,9 +27,10 @@ __all__ = ["MMConfig", "promoted_mm", "supported"]
 @dataclass(frozen=True)
 class MMConfig:
     """Tile and pipeline of ``promoted_mm``: the fastest configuration measured on Hopper
-    (docs/design.md, "The promoted GEMM", has the times and errors of the alternatives). Two float32 (BM, BN) accumulators, the total and the partial, live in
-    registers; 128 × 256 over 8 warps (2 × 128 per thread) sits at the register limit, while
-    128 × 128 tiles, which fit, fetch 4/3 as many operand bytes per product from L2."""
+    (docs/design.md, "The promoted GEMM", has the times and errors of the alternatives). Two
+    float32 (BM, BN) accumulators, the total and the partial, live in registers; 128 × 256 over 8
+    warps (2 × 128 per thread) sits at the register limit, while 128 × 128 tiles, which fit, fetch
+    4/3 as many operand bytes per product from L2."""
 
     bm: int = 128
     bn: int = 256
