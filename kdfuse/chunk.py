@@ -46,6 +46,7 @@ class ChunkSpec:
     kernel: str | None = None  # the hand-written kernel that runs the chunk; None: the generic path
     ce_power: int = 0  # the dense kernel's CE from the soft softmax at T = 1 or 2 (triton_chunk.ce_power)
     wide_grad: bool = False  # return the logit gradient in the compute dtype (float16 inputs)
+    parallel: bool = False  # the vocabulary is split over a process group (kdfuse.vocab_parallel)
 
 
 def _cap(logits: Tensor, scalars: Tensor, spec: ChunkSpec) -> Tensor:
@@ -147,7 +148,12 @@ def _kernel_step(spec: ChunkSpec, student: Tensor, teacher: tuple[Tensor, ...], 
 # every step (pass one function object), and must not also keep every compiled version alive.
 @functools.lru_cache(maxsize=64)
 def chunk_fn(spec: ChunkSpec) -> Callable:
-    """The chunk function of ``spec``: ``fn(student, teacher, labels, valid[, row_weight], scalars)``."""
+    """The chunk function of ``spec``: ``fn(student, teacher, labels, valid[, row_weight], scalars)``,
+    with the vocabulary's ``shard`` (kdfuse.collectives.Shard) last for a parallel spec."""
+    if spec.parallel:
+        from . import vocab_parallel  # imports torch.distributed: only where it is used
+
+        return vocab_parallel.chunk_step(spec, chunk_fn(replace(spec, parallel=False)))
     if spec.kernel is not None:
         return functools.partial(_kernel_step, spec)
     # dynamic=False: the vocabulary stays static (it shapes the reductions); the row dim is
@@ -156,12 +162,19 @@ def chunk_fn(spec: ChunkSpec) -> Callable:
 
 
 def call(
-    spec: ChunkSpec, fn: Callable, student: Tensor, teacher: tuple[Tensor, ...], rest: list[Tensor], scalars: Tensor
+    spec: ChunkSpec,
+    fn: Callable,
+    student: Tensor,
+    teacher: tuple[Tensor, ...],
+    rest: list[Tensor],
+    scalars: Tensor,
+    shard: object = None,
 ):
-    """``fn`` on one block: its student logits, teacher, (labels, valid[, row_weight]) and the
-    scalars. torch.compile specialises a dim of size 1, so a lone row (N = 1; a 1-row *tail* is
-    merged into the chunk before it) would compile a second graph: it runs doubled, and the
-    copy's rows are dropped (rows are independent, so the result is exact)."""
+    """``fn`` on one block: its student logits, teacher, (labels, valid[, row_weight]), the
+    scalars and, for a parallel spec, the vocabulary's shard (kdfuse.collectives.Shard).
+    torch.compile specialises a dim of size 1, so a lone row (N = 1; a 1-row *tail* is merged
+    into the chunk before it) would compile a second graph: it runs doubled, and the copy's rows
+    are dropped (rows are independent, so the result is exact)."""
     args = [student, *teacher, *rest]
     # torch.compile'd code: all of the generic path, the (C, k) part of the top-k kernel.
     compiled = spec.compiled and spec.kernel in (None, "topk")
@@ -171,7 +184,8 @@ def call(
     if compiled and spec.kernel is None:
         for t in args:
             torch._dynamo.maybe_mark_dynamic(t, 0)
-    out = fn(args[0], tuple(args[1 : len(teacher) + 1]), *args[len(teacher) + 1 :], scalars)
+    extra = () if shard is None else (shard,)
+    out = fn(args[0], tuple(args[1 : len(teacher) + 1]), *args[len(teacher) + 1 :], scalars, *extra)
     return _first_row(out) if lone else out
 
 

@@ -21,10 +21,12 @@ from dataclasses import dataclass, fields, replace
 from typing import NamedTuple
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
 from .chunk import ChunkSpec, call, chunk_fn
+from .collectives import Shard, all_reduce
 from .teacher import TEACHER_ROWS, HiddenTeacher, Teacher, tensors_of
 
 __all__ = ["Problem", "autocast_off", "distill"]
@@ -43,6 +45,7 @@ class Problem:
     scalars: Tensor  # kdfuse.scalars' layout
     spec: ChunkSpec
     chunk_size: int
+    shard: Shard | None = None  # the vocabulary's split over a process group, if it is split
 
     @property
     def rows(self) -> int:
@@ -89,7 +92,7 @@ def _chunk(
             after_logits()
         part = slice(block.start - rows.start, block.stop - rows.start)
         rest = [p.labels[block], p.valid[block]] + ([] if row_weight is None else [row_weight[part]])
-        outs.append(call(spec, fn, student[part], teacher, rest, p.scalars))
+        outs.append(call(spec, fn, student[part], teacher, rest, p.scalars, p.shard))
         del teacher  # freed before the next block's teacher logits are computed
     if row_weight is None:
         outs = [(None, out) for out in outs]
@@ -204,6 +207,8 @@ def _run_chunks(
             del dlogits, out  # free this chunk's (C, V) block before the next chunk allocates its own
     if check is not None and not p.rows:
         check()
+    if p.shard is not None and grads.hidden is not None:  # each rank's columns gave a part of it
+        all_reduce(grads.hidden, dist.ReduceOp.SUM, p.shard.group)
     return loss, soft, hard, grads
 
 

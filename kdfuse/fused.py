@@ -7,9 +7,11 @@ from dataclasses import replace
 from typing import Literal
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 from .chunk import ChunkSpec, with_kernel
+from .collectives import Shard, all_reduce, gathered, group_of, local_rows, shard_layout
 from .contract import DistillOutput, Impl, Reduction
 from .divergences import Parametrized
 from .engine import Problem, distill
@@ -100,7 +102,7 @@ def _tuner(p: Problem, div: Parametrized, labels: Tensor | None, options: dict) 
 
 
 def _prepare(
-    student_hidden, student_weight, student_bias, teacher, labels, div: Parametrized, options: dict
+    student_hidden, student_weight, student_bias, teacher, labels, div: Parametrized, options: dict, shard: Shard | None
 ) -> tuple[Problem, Tensor, bool]:
     """(the engine's problem with chunk_size still 0, the valid rows (N,), whether gradients are
     needed) of a checked call; ``teacher`` is (form, hidden, weight, bias, logits, topk)."""
@@ -122,25 +124,73 @@ def _prepare(
         with_grad=False,
         compiled=options["impl"] == "compile",
         wide_grad=hidden.dtype == torch.float16,
+        parallel=shard is not None,
     )
-    spec = with_kernel(spec, device.type, temperature)
+    if shard is None:  # the hand-written kernels see whole rows
+        spec = with_kernel(spec, device.type, temperature)
     values = [1.0 / temperature, options["soft_weight"], options["hard_weight"], softcap or 1.0, *div.args]
     scalars = _to_device(values, compute, device)
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (hidden, student_weight, student_bias)
     )
     return (
-        Problem(hidden, student_weight, student_bias, teacher, flat_labels, valid, scalars, spec, 0),
+        Problem(hidden, student_weight, student_bias, teacher, flat_labels, valid, scalars, spec, 0, shard),
         valid,
         needs_grad,
     )
 
 
-def _chunk_size(
-    p: Problem, chunk_size: int | str, div: Parametrized, needs_grad: bool, memory_budget, tune: Tune
-) -> int:
-    """``chunk_size``, or for ``"auto"`` the memoised, cached, tuned or heuristic choice."""
-    return resolve_chunk_size(
+def _unwrapped(group, *weights: Tensor | None) -> list[Tensor | None]:
+    """The (student weight, bias, teacher weight, bias) as plain tensors: a tensor-parallel
+    DTensor's local rows over ``group``, or without a group an FSDP2 DTensor gathered (see
+    kdfuse.collectives)."""
+    names = ("student_weight", "student_bias", "teacher_weight", "teacher_bias")
+    return [gathered(t) if group is None else local_rows(t, name) for t, name in zip(weights, names)]
+
+
+def _options(temperature, soft_weight, hard_weight, softcap, ignore_index: int, impl: str) -> dict:
+    """The checked numbers as Python floats (NumPy scalars pass the checks): they key the
+    compile and tuning caches."""
+    return {
+        "temperature": float(temperature),
+        "soft_weight": float(soft_weight),
+        "hard_weight": float(hard_weight),
+        "softcap": None if softcap is None else float(softcap),
+        "ignore_index": ignore_index,
+        "impl": impl,
+    }
+
+
+def _shard(group, student_hidden: Tensor, student_weight: Tensor, teacher: tuple) -> Shard:
+    """The vocabulary's layout over ``group``; the teacher's shard must be the same rows.
+    ``teacher`` is (form, hidden, weight, bias, logits, topk)."""
+    form, _, teacher_weight, _, teacher_logits, teacher_topk = teacher
+    rows = student_weight.shape[0]
+    teacher_rows = {"hidden": lambda: teacher_weight.shape[0], "logits": lambda: teacher_logits.shape[-1]}
+    if form in teacher_rows and teacher_rows[form]() != rows:
+        name = "teacher_weight's rows" if form == "hidden" else "teacher_logits' last dim"
+        raise ValueError(
+            f"with a process_group the teacher's shard must be the student's vocabulary rows: {name} is "
+            f"{teacher_rows[form]()}, student_weight has {rows} (pad the teacher's vocabulary to the student's, "
+            "or cut it, before sharding)"
+        )
+    shard = shard_layout(group, rows, student_hidden.device)
+    if form == "topk" and teacher_topk[0].shape[-1] > shard.vocab:
+        raise ValueError(f"teacher_topk has k={teacher_topk[0].shape[-1]} > the student's vocabulary {shard.vocab}")
+    return shard
+
+
+def _chunk_size(p: Problem, chunk_size, div: Parametrized, needs_grad: bool, memory_budget, labels, options) -> int:
+    """``chunk_size``, or for ``"auto"`` the memoised, cached, tuned (in process, on this call's
+    tensors) or heuristic choice; over a process group the smallest of the ranks' choices, never
+    tuned in process (their collectives must pair up chunk by chunk: one tiny all-reduce and host
+    sync per call; an int ``chunk_size`` skips it)."""
+    if chunk_size != "auto":
+        return chunk_size
+    tune = None
+    if p.shard is None:
+        tune = _tuner(p, div, labels, {k: options[k] for k in ("temperature", "softcap", "ignore_index")})
+    size = resolve_chunk_size(
         chunk_size,
         rows=p.rows,
         vocab=p.weight.shape[0],
@@ -156,6 +206,10 @@ def _chunk_size(
         impl="compile" if p.spec.compiled else "eager",
         tune=tune,
     )
+    if p.shard is not None:
+        agreed = torch.tensor([size], device=p.hidden.device)
+        size = int(all_reduce(agreed, dist.ReduceOp.MIN, p.shard.group).item())
+    return size
 
 
 def fused_linear_distill(
@@ -182,6 +236,7 @@ def fused_linear_distill(
     impl: Impl = "compile",
     memory_budget: int | float | None = None,
     validate: bool = True,
+    process_group: object = None,
 ) -> Tensor | DistillOutput:
     """Knowledge-distillation loss from hidden states, never materialising the full logits.
 
@@ -223,6 +278,18 @@ def fused_linear_distill(
             which costs one device-to-host sync per call (waited for once the first chunk's
             logits matmuls are queued, so the device keeps computing meanwhile); shapes, dtypes
             and devices are always checked, for free. Turn off in a hot loop whose data you trust.
+        process_group: the vocabulary is split over this ``torch.distributed`` group (tensor
+            parallelism, Megatron's layout): every rank passes the same hidden states and labels,
+            and its contiguous rows of each lm_head (and bias), in rank order, ``(V_r, H)``
+            (``V_r`` may differ between ranks); ``teacher_logits`` are this rank's ``(..., V_r)``
+            columns, ``teacher_topk`` global ids (the same on every rank). Every rank returns the
+            loss of the whole vocabulary; the hidden states' gradient is the whole gradient on
+            every rank (all-reduced, as a column-parallel lm_head's input gradient is), each
+            weight's gradient this rank's rows. A 1-D ``DeviceMesh`` stands for its group, and
+            weights may then be DTensors sharded on dim 0 over it (their gradients come back as
+            such). Without a group, a DTensor weight is an FSDP2 shard: it is gathered once per
+            call, its gradient averaged back to the shards as FSDP2 averages. See
+            :mod:`kdfuse.vocab_parallel` for what is communicated.
 
     Under ``torch.autocast`` the logits are computed in its dtype, as ``F.linear`` would compute
     them there: the hidden states, weights and biases are cast to it first (float64 excepted), and
@@ -231,6 +298,10 @@ def fused_linear_distill(
     Returns:
         The loss in the compute dtype (float32; float64 for float64 inputs).
     """
+    group = None if process_group is None else group_of(process_group)
+    student_weight, student_bias, teacher_weight, teacher_bias = _unwrapped(
+        group, student_weight, student_bias, teacher_weight, teacher_bias
+    )
     student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias = _autocast_inputs(
         student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias
     )
@@ -253,27 +324,21 @@ def fused_linear_distill(
         impl=impl,
         ignore_index=ignore_index,
         memory_budget=memory_budget,
+        sharded=group is not None,
     )
     check_normalizer(normalizer, reduction)
-    div = resolve(divergence, sparse=form == "topk")
-    # NumPy scalars pass the checks: as Python floats they key the compile and tuning caches.
-    options = {
-        "temperature": float(temperature),
-        "soft_weight": float(soft_weight),
-        "hard_weight": float(hard_weight),
-        "softcap": None if softcap is None else float(softcap),
-        "ignore_index": ignore_index,
-        "impl": impl,
-    }
     teacher = (form, teacher_hidden, teacher_weight, teacher_bias, teacher_logits, teacher_topk)
-    p, valid, needs_grad = _prepare(student_hidden, student_weight, student_bias, teacher, labels, div, options)
-    tune = _tuner(p, div, labels, {k: options[k] for k in ("temperature", "softcap", "ignore_index")})
-    p = replace(p, chunk_size=_chunk_size(p, chunk_size, div, needs_grad, memory_budget, tune))
+    shard = None if group is None else _shard(group, student_hidden, student_weight, teacher)
+    div = resolve(divergence, sparse=form == "topk")
+    options = _options(temperature, soft_weight, hard_weight, softcap, ignore_index, impl)
+    p, valid, needs_grad = _prepare(student_hidden, student_weight, student_bias, teacher, labels, div, options, shard)
+    p = replace(p, chunk_size=_chunk_size(p, chunk_size, div, needs_grad, memory_budget, labels, options))
     # The value checks' one host sync waits for everything queued before it; queued here, after
     # the host-side set-up, and waited for only once the first chunk's logits matmuls are queued
     # (see kdfuse.engine), it leaves the device busy rather than idle while the host waits.
     ids = p.teacher.ids if isinstance(p.teacher, TopkTeacher) else None
-    check = start_value_check(p.weight.shape[0], ignore_index, labels=labels, topk_ids=ids) if validate else None
+    vocab = p.weight.shape[0] if shard is None else shard.vocab
+    check = start_value_check(vocab, ignore_index, labels=labels, topk_ids=ids) if validate else None
     norm = _normalizer(reduction, normalizer, valid, p.spec.compute_dtype)
     loss, soft, hard = distill(p, reduction, norm, check, needs_grad)
     if reduction == "none":

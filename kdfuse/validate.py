@@ -261,7 +261,7 @@ def _check_logits_teacher(teacher_logits, student_hidden: Tensor, student_weight
         )
 
 
-def _check_topk_teacher(teacher_topk, student_hidden: Tensor, vocab: int) -> None:
+def _check_topk_teacher(teacher_topk, student_hidden: Tensor, vocab: int | None) -> None:
     if not (isinstance(teacher_topk, (tuple, list)) and len(teacher_topk) == 2):
         raise TypeError("teacher_topk must be a pair (ids, logprobs)")
     ids, logprobs = teacher_topk
@@ -273,7 +273,7 @@ def _check_topk_teacher(teacher_topk, student_hidden: Tensor, vocab: int) -> Non
             f"teacher_topk ids and logprobs must both be (..., k) with {rows} rows: "
             f"ids {shape(ids)}, logprobs {shape(logprobs)}, student_hidden {shape(student_hidden)}"
         )
-    if ids.shape[-1] > vocab:
+    if vocab is not None and ids.shape[-1] > vocab:
         raise ValueError(f"teacher_topk has k={ids.shape[-1]} > the student's vocabulary {vocab}")
     _check_layout("teacher_topk ids", ids, student_hidden)
 
@@ -347,12 +347,14 @@ def check_inputs(
     impl: str,
     ignore_index: int = -100,
     memory_budget: MemoryBudget | None = None,
+    sharded: bool = False,
 ) -> str:
     """Raise ``ValueError``/``TypeError`` for anything ``fused_linear_distill`` cannot compute;
     return the teacher's form (``"hidden"``, ``"logits"`` or ``"topk"``).
 
     Reads shapes, dtypes, devices and Python arguments only (no device sync), so it runs on every
-    call; the checks of tensor values are :func:`start_value_check`'s."""
+    call; the checks of tensor values are :func:`start_value_check`'s. ``sharded``: the weights
+    are this rank's rows of a vocabulary split over a process group (its size is checked later)."""
     _check_student(student_hidden, student_weight)
     vocab = student_weight.shape[0]
     form = _check_one_teacher(teacher_hidden, teacher_weight, teacher_logits, teacher_topk)
@@ -361,7 +363,7 @@ def check_inputs(
     elif form == "logits":
         _check_logits_teacher(teacher_logits, student_hidden, student_weight)
     else:
-        _check_topk_teacher(teacher_topk, student_hidden, vocab)
+        _check_topk_teacher(teacher_topk, student_hidden, None if sharded else vocab)
     _check_biases(student_bias, teacher_bias, teacher_weight, form, vocab)
     _check_same_dtype(
         "the student's hidden states, weight and bias",
