@@ -19,7 +19,7 @@ from .registry import DivergenceLike, resolve
 from .sweep import BenchProblem, tune_in_process
 from .teacher import HiddenTeacher, LogitsTeacher, TopkTeacher, flat_teacher
 from .tuning import Sweep, Tune, TuningKey, resolve_chunk_size
-from .validate import check_inputs, check_normalizer, start_value_check
+from .validate import check_inputs, check_logit_transforms, check_normalizer, start_value_check
 
 __all__ = ["DistillOutput", "Impl", "Reduction", "fused_linear_distill"]
 
@@ -112,29 +112,44 @@ def _prepare(
     flat_labels, valid = _labels(labels, hidden.shape[0], options["ignore_index"], device)
     teacher = flat_teacher(teacher[0], hidden.shape[0], vocab, valid, *teacher[1:])
     compute = torch.float64 if hidden.dtype == torch.float64 else torch.float32
-    softcap, temperature = options["softcap"], options["temperature"]
+    s_cap, t_cap, temperature = options["student_softcap"], options["teacher_softcap"], options["temperature"]
     spec = ChunkSpec(
         div.fn,
         len(div.args),
         teacher.form == "topk",
         options["hard_weight"] != 0,
-        softcap is not None,
+        s_cap is not None,
         options["ignore_index"],
         compute,
         with_grad=False,
         compiled=options["impl"] == "compile",
         wide_grad=hidden.dtype == torch.float16,
         parallel=shard is not None,
+        teacher_softcap=t_cap is not None and teacher.form != "topk",
+        entropy=options["entropy"],
     )
     if shard is None:  # the hand-written kernels see whole rows
         spec = with_kernel(spec, device.type, temperature)
-    values = [1.0 / temperature, options["soft_weight"], options["hard_weight"], softcap or 1.0, *div.args]
+    values = [1.0 / temperature, options["soft_weight"], options["hard_weight"], s_cap or 1.0, t_cap or 1.0, *div.args]
     scalars = _to_device(values, compute, device)
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (hidden, student_weight, student_bias)
     )
     return (
-        Problem(hidden, student_weight, student_bias, teacher, flat_labels, valid, scalars, spec, 0, shard),
+        Problem(
+            hidden,
+            student_weight,
+            student_bias,
+            teacher,
+            flat_labels,
+            valid,
+            scalars,
+            spec,
+            0,
+            shard,
+            options["student_logit_scale"],
+            options["teacher_logit_scale"],
+        ),
         valid,
         needs_grad,
     )
@@ -148,16 +163,21 @@ def _unwrapped(group, *weights: Tensor | None) -> list[Tensor | None]:
     return [gathered(t) if group is None else local_rows(t, name) for t, name in zip(weights, names)]
 
 
-def _options(temperature, soft_weight, hard_weight, softcap, ignore_index: int, impl: str) -> dict:
-    """The checked numbers as Python floats (NumPy scalars pass the checks): they key the
-    compile and tuning caches."""
+def _options(temperature, soft_weight, hard_weight, ignore_index: int, impl: str, entropy: bool, transforms) -> dict:
+    """The checked options, numbers as Python floats (NumPy scalars pass the checks): they key
+    the compile and tuning caches. ``transforms``: kdfuse.validate.check_logit_transforms'."""
+    student_softcap, teacher_softcap, student_logit_scale, teacher_logit_scale = transforms
     return {
         "temperature": float(temperature),
         "soft_weight": float(soft_weight),
         "hard_weight": float(hard_weight),
-        "softcap": None if softcap is None else float(softcap),
+        "student_softcap": student_softcap,
+        "teacher_softcap": teacher_softcap,
+        "student_logit_scale": student_logit_scale,
+        "teacher_logit_scale": teacher_logit_scale,
         "ignore_index": ignore_index,
         "impl": impl,
+        "entropy": bool(entropy),
     }
 
 
@@ -189,7 +209,8 @@ def _chunk_size(p: Problem, chunk_size, div: Parametrized, needs_grad: bool, mem
         return chunk_size
     tune = None
     if p.shard is None:
-        tune = _tuner(p, div, labels, {k: options[k] for k in ("temperature", "softcap", "ignore_index")})
+        keys = ("temperature", "student_softcap", "teacher_softcap", "student_logit_scale", "teacher_logit_scale")
+        tune = _tuner(p, div, labels, {k: options[k] for k in (*keys, "ignore_index")})
     size = resolve_chunk_size(
         chunk_size,
         rows=p.rows,
@@ -237,7 +258,12 @@ def fused_linear_distill(
     memory_budget: int | float | None = None,
     validate: bool = True,
     process_group: object = None,
-) -> Tensor | DistillOutput:
+    student_softcap: float | None = None,
+    teacher_softcap: float | None = None,
+    student_logit_scale: float = 1.0,
+    teacher_logit_scale: float = 1.0,
+    return_entropy: bool = False,
+) -> Tensor | DistillOutput | tuple[Tensor | DistillOutput, Tensor]:
     """Knowledge-distillation loss from hidden states, never materialising the full logits.
 
     Computes exactly what :func:`kdfuse.fused_linear_distill_ref` computes (see there for the
@@ -265,9 +291,15 @@ def fused_linear_distill(
             global number of tokens across gradient-accumulation steps and ranks).
         chunk_size: rows per chunk, or ``"auto"`` (autotuned or heuristic, see kdfuse.tuning).
         student_bias, teacher_bias: lm_head biases; the student's gets a gradient.
-        softcap: Gemma-2 style ``softcap·tanh(logits/softcap)`` on both models' logits, first.
+        softcap: Gemma-2 style ``softcap·tanh(logits/softcap)`` on both models' logits, after
+            their scales; ``student_softcap`` / ``teacher_softcap`` give a model its own cap.
+        student_logit_scale, teacher_logit_scale: each model's logits are its lm_head's output
+            times this (Cohere's ``logit_scale``; Granite's ``1 / logits_scaling``), before the
+            softcap and the temperature; for ``teacher_logits`` the given logits times it.
         return_parts: return ``DistillOutput(loss, soft_loss, hard_loss)``; the parts are the
             unweighted terms reduced like the loss, detached.
+        return_entropy: also the student's entropy at the temperature (after its scale and
+            softcap), reduced like the loss, detached: the result is ``(result, entropy)``.
         impl: ``"compile"``: the fastest compiled per-chunk work (on CUDA the hand-written Triton
             kernels of the built-ins that have one, :mod:`kdfuse.triton_chunk` and
             :mod:`kdfuse.triton_topk`; ``torch.compile`` of the pure divergence otherwise), or
@@ -330,7 +362,10 @@ def fused_linear_distill(
     teacher = (form, teacher_hidden, teacher_weight, teacher_bias, teacher_logits, teacher_topk)
     shard = None if group is None else _shard(group, student_hidden, student_weight, teacher)
     div = resolve(divergence, sparse=form == "topk")
-    options = _options(temperature, soft_weight, hard_weight, softcap, ignore_index, impl)
+    transforms = check_logit_transforms(
+        softcap, student_softcap, teacher_softcap, student_logit_scale, teacher_logit_scale
+    )
+    options = _options(temperature, soft_weight, hard_weight, ignore_index, impl, return_entropy, transforms)
     p, valid, needs_grad = _prepare(student_hidden, student_weight, student_bias, teacher, labels, div, options, shard)
     p = replace(p, chunk_size=_chunk_size(p, chunk_size, div, needs_grad, memory_budget, labels, options))
     # The value checks' one host sync waits for everything queued before it; queued here, after
@@ -340,7 +375,8 @@ def fused_linear_distill(
     vocab = p.weight.shape[0] if shard is None else shard.vocab
     check = start_value_check(vocab, ignore_index, labels=labels, topk_ids=ids) if validate else None
     norm = _normalizer(reduction, normalizer, valid, p.spec.compute_dtype)
-    loss, soft, hard = distill(p, reduction, norm, check, needs_grad)
+    loss, soft, hard, entropy = distill(p, reduction, norm, check, needs_grad)
     if reduction == "none":
-        loss, soft, hard = (x.reshape(student_hidden.shape[:-1]) for x in (loss, soft, hard))
-    return DistillOutput(loss, soft, hard) if return_parts else loss
+        loss, soft, hard, entropy = (x.reshape(student_hidden.shape[:-1]) for x in (loss, soft, hard, entropy))
+    out = DistillOutput(loss, soft, hard) if return_parts else loss
+    return (out, entropy) if return_entropy else out

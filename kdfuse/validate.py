@@ -26,6 +26,7 @@ __all__ = [
     "check_ignore_index",
     "check_inputs",
     "check_int",
+    "check_logit_transforms",
     "check_normalizer",
     "check_positive",
     "check_unit",
@@ -446,6 +447,31 @@ def check_values(vocab: int, ignore_index: int, *, labels: Tensor | None, topk_i
     """Raise ``ValueError`` for labels outside ``[0, vocab)`` (other than ``ignore_index``) or
     top-k ids outside ``[0, vocab)``. One device-to-host sync for all checks together."""
     start_value_check(vocab, ignore_index, labels=labels, topk_ids=topk_ids)()
+
+
+def check_logit_transforms(
+    softcap: float | None,
+    student_softcap: float | None,
+    teacher_softcap: float | None,
+    student_logit_scale: float,
+    teacher_logit_scale: float,
+) -> tuple[float | None, float | None, float, float]:
+    """(student cap, teacher cap, student scale, teacher scale) as Python floats: each model's
+    own softcap, else ``softcap``; the scales finite numbers."""
+    for name, value in (
+        ("softcap", softcap),
+        ("student_softcap", student_softcap),
+        ("teacher_softcap", teacher_softcap),
+    ):
+        if value is not None:
+            check_positive(name, value)
+    s_cap = student_softcap if student_softcap is not None else softcap
+    t_cap = teacher_softcap if teacher_softcap is not None else softcap
+    scales = (
+        check_finite("student_logit_scale", student_logit_scale),
+        check_finite("teacher_logit_scale", teacher_logit_scale),
+    )
+    return (None if s_cap is None else float(s_cap), None if t_cap is None else float(t_cap), *scales)
 
 
 def check_normalizer(normalizer: float | Tensor | None, reduction: str) -> None:

@@ -39,10 +39,6 @@ __all__ = ["chunk_step"]
 _MAX, _SUM = dist.ReduceOp.MAX, dist.ReduceOp.SUM
 
 
-def _cap(x: Tensor, scalars: Tensor, softcap: bool) -> Tensor:
-    return scalars[S.CAP] * torch.tanh(x / scalars[S.CAP]) if softcap else x
-
-
 def _row_max(x: Tensor) -> Tensor:
     """(C,) maxima of (C, V_r), −inf for an empty shard."""
     return x.amax(-1) if x.shape[-1] else x.new_full(x.shape[:1], float("-inf"))
@@ -82,8 +78,8 @@ def _held_values(x: Tensor, ids: Tensor, shard: Shard) -> Tensor:
 def _dense_logits(spec, student: Tensor, teacher: Tensor, valid: Tensor, scalars: Tensor):
     """(s, a, b): the capped student logits and both models' at the temperature. Ignored rows'
     teachers are neutral (they may hold anything, even a row of −inf)."""
-    s = _cap(student.to(spec.compute_dtype), scalars, spec.softcap)
-    t = _cap(torch.where(valid[:, None], teacher.to(spec.compute_dtype), 0), scalars, spec.softcap)
+    s = S.cap(student.to(spec.compute_dtype), scalars, S.S_CAP, spec.softcap)
+    t = S.cap(torch.where(valid[:, None], teacher.to(spec.compute_dtype), 0), scalars, S.T_CAP, spec.teacher_softcap)
     return s, s * scalars[S.INV_T], t * scalars[S.INV_T]
 
 
@@ -93,9 +89,15 @@ def _dense_maxima(spec, student, teacher, valid, scalars) -> Tensor:
 
 
 def _dense_sums(spec, student, teacher, labels, valid, scalars, maxima, shard) -> Tensor:
+    """(C, 4): Σ e^(x − max) of τs, τt and s, the label's logit where held; with the entropy a
+    fifth column, Σ e^(τs − m)·(τs − m) (the entropy is log z − that / z)."""
     s, a, b = _dense_logits(spec, student, teacher, valid, scalars)
-    z = [_shifted_exp(x, maxima[:, i]).sum(-1) for i, x in enumerate((a, b, s))]
-    return torch.stack([*z, _held_values(s, labels[:, None], shard)[:, 0]], 1)
+    e = [_shifted_exp(x, maxima[:, i]) for i, x in enumerate((a, b, s))]
+    columns = [x.sum(-1) for x in e] + [_held_values(s, labels[:, None], shard)[:, 0]]
+    if spec.entropy:
+        m = torch.where(torch.isneginf(maxima[:, 0]), 0, maxima[:, 0])[:, None]
+        columns.append((e[0] * (a - m)).nan_to_num(0.0).sum(-1))
+    return torch.stack(columns, 1)
 
 
 def _dense_terms(spec, student, teacher, valid, scalars, lse, with_grad: bool):
@@ -133,7 +135,7 @@ def _dense_grad(
         da = da + scalars[S.HARD_W] * ((s - lse[:, 2:3]).exp() - one_hot)
     da = da * row_weight[:, None]
     if spec.softcap:
-        da = da * (1 - (s / scalars[S.CAP]).square())
+        da = da * (1 - (s / scalars[S.S_CAP]).square())
     return da
 
 
@@ -147,7 +149,8 @@ def _dense_step(spec, fns, shard, student, teacher, labels, valid, row_weight, s
     soft = totals[:, 0] / shard.vocab if entry_of(spec.fn).terms.mean else totals[:, 0]
     soft = torch.where(valid, soft, 0)
     hard = torch.where(valid, lse[:, 2] - sums[:, 3], 0) if spec.has_ce else torch.zeros_like(soft)
-    parts = (scalars[S.SOFT_W] * soft + scalars[S.HARD_W] * hard, soft, hard)
+    ent = torch.where(valid, sums[:, 0].log() - sums[:, 4] / sums[:, 0], 0) if spec.entropy else torch.zeros_like(soft)
+    parts = (scalars[S.SOFT_W] * soft + scalars[S.HARD_W] * hard, soft, hard, ent)
     if row_weight is None:
         return None, parts
     column, held = _owned(labels, shard)
@@ -163,7 +166,7 @@ def _dense_step(spec, fns, shard, student, teacher, labels, valid, row_weight, s
 
 def _topk_logits(spec, student, ids, logprobs, scalars, shard):
     """(x capped, τx, the real top-k's mask (C, V_r) of this rank's columns, real (C, k))."""
-    x = _cap(student.to(spec.compute_dtype), scalars, spec.softcap)
+    x = S.cap(student.to(spec.compute_dtype), scalars, S.S_CAP, spec.softcap)
     real = ~torch.isneginf(logprobs)
     local, held = _owned(ids, shard)
     # A count, not a scatter of booleans: a padding entry may repeat a real id.
@@ -202,7 +205,7 @@ def _topk_grad(spec, student, ids, logprobs, labels, scalars, stats, d_gathered,
         local, held = _owned(ids, shard)
         dx = dx.scatter_add(1, local, torch.where(held & real, d_gathered, 0))
     if spec.softcap:
-        dx = dx * (1 - (x / scalars[S.CAP]).square())
+        dx = dx * (1 - (x / scalars[S.S_CAP]).square())
     return dx
 
 
@@ -225,10 +228,11 @@ def _topk_step(spec, fns, shard, student, ids, logprobs, labels, valid, row_weig
         valid,
     )
     if row_weight is None:
-        return None, fns["loss"](reduced, *args, scalars)
+        parts = fns["loss"](reduced, *args, scalars)
+        return None, (*parts, torch.zeros_like(parts[0]))
     (d_gathered, d_label, d_lz_t, d_lz_1), parts = fns["loss"](reduced, *args, row_weight, scalars)
     dx = fns["grad"](student, ids, logprobs, labels, scalars, stats, d_gathered, d_label, d_lz_t, d_lz_1, shard)
-    return dx, parts
+    return dx, (*parts, torch.zeros_like(parts[0]))
 
 
 # --------------------------------------------------------------------------------------------
@@ -288,6 +292,7 @@ def chunk_step(spec, generic: Callable) -> Callable:
     on gathered rows for a divergence of the user's."""
     entry = entry_of(spec.fn)
     builtin = entry is not None and (entry.reduced if spec.sparse else entry.terms) is not None
+    builtin = builtin and not (spec.sparse and spec.entropy)  # (a top-k loss never sums whole rows)
     if not builtin:
         step = _gathered_step
         fns = generic

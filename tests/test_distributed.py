@@ -99,7 +99,9 @@ def _grads(fn, inputs: dict, kwargs: dict, grad_output: torch.Tensor | None):
 
 
 def _kwargs(case: dict) -> dict:
-    kwargs = {k: case[k] for k in ("divergence", "temperature", "hard_weight", "reduction", "softcap") if k in case}
+    names = ("divergence", "temperature", "hard_weight", "reduction", "softcap", "return_entropy")
+    names += ("student_softcap", "teacher_softcap", "student_logit_scale", "teacher_logit_scale")
+    kwargs = {k: case[k] for k in names if k in case}
     if case.get("normalizer"):
         kwargs["normalizer"] = case["normalizer"]
     return {**kwargs, "chunk_size": case["chunk"], "return_parts": case.get("parts", False)}
@@ -136,8 +138,8 @@ def check_vocab_parallel(case: dict) -> dict:
 
 def _cases() -> list[dict]:
     """Every built-in (dense and top-k), a user's divergence of each kind, and a rotation of the
-    other options (CE, temperature, softcap, reductions, normalizer, parts, bias, chunk sizes that
-    do not divide N)."""
+    other options (CE, temperature, softcaps, logit scales, the student's entropy, reductions,
+    normalizer, parts, bias, chunk sizes that do not divide N)."""
     dense = [*registry.names(sparse=False), "jsd_beta0.3", "jsd_beta0", "skew_kl_alpha1", _hellinger]
     sparse = [*registry.names(sparse=True), _user_sparse]
     options = [
@@ -146,6 +148,8 @@ def _cases() -> list[dict]:
         dict(reduction="none", hard_weight=0.3, chunk=3, softcap=4.0),
         dict(temperature=0.7, chunk=16, parts=True),
         dict(reduction="sum", hard_weight=1.0, chunk=1),
+        dict(teacher_softcap=3.0, student_logit_scale=0.5, chunk=4, return_entropy=True, hard_weight=0.2),
+        dict(student_softcap=2.0, teacher_logit_scale=2.0, reduction="none", return_entropy=True, chunk=3),
     ]
     cases = []
     for i, divergence in enumerate(dense):

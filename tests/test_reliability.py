@@ -1000,9 +1000,9 @@ def test_triton_kernel_ignored_row_with_fully_masked_teacher():
     labels = torch.tensor([1, -100, 2], device=device)
     valid = labels != -100
     weights = valid.float()
-    scalars = torch.tensor([1.0, 1.0, 0.5, 1.0], device=device)
-    dlogits, (loss, _, _) = tc.chunk_step(
-        "forward_kl", True, False, -100, student, teacher, labels, valid, weights, scalars
+    scalars = torch.tensor([1.0, 1.0, 0.5, 1.0, 1.0], device=device)
+    dlogits, (loss, *_) = tc.chunk_step(
+        "forward_kl", True, (False, False), -100, student, teacher, labels, valid, weights, scalars
     )
     assert torch.isfinite(loss).all()
     assert torch.isfinite(dlogits).all()
