@@ -36,8 +36,8 @@ __all__ = ["Problem", "autocast_off", "distill"]
 class Problem:
     """A call's inputs, flattened to N rows and checked, and how to compute them."""
 
-    hidden: Tensor  # (N, Hs)
-    weight: Tensor  # (V, Hs)
+    hidden: Tensor  # (N, Hs), or the student's logits (N, V) when weight is None
+    weight: Tensor | None  # (V, Hs)
     bias: Tensor | None  # (V,)
     teacher: Teacher
     labels: Tensor  # (N,) int64, ignore_index where missing
@@ -49,8 +49,17 @@ class Problem:
     student_scale: float = 1.0  # each model's logits are its lm_head's output times its scale
     teacher_scale: float = 1.0
 
+    @property
+    def vocab(self) -> int:
+        return self.hidden.shape[1] if self.weight is None else self.weight.shape[0]
+
     def student_logits(self, rows: slice) -> Tensor:
-        """The student's (C, V) logits of ``rows``: scale·(h Wᵀ + b)."""
+        """The student's (C, V) logits of ``rows``: scale·(h Wᵀ + b), or the given logits times
+        the scale (a copy where a kernel writes the gradient over them, never the caller's)."""
+        if self.weight is None:
+            logits = self.hidden[rows]
+            copy = self.spec.kernel is not None or self.student_scale != 1
+            return logits * self.student_scale if copy else logits
         logits = F.linear(self.hidden[rows], self.weight, self.bias)
         return logits if self.student_scale == 1 else logits.mul_(self.student_scale)
 
@@ -178,7 +187,7 @@ def _grad_buffers(p: Problem, need: tuple[bool, bool, bool]) -> Grads:
     # only when there is no chunk at all.
     alloc = torch.empty if p.rows else torch.zeros
     weight = alloc(p.weight.shape, dtype=cdt, device=device) if need[1] else None
-    bias = torch.zeros(p.weight.shape[0], dtype=cdt, device=device) if need[2] else None
+    bias = torch.zeros(p.vocab, dtype=cdt, device=device) if need[2] else None
     return Grads(hidden, weight, bias)
 
 
@@ -188,7 +197,9 @@ def _fold(p: Problem, grads: Grads, rows: slice, dlogits: Tensor, first: bool) -
     if p.spec.wide_grad:
         dlogits, unscale = half_with_scale(dlogits)
         inv *= unscale
-    if grads.hidden is not None:
+    if grads.hidden is not None and p.weight is None:  # the logits themselves
+        torch.mul(dlogits, inv, out=grads.hidden[rows])
+    elif grads.hidden is not None:
         _accumulate_mm(grads.hidden[rows], dlogits, p.weight, first=True, alpha=inv)
     if grads.weight is not None:
         _accumulate_mm(grads.weight, dlogits.t(), p.hidden[rows], first=first, alpha=inv)

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from dataclasses import replace
+from types import SimpleNamespace
 from typing import Literal
 
 import torch
@@ -21,7 +22,7 @@ from .teacher import HiddenTeacher, LogitsTeacher, TopkTeacher, flat_teacher
 from .tuning import Sweep, Tune, TuningKey, resolve_chunk_size
 from .validate import check_inputs, check_logit_transforms, check_normalizer, start_value_check
 
-__all__ = ["DistillOutput", "Impl", "Reduction", "fused_linear_distill"]
+__all__ = ["DistillOutput", "Impl", "Reduction", "distill_logits", "fused_linear_distill"]
 
 
 def _autocast_inputs(*tensors: Tensor | None) -> tuple[Tensor | None, ...]:
@@ -106,7 +107,7 @@ def _prepare(
 ) -> tuple[Problem, Tensor, bool]:
     """(the engine's problem with chunk_size still 0, the valid rows (N,), whether gradients are
     needed) of a checked call; ``teacher`` is (form, hidden, weight, bias, logits, topk)."""
-    vocab, width = student_weight.shape
+    vocab, width = (student_hidden.shape[-1],) * 2 if student_weight is None else student_weight.shape
     hidden = student_hidden.reshape(-1, width)
     device = hidden.device
     flat_labels, valid = _labels(labels, hidden.shape[0], options["ignore_index"], device)
@@ -208,14 +209,14 @@ def _chunk_size(p: Problem, chunk_size, div: Parametrized, needs_grad: bool, mem
     if chunk_size != "auto":
         return chunk_size
     tune = None
-    if p.shard is None:
+    if p.shard is None and p.weight is not None:
         keys = ("temperature", "student_softcap", "teacher_softcap", "student_logit_scale", "teacher_logit_scale")
         tune = _tuner(p, div, labels, {k: options[k] for k in (*keys, "ignore_index")})
     size = resolve_chunk_size(
         chunk_size,
         rows=p.rows,
-        vocab=p.weight.shape[0],
-        student_hidden=p.weight.shape[1],
+        vocab=p.vocab,
+        student_hidden=0 if p.weight is None else p.weight.shape[1],
         teacher=p.teacher.form,
         teacher_dim=p.teacher.dim,
         dtype=p.hidden.dtype,
@@ -330,53 +331,114 @@ def fused_linear_distill(
     Returns:
         The loss in the compute dtype (float32; float64 for float64 inputs).
     """
-    group = None if process_group is None else group_of(process_group)
+    return _distill_call(locals())
+
+
+def distill_logits(
+    student_logits: Tensor,  # (..., V)
+    teacher_logits: Tensor | None = None,  # (..., Vt), Vt >= V
+    *,
+    teacher_topk: tuple[Tensor, Tensor] | None = None,  # ((..., k) int ids, (..., k) logprobs)
+    labels: Tensor | None = None,  # (...) int
+    divergence: DivergenceLike = "forward_kl",
+    temperature: float = 1.0,
+    soft_weight: float = 1.0,
+    hard_weight: float = 0.0,
+    ignore_index: int = -100,
+    reduction: Reduction = "mean",
+    normalizer: float | Tensor | None = None,
+    chunk_size: int | Literal["auto"] = "auto",
+    softcap: float | None = None,
+    return_parts: bool = False,
+    impl: Impl = "compile",
+    validate: bool = True,
+    student_softcap: float | None = None,
+    teacher_softcap: float | None = None,
+    student_logit_scale: float = 1.0,
+    teacher_logit_scale: float = 1.0,
+    return_entropy: bool = False,
+) -> Tensor | DistillOutput | tuple[Tensor | DistillOutput, Tensor]:
+    """:func:`fused_linear_distill` from logits you already hold: the student's ``(..., V)``
+    (differentiable) and the teacher's dense logits or top-k. The rows go chunk by chunk, so the
+    loss's float32 intermediates never exceed a chunk (a full-logits loss makes several
+    ``(N, V)`` float32 copies); the gradient is ``student_logits``'s. Same options and semantics
+    (the student's logits take the place of ``student_hidden @ student_weight.T``); the chunk
+    size is the cache's or the heuristic's choice, never tuned in process."""
+    return _distill_call(
+        dict(
+            locals(),
+            student_hidden=student_logits,
+            student_weight=None,
+            teacher_hidden=None,
+            teacher_weight=None,
+            student_bias=None,
+            teacher_bias=None,
+            memory_budget=None,
+            process_group=None,
+        )
+    )
+
+
+def _distill_call(args: dict) -> Tensor | DistillOutput | tuple[Tensor | DistillOutput, Tensor]:
+    """The body of :func:`fused_linear_distill` (and :func:`distill_logits`): ``args`` are its
+    arguments by name (``student_weight=None``: ``student_hidden`` holds the student's logits)."""
+    a = SimpleNamespace(**args)
+    group = None if a.process_group is None else group_of(a.process_group)
     student_weight, student_bias, teacher_weight, teacher_bias = _unwrapped(
-        group, student_weight, student_bias, teacher_weight, teacher_bias
+        group, a.student_weight, a.student_bias, a.teacher_weight, a.teacher_bias
     )
     student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias = _autocast_inputs(
-        student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias
+        a.student_hidden, student_weight, student_bias, a.teacher_hidden, teacher_weight, teacher_bias
     )
     form = check_inputs(
         student_hidden,
         student_weight,
         teacher_hidden,
         teacher_weight,
-        teacher_logits,
-        labels,
-        teacher_topk=teacher_topk,
+        a.teacher_logits,
+        a.labels,
+        teacher_topk=a.teacher_topk,
         student_bias=student_bias,
         teacher_bias=teacher_bias,
-        temperature=temperature,
-        soft_weight=soft_weight,
-        hard_weight=hard_weight,
-        reduction=reduction,
-        chunk_size=chunk_size,
-        softcap=softcap,
-        impl=impl,
-        ignore_index=ignore_index,
-        memory_budget=memory_budget,
+        temperature=a.temperature,
+        soft_weight=a.soft_weight,
+        hard_weight=a.hard_weight,
+        reduction=a.reduction,
+        chunk_size=a.chunk_size,
+        softcap=a.softcap,
+        impl=a.impl,
+        ignore_index=a.ignore_index,
+        memory_budget=a.memory_budget,
         sharded=group is not None,
     )
-    check_normalizer(normalizer, reduction)
-    teacher = (form, teacher_hidden, teacher_weight, teacher_bias, teacher_logits, teacher_topk)
+    check_normalizer(a.normalizer, a.reduction)
+    teacher = (form, teacher_hidden, teacher_weight, teacher_bias, a.teacher_logits, a.teacher_topk)
     shard = None if group is None else _shard(group, student_hidden, student_weight, teacher)
-    div = resolve(divergence, sparse=form == "topk")
+    div = resolve(a.divergence, sparse=form == "topk")
     transforms = check_logit_transforms(
-        softcap, student_softcap, teacher_softcap, student_logit_scale, teacher_logit_scale
+        a.softcap, a.student_softcap, a.teacher_softcap, a.student_logit_scale, a.teacher_logit_scale
     )
-    options = _options(temperature, soft_weight, hard_weight, ignore_index, impl, return_entropy, transforms)
-    p, valid, needs_grad = _prepare(student_hidden, student_weight, student_bias, teacher, labels, div, options, shard)
-    p = replace(p, chunk_size=_chunk_size(p, chunk_size, div, needs_grad, memory_budget, labels, options))
+    options = _options(
+        a.temperature, a.soft_weight, a.hard_weight, a.ignore_index, a.impl, a.return_entropy, transforms
+    )
+    p, valid, needs_grad = _prepare(
+        student_hidden, student_weight, student_bias, teacher, a.labels, div, options, shard
+    )
+    return _run_call(p, a, div, valid, needs_grad, options, shard)
+
+
+def _run_call(p: Problem, a, div, valid: Tensor, needs_grad: bool, options: dict, shard: Shard | None):
+    """The chunk size, the value checks, the chunk loop, the result as the caller asked for it."""
+    p = replace(p, chunk_size=_chunk_size(p, a.chunk_size, div, needs_grad, a.memory_budget, a.labels, options))
     # The value checks' one host sync waits for everything queued before it; queued here, after
     # the host-side set-up, and waited for only once the first chunk's logits matmuls are queued
     # (see kdfuse.engine), it leaves the device busy rather than idle while the host waits.
     ids = p.teacher.ids if isinstance(p.teacher, TopkTeacher) else None
-    vocab = p.weight.shape[0] if shard is None else shard.vocab
-    check = start_value_check(vocab, ignore_index, labels=labels, topk_ids=ids) if validate else None
-    norm = _normalizer(reduction, normalizer, valid, p.spec.compute_dtype)
-    loss, soft, hard, entropy = distill(p, reduction, norm, check, needs_grad)
-    if reduction == "none":
-        loss, soft, hard, entropy = (x.reshape(student_hidden.shape[:-1]) for x in (loss, soft, hard, entropy))
-    out = DistillOutput(loss, soft, hard) if return_parts else loss
-    return (out, entropy) if return_entropy else out
+    vocab = p.vocab if shard is None else shard.vocab
+    check = start_value_check(vocab, a.ignore_index, labels=a.labels, topk_ids=ids) if a.validate else None
+    norm = _normalizer(a.reduction, a.normalizer, valid, p.spec.compute_dtype)
+    loss, soft, hard, entropy = distill(p, a.reduction, norm, check, needs_grad)
+    if a.reduction == "none":
+        loss, soft, hard, entropy = (x.reshape(a.student_hidden.shape[:-1]) for x in (loss, soft, hard, entropy))
+    out = DistillOutput(loss, soft, hard) if a.return_parts else loss
+    return (out, entropy) if a.return_entropy else out

@@ -41,9 +41,17 @@ def test_first_step_fits_where_later_steps_fit(tmp_path, monkeypatch):
     tuning.clear_memo()
     inputs = _inputs()
     key = tuning.make_key(
-        rows=N, vocab=V, student_hidden=HS, teacher="hidden", teacher_dim=HT, dtype=torch.bfloat16,
-        divergence="forward_kl", with_ce=True, with_grad=True, memory_budget=None,
-    )  # fmt: skip
+        rows=N,
+        vocab=V,
+        student_hidden=HS,
+        teacher="hidden",
+        teacher_dim=HT,
+        dtype=torch.bfloat16,
+        divergence="forward_kl",
+        with_ce=True,
+        with_grad=True,
+        memory_budget=None,
+    )
     need = tuning.working_set(key, "cuda", rows=N)
     # Leave free what 1024-row chunks need, with the tuner's margin and 64 MiB: about 2.4 GiB here,
     # where 8192-row chunks would need 4 GiB.

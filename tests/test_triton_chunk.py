@@ -62,9 +62,18 @@ def test_kernel_matches_torch_func(
     hard_w = 0.4 if has_ce else 0.0
     scalars = torch.tensor([inv_t, 0.7, hard_w, softcap or 1.0, teacher_cap or 1.0, *params], device=DEVICE)
     spec = chunk.ChunkSpec(
-        div.fn, len(params), False, has_ce, softcap is not None, -100, torch.float32, with_grad, False,
-        teacher_softcap=teacher_cap is not None, entropy=entropy,
-    )  # fmt: skip
+        div.fn,
+        len(params),
+        False,
+        has_ce,
+        softcap is not None,
+        -100,
+        torch.float32,
+        with_grad,
+        False,
+        teacher_softcap=teacher_cap is not None,
+        entropy=entropy,
+    )
 
     # At T = 1 and 2 the CE's softmax may come from the soft one (ce_power 1, 2), else anew.
     ce_power = tc.ce_power(1.0 / inv_t) if ce_shortcut else 0
