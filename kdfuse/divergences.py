@@ -248,9 +248,18 @@ def lookup(table: Mapping[str, Builtin], name: str, what: str = "divergence") ->
         if math.isfinite(value):
             return build(table, match["base"], value)
     listed = [n for n, e in table.items() if e.listed]
-    near = difflib.get_close_matches(name, listed, n=3)
+    near = _nearest(table, name, listed)
     hint = f" (did you mean {' or '.join(map(repr, near))}?)" if near else ""
     raise ValueError(f"unknown {what} {name!r}{hint}; built-ins: {', '.join(sorted(listed))}")
+
+
+def _nearest(table: Mapping[str, Builtin], name: str, listed: list[str]) -> list[str]:
+    """The built-ins nearest a mistyped ``name``, a parametrised one (``jsd_bta0.3``) by its
+    name without the value."""
+    forms = {n: n for n in listed}
+    forms.update({f"{n}_{p}": n for n in listed for p, _ in table[n].params})
+    stem = re.sub(r"[-+0-9.eE]+$", "", name) or name
+    return list(dict.fromkeys(forms[m] for m in difflib.get_close_matches(stem, forms, n=3)))
 
 
 def table_of(entries: Sequence[Builtin]) -> dict[str, Builtin]:

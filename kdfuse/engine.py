@@ -15,6 +15,7 @@ recomputes the chunks.
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, fields, replace
@@ -221,6 +222,7 @@ def _run_chunks(
     values, and they keep the device busy while the host waits for the check's one sync.
     """
     parts = tuple(torch.zeros(p.rows, dtype=p.spec.compute_dtype, device=p.hidden.device) for _ in range(4))
+    _announce_cpu_compile(p)
     grads = _grad_buffers(p, need)
     spec = p.spec if row_weight is None else replace(p.spec, with_grad=True)
     fn = chunk_fn(spec)
@@ -238,6 +240,21 @@ def _run_chunks(
     if p.shard is not None and grads.hidden is not None:  # each rank's columns gave a part of it
         all_reduce(grads.hidden, dist.ReduceOp.SUM, p.shard.group)
     return parts, grads
+
+
+_log = logging.getLogger("kdfuse")
+_announced: list[bool] = []
+
+
+def _announce_cpu_compile(p: Problem) -> None:
+    """Say once per process that the first compiled call on a CPU compiles (silence would look
+    like a hang)."""
+    if p.spec.compiled and p.hidden.device.type == "cpu" and not _announced:
+        _announced.append(True)
+        _log.warning(
+            "kdfuse: compiling the chunk function with torch.compile; on a CPU the first call of each "
+            "configuration takes seconds to tens of seconds, later calls reuse it (impl='eager' skips compiling)"
+        )
 
 
 def _run(p: Problem, row_weight: Tensor | None, need: tuple[bool, bool, bool], check=None):
