@@ -55,13 +55,12 @@ def measure_interleaved(
     timed, back to back).
 
     Returns ``{key: (median milliseconds over all its timed calls, largest peak extra bytes)}``.
-    Why rounds: a GPU at its power limit changes its clocks over a second or so of load (an H100
-    under back-to-back GEMMs went from 1980 to 1110-1275 MHz, its steps from 27 to 30-36 ms), so
+    Why rounds: a GPU at its power limit changes its clocks within a second or so of load, so
     functions timed one after the other see different clocks and their ratios depend on their
     order; interleaved, they share the device's recent history. A few untimed calls leave each
     function's timed ones with the clock its predecessor's load left; ``settle`` (about a second
-    on an H100) runs each one long enough to time it at the clock its own load settles at, the
-    clock it runs at when called over and over, as a training loop calls it.
+    is enough on a Hopper GPU) runs each one long enough to time it at the clock its own load
+    settles at, the clock it runs at when called over and over, as a training loop calls it.
     """
     if rounds < 1:
         raise ValueError(f"need rounds >= 1, got {rounds}")

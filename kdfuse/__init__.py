@@ -5,7 +5,7 @@ from ._version import __version__
 from .contract import DistillOutput
 from .divergences import Divergence, Parametrized
 from .extract import teacher_topk
-from .fused import fused_linear_distill
+from .fused import distill_logits, fused_linear_distill
 from .module import DistillLoss, DistillOptions
 from .reference import fused_linear_distill_ref
 from .topk import SparseDivergence
@@ -18,6 +18,7 @@ __all__ = [
     "Parametrized",
     "SparseDivergence",
     "__version__",
+    "distill_logits",
     "divergences",
     "fused_linear_distill",
     "fused_linear_distill_ref",

@@ -25,6 +25,7 @@ from torch import Tensor
 
 from . import scalars as S
 from .compiled import compile_bound
+from .divergences import LOGPROB_FLOOR
 from .registry import entry_of
 
 __all__ = ["ChunkSpec", "call", "chunk_fn", "fast_kernel", "loss_and_grad", "row_losses", "with_kernel"]
@@ -38,7 +39,7 @@ class ChunkSpec:
     n_args: int  # its tensor arguments, read from the scalars from S.PARAMS on
     sparse: bool  # the teacher is top-k (ids, logprobs), not dense logits
     has_ce: bool
-    softcap: bool
+    softcap: bool  # the student's logits are capped (the teacher's: teacher_softcap)
     ignore_index: int
     compute_dtype: torch.dtype
     with_grad: bool
@@ -46,13 +47,15 @@ class ChunkSpec:
     kernel: str | None = None  # the hand-written kernel that runs the chunk; None: the generic path
     ce_power: int = 0  # the dense kernel's CE from the soft softmax at T = 1 or 2 (triton_chunk.ce_power)
     wide_grad: bool = False  # return the logit gradient in the compute dtype (float16 inputs)
+    parallel: bool = False  # the vocabulary is split over a process group (kdfuse.vocab_parallel)
+    teacher_softcap: bool = False
+    entropy: bool = False  # also the student's entropy at the temperature, per row
 
 
-def _cap(logits: Tensor, scalars: Tensor, spec: ChunkSpec) -> Tensor:
-    if not spec.softcap:
-        return logits
-    cap = scalars[S.CAP]
-    return cap * torch.tanh(logits / cap)
+def entropy(scaled: Tensor) -> Tensor:
+    """(R,) −Σ p log p of softmax(``scaled``) (R, V)."""
+    logp = scaled.log_softmax(-1)
+    return -(logp.exp() * logp.clamp_min(LOGPROB_FLOOR)).sum(-1)
 
 
 def row_losses(
@@ -62,9 +65,10 @@ def row_losses(
     labels: Tensor,  # (C,) int64; only read when spec.has_ce
     valid: Tensor,  # (C,) bool
     scalars: Tensor,  # (S.PARAMS + n_args,) compute dtype
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Per-row (loss, soft, hard), each (C,), zero on invalid rows."""
-    s = _cap(student.to(spec.compute_dtype), scalars, spec)
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Per-row (loss, soft, hard, entropy), each (C,), zero on invalid rows (entropy: the
+    student's at the temperature, 0 unless ``spec.entropy``)."""
+    s = S.cap(student.to(spec.compute_dtype), scalars, S.S_CAP, spec.softcap)
     args = tuple(scalars[S.PARAMS + i] for i in range(spec.n_args))
     if spec.sparse:  # the temperature and softcap apply to the student only (see kdfuse.topk)
         ids, logprobs = teacher
@@ -72,7 +76,8 @@ def row_losses(
     else:
         # Ignored rows may hold anything (padding stored as an all -inf teacher row): give the
         # divergence a neutral row there, or its nan gradient times a 0 row weight is still nan.
-        t = _cap(torch.where(valid[:, None], teacher[0].to(spec.compute_dtype), 0), scalars, spec)
+        t = torch.where(valid[:, None], teacher[0].to(spec.compute_dtype), 0)
+        t = S.cap(t, scalars, S.T_CAP, spec.teacher_softcap)
         soft = spec.fn(s * scalars[S.INV_T], t * scalars[S.INV_T], *args)
     if soft.shape != valid.shape:  # shapes are static: this costs nothing, even when traced
         name = getattr(spec.fn, "__name__", repr(spec.fn))
@@ -84,7 +89,8 @@ def row_losses(
         hard = F.cross_entropy(s, labels, ignore_index=spec.ignore_index, reduction="none")
     else:
         hard = torch.zeros_like(soft)
-    return scalars[S.SOFT_W] * soft + scalars[S.HARD_W] * hard, soft, hard
+    ent = torch.where(valid, entropy(s.detach() * scalars[S.INV_T]), 0) if spec.entropy else torch.zeros_like(soft)
+    return scalars[S.SOFT_W] * soft + scalars[S.HARD_W] * hard, soft, hard, ent
 
 
 def loss_and_grad(
@@ -97,9 +103,9 @@ def loss_and_grad(
     scalars: Tensor,
 ) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor]]:
     """(d Σ_r w_r·loss_r / d student  (C, V) in student's dtype (the compute dtype with
-    ``spec.wide_grad``), (loss, soft, hard))."""
+    ``spec.wide_grad``), (loss, soft, hard, entropy))."""
 
-    def weighted_total(s: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor]]:
+    def weighted_total(s: Tensor) -> tuple[Tensor, tuple[Tensor, ...]]:
         parts = row_losses(spec, s, teacher, labels, valid, scalars)
         return (parts[0] * row_weight).sum(), parts
 
@@ -118,6 +124,7 @@ def _kernel_step(spec: ChunkSpec, student: Tensor, teacher: tuple[Tensor, ...], 
         dlogits, parts = triton_topk.chunk_step(
             reduced, spec.has_ce, student, *teacher, labels, valid, row_weight, scalars, compiled=spec.compiled
         )
+        parts = (*parts, torch.zeros_like(parts[0]))  # (no entropy: fast_kernel)
     else:
         out = None
         if spec.with_grad:  # float16: a compute-dtype block (see engine.half_with_scale)
@@ -129,7 +136,7 @@ def _kernel_step(spec: ChunkSpec, student: Tensor, teacher: tuple[Tensor, ...], 
         dlogits, parts = triton_chunk.chunk_step(
             spec.kernel,
             spec.has_ce,
-            spec.softcap,
+            (spec.softcap, spec.teacher_softcap),
             spec.ignore_index,
             student,
             teacher[0],
@@ -139,6 +146,7 @@ def _kernel_step(spec: ChunkSpec, student: Tensor, teacher: tuple[Tensor, ...], 
             scalars,
             out=out,
             ce_power=spec.ce_power,
+            entropy=spec.entropy,
         )
     return (dlogits, parts) if spec.with_grad else parts
 
@@ -147,7 +155,12 @@ def _kernel_step(spec: ChunkSpec, student: Tensor, teacher: tuple[Tensor, ...], 
 # every step (pass one function object), and must not also keep every compiled version alive.
 @functools.lru_cache(maxsize=64)
 def chunk_fn(spec: ChunkSpec) -> Callable:
-    """The chunk function of ``spec``: ``fn(student, teacher, labels, valid[, row_weight], scalars)``."""
+    """The chunk function of ``spec``: ``fn(student, teacher, labels, valid[, row_weight], scalars)``,
+    with the vocabulary's ``shard`` (kdfuse.collectives.Shard) last for a parallel spec."""
+    if spec.parallel:
+        from . import vocab_parallel  # imports torch.distributed: only where it is used
+
+        return vocab_parallel.chunk_step(spec, chunk_fn(replace(spec, parallel=False)))
     if spec.kernel is not None:
         return functools.partial(_kernel_step, spec)
     # dynamic=False: the vocabulary stays static (it shapes the reductions); the row dim is
@@ -156,12 +169,19 @@ def chunk_fn(spec: ChunkSpec) -> Callable:
 
 
 def call(
-    spec: ChunkSpec, fn: Callable, student: Tensor, teacher: tuple[Tensor, ...], rest: list[Tensor], scalars: Tensor
+    spec: ChunkSpec,
+    fn: Callable,
+    student: Tensor,
+    teacher: tuple[Tensor, ...],
+    rest: list[Tensor],
+    scalars: Tensor,
+    shard: object = None,
 ):
-    """``fn`` on one block: its student logits, teacher, (labels, valid[, row_weight]) and the
-    scalars. torch.compile specialises a dim of size 1, so a lone row (N = 1; a 1-row *tail* is
-    merged into the chunk before it) would compile a second graph: it runs doubled, and the
-    copy's rows are dropped (rows are independent, so the result is exact)."""
+    """``fn`` on one block: its student logits, teacher, (labels, valid[, row_weight]), the
+    scalars and, for a parallel spec, the vocabulary's shard (kdfuse.collectives.Shard).
+    torch.compile specialises a dim of size 1, so a lone row (N = 1; a 1-row *tail* is merged
+    into the chunk before it) would compile a second graph: it runs doubled, and the copy's rows
+    are dropped (rows are independent, so the result is exact)."""
     args = [student, *teacher, *rest]
     # torch.compile'd code: all of the generic path, the (C, k) part of the top-k kernel.
     compiled = spec.compiled and spec.kernel in (None, "topk")
@@ -171,7 +191,8 @@ def call(
     if compiled and spec.kernel is None:
         for t in args:
             torch._dynamo.maybe_mark_dynamic(t, 0)
-    out = fn(args[0], tuple(args[1 : len(teacher) + 1]), *args[len(teacher) + 1 :], scalars)
+    extra = () if shard is None else (shard,)
+    out = fn(args[0], tuple(args[1 : len(teacher) + 1]), *args[len(teacher) + 1 :], scalars, *extra)
     return _first_row(out) if lone else out
 
 
@@ -188,17 +209,19 @@ def fast_kernel(
     device_type: str,
     compiled: bool,
     wide_grad: bool,
+    entropy: bool = False,
 ) -> str | None:
     """The hand-written kernel that runs ``fn``'s chunks, or ``None`` (the generic path): a
     built-in's (the registry's ``kernel``), compiled, on CUDA, in float32 compute; the top-k
-    kernel also needs no softcap (capping would turn its −inf marks into −cap) and no float16
-    wide gradient (it writes the gradient over the 16-bit logits)."""
+    kernel also needs no softcap (capping would turn its −inf marks into −cap), no float16 wide
+    gradient (it writes the gradient over the 16-bit logits) and no entropy (it never sums over
+    the whole row)."""
     entry = entry_of(fn)
     if entry is None or entry.kernel is None or not compiled:
         return None
     if device_type != "cuda" or compute_dtype != torch.float32:
         return None
-    if entry.sparse and (softcap or wide_grad):
+    if entry.sparse and (softcap or wide_grad or entropy):
         return None
     return entry.kernel
 
@@ -213,6 +236,7 @@ def with_kernel(spec: ChunkSpec, device_type: str, temperature: float) -> ChunkS
         device_type=device_type,
         compiled=spec.compiled,
         wide_grad=spec.wide_grad,
+        entropy=spec.entropy,
     )
     if kernel is None:
         return spec

@@ -26,8 +26,10 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
+import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from rich.console import Console
@@ -39,7 +41,7 @@ from autotune import TuningCache, resolve_device
 from . import registry
 from .env import parse_memory_budget, settings
 from .fused import fused_linear_distill
-from .sweep import run_sweep
+from .sweep import build_problem, distill_step, run_sweep
 from .tuning import (
     TIME_SLACK,
     Sweep,
@@ -88,6 +90,7 @@ class ShapeResult:
     tokens: tuple[int, ...]
     sweep: Sweep
     cached: bool
+    doubt: str | None = None  # why its timings are implausible (no winner then), see implausible()
 
 
 # --------------------------------------------------------------------------------------------
@@ -139,7 +142,7 @@ def _device(text: str) -> torch.device:
 def build_parser() -> argparse.ArgumentParser:
     """The ``kdfuse`` argument parser."""
     parser = argparse.ArgumentParser(prog="kdfuse", description="kdfuse: fused knowledge-distillation losses.")
-    commands = parser.add_subparsers(dest="command", required=True)
+    commands = parser.add_subparsers(dest="command")
     _add_tune_command(commands)
     cache = commands.add_parser("cache", help="show, clear or locate this device's tuning cache")
     cache.add_argument("action", choices=("show", "clear", "path"))
@@ -266,6 +269,8 @@ def _tune(
     candidates = {key: args.chunks or candidate_chunk_sizes(key) for _, key in shapes}
     hits = {key: hit for key in candidates if not force and (hit := _cache_hit(cache, key, candidates[key]))}
     steps = sum(args.rounds * len(c) + 1 for key, c in candidates.items() if key not in hits)  # + 1: the GEMM floor
+    if device.type == "cpu":
+        _announce_duration({k: c for k, c in candidates.items() if k not in hits}, args, device)
     progress = Progress(
         TextColumn("{task.description}"),
         BarColumn(),
@@ -292,10 +297,60 @@ def _tune(
                 rounds=args.rounds,
                 on_step=lambda: progress.advance(task),
             )
-            if sweep.best is not None:
+            doubt = implausible(sweep)
+            if doubt is not None:  # no winner is crowned (nor cached) from timings like these
+                sweep = replace(sweep, best=None)
+            elif sweep.best is not None:
                 cache.put(key.as_dict(), sweep.to_entry())
-            results.append(ShapeResult(tokens, sweep, cached=False))
+            results.append(ShapeResult(tokens, sweep, cached=False, doubt=doubt))
     return results
+
+
+# A step takes at least its GEMMs: a candidate faster than the floor by more than this was not
+# timed right (a stubbed clock, a device that returned early); nor were candidates this far apart.
+_FLOOR_SLACK, _SPREAD = 0.98, 60.0
+
+
+def implausible(sweep: Sweep) -> str | None:
+    """Why the sweep's timings cannot be trusted, or ``None``: a candidate faster than the GEMM
+    floor, or candidates 60 times apart (a clock or a machine that changed under the sweep)."""
+    times = [m.ms for m in sweep.measurements if math.isfinite(m.ms)]
+    if not times:
+        return None
+    if sweep.floor_ms and min(times) < _FLOOR_SLACK * sweep.floor_ms:
+        return f"a candidate took {min(times):.3f} ms, less than the GEMMs alone ({sweep.floor_ms:.3f} ms)"
+    if max(times) > _SPREAD * min(times):
+        return f"candidates took {min(times):.3f} to {max(times):.3f} ms, {max(times) / min(times):.0f} times apart"
+    return None
+
+
+def _announce_duration(candidates: dict[TuningKey, tuple[int, ...]], args: argparse.Namespace, device) -> None:
+    """On a CPU a sweep of LLM shapes takes long: time one step of the first shape and say, on
+    stderr, about how long the whole sweep will take (a step's time grows with N)."""
+    if not candidates:
+        return
+    first, chunks = next(iter(candidates.items()))
+    step = distill_step(build_problem(first, device), chunks[len(chunks) // 2], fused_linear_distill)
+    start = time.perf_counter()
+    step()
+    seconds = time.perf_counter() - start
+    calls = args.rounds * (args.warmup + args.repeat)
+    total = sum(
+        seconds * key.rows_bucket / first.rows_bucket * (calls * len(c) + args.warmup + args.repeat)
+        for key, c in candidates.items()
+    )
+    if total > _ANNOUNCE_AFTER_S:
+        runs = sum(args.rounds * len(c) for c in candidates.values())
+        print(
+            f"kdfuse tune: {runs} measurements of {calls // args.rounds} steps each, about {total / 60:.0f} min on "
+            f"this CPU (one step of {describe(first)} took {seconds:.1f} s); --tokens, --chunks and --rounds "
+            "shrink the sweep, Ctrl-C stops it",
+            file=sys.stderr,
+            flush=True,
+        )
+
+
+_ANNOUNCE_AFTER_S = 30.0
 
 
 def _ratio(ms: float, floor_ms: float | None) -> float | None:
@@ -304,6 +359,9 @@ def _ratio(ms: float, floor_ms: float | None) -> float | None:
 
 def _summary(result: ShapeResult) -> str:
     sweep = result.sweep
+    if result.doubt is not None:
+        doubt = f"implausible timings ({result.doubt})"
+        return f"{describe(sweep.key)}: warning: {doubt}: no chunk size chosen, nothing cached"
     if sweep.best is None:
         return f"{describe(sweep.key)}: no candidate succeeded; chunk_size='auto' keeps the heuristic"
     best = next(m for m in sweep.measurements if m.candidate == sweep.best)
@@ -385,21 +443,20 @@ def _plot(results: list[ShapeResult], path: str, device: torch.device) -> None:
     for r in results:
         done = [m for m in r.sweep.measurements if math.isfinite(m.ms)]
         chunks = [m.candidate for m in done]
-        label = f"N≤{r.sweep.key.rows_bucket}"
+        label = describe(r.sweep.key)
         (line,) = ax_time.plot(chunks, [m.ms for m in done], marker="o", label=label)
         ax_mem.plot(chunks, [m.peak_bytes / 2**20 for m in done], marker="o", label=label, color=line.get_color())
         best = [m for m in done if m.candidate == r.sweep.best]
         ax_time.plot(
             [m.candidate for m in best], [m.ms for m in best], marker="*", markersize=16, color=line.get_color()
         )
-    key = results[0].sweep.key
-    fig.suptitle(describe(key))
+    fig.suptitle("\n".join(describe(r.sweep.key) for r in results), fontsize=8)
     ax_time.set(xlabel="chunk size", ylabel="median ms (fwd+bwd)", title="time (★ winner)")
     mem_title = "peak extra memory" if device.type == "cuda" else "peak extra memory (not measured on CPU)"
     ax_mem.set(xlabel="chunk size", ylabel="MiB", title=mem_title)
     for ax in (ax_time, ax_mem):
         ax.set_xscale("log", base=2)
-        ax.legend()
+        ax.legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -501,6 +558,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run ``kdfuse`` with ``argv`` (default: ``sys.argv[1:]``); returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
     return _run_tune(args, parser) if args.command == "tune" else _run_cache(args)
 
 

@@ -42,6 +42,7 @@ import math
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -54,6 +55,7 @@ __all__ = [
     "Builtin",
     "Divergence",
     "Parametrized",
+    "Terms",
     "forward_kl",
     "get",
     "jsd",
@@ -141,6 +143,32 @@ def parametrized(
 
 
 @dataclass(frozen=True)
+class Terms:
+    """A divergence as a sum of per-entry terms: ``fn(student, teacher, *args)`` equals
+    ``terms(x_s, x_t, *args)`` summed over the vocabulary (averaged with ``mean``), where x are
+    the rows' log-probs (``of="logprobs"``) or the logits themselves (``of="logits"``). A
+    divergence in this form can be computed over a vocabulary split across processes from a few
+    numbers per row (kdfuse.vocab_parallel)."""
+
+    fn: Callable[..., Tensor]  # (x_s (R, V), x_t (R, V), *args) -> (R, V)
+    of: Literal["logprobs", "logits"] = "logprobs"
+    mean: bool = False
+
+
+def summed(terms: Terms, name: str) -> Callable[..., Tensor]:
+    """The pure ``(student, teacher, *args) -> (R,)`` function that ``terms`` stands for."""
+
+    def divergence(student: Tensor, teacher: Tensor, *args: Tensor) -> Tensor:
+        if terms.of == "logprobs":
+            student, teacher = student.log_softmax(-1), teacher.log_softmax(-1)
+        values = terms.fn(student, teacher, *args)
+        return values.mean(-1) if terms.mean else values.sum(-1)
+
+    divergence.__name__ = divergence.__qualname__ = name
+    return divergence
+
+
+@dataclass(frozen=True)
 class Builtin:
     """One built-in divergence: everything kdfuse knows about it, as data.
 
@@ -149,8 +177,9 @@ class Builtin:
     ``endpoints`` lists parameter values where ``fn`` is replaced by another entry's function,
     exact there (JSD at β = 0 is forward KL). ``kernel`` names the hand-written CUDA kernel that
     runs ``fn`` (``kdfuse.triton_chunk``'s, or ``"topk"`` for ``kdfuse.triton_topk``), if any;
-    ``reduced`` is a top-k entry's loss in the few numbers that kernel supplies. Unlisted entries
-    are only an endpoint's target."""
+    ``reduced`` is a top-k entry's loss in the few numbers that kernel supplies; ``terms`` is a
+    dense entry's math as per-entry terms (``fn`` is made from it, see :func:`separable`).
+    Unlisted entries are only an endpoint's target."""
 
     name: str
     fn: Callable[..., Tensor]
@@ -161,7 +190,16 @@ class Builtin:
     kernel: str | None = None
     sparse: bool = False
     reduced: Callable[..., Tensor] | None = None
+    terms: Terms | None = None
     listed: bool = True
+
+
+def separable(
+    name: str, terms: Callable[..., Tensor], doc: str, of: str = "logprobs", mean: bool = False, **kw
+) -> Builtin:
+    """A dense :class:`Builtin` whose math is its per-entry ``terms`` (see :class:`Terms`)."""
+    form = Terms(terms, of, mean)
+    return Builtin(name, summed(form, name), doc, terms=form, **kw)
 
 
 _built: dict[tuple, Parametrized] = {}
@@ -210,9 +248,18 @@ def lookup(table: Mapping[str, Builtin], name: str, what: str = "divergence") ->
         if math.isfinite(value):
             return build(table, match["base"], value)
     listed = [n for n, e in table.items() if e.listed]
-    near = difflib.get_close_matches(name, listed, n=3)
+    near = _nearest(table, name, listed)
     hint = f" (did you mean {' or '.join(map(repr, near))}?)" if near else ""
     raise ValueError(f"unknown {what} {name!r}{hint}; built-ins: {', '.join(sorted(listed))}")
+
+
+def _nearest(table: Mapping[str, Builtin], name: str, listed: list[str]) -> list[str]:
+    """The built-ins nearest a mistyped ``name``, a parametrised one (``jsd_bta0.3``) by its
+    name without the value."""
+    forms = {n: n for n in listed}
+    forms.update({f"{n}_{p}": n for n in listed for p, _ in table[n].params})
+    stem = re.sub(r"[-+0-9.eE]+$", "", name) or name
+    return list(dict.fromkeys(forms[m] for m in difflib.get_close_matches(stem, forms, n=3)))
 
 
 def table_of(entries: Sequence[Builtin]) -> dict[str, Builtin]:
@@ -228,14 +275,14 @@ def table_of(entries: Sequence[Builtin]) -> dict[str, Builtin]:
 # --------------------------------------------------------------------------------------------
 
 
-def _kl(logp: Tensor, logq: Tensor) -> Tensor:
-    """Row-wise KL(P‖Q) from log-probabilities, with 0·log 0 = 0 and log q floored.
+def _kl_terms(logp: Tensor, logq: Tensor) -> Tensor:
+    """KL(P‖Q)'s terms p (log p − log q), with 0·log 0 = 0 and log q floored.
 
     ``p`` comes from the unfloored ``logp`` (exact 0 where ``logp = -inf``); the difference uses
     floored values so neither the value nor any gradient ever sees ``inf - inf`` or ``0 · inf``.
     """
     p = logp.exp()
-    return (p * (logp.clamp_min(LOGPROB_FLOOR) - logq.clamp_min(LOGPROB_FLOOR))).sum(-1)
+    return p * (logp.clamp_min(LOGPROB_FLOOR) - logq.clamp_min(LOGPROB_FLOOR))
 
 
 def _log_mix(log_a: Tensor, log_b: Tensor, log_w: Tensor, log_1mw: Tensor) -> Tensor:
@@ -243,58 +290,57 @@ def _log_mix(log_a: Tensor, log_b: Tensor, log_w: Tensor, log_1mw: Tensor) -> Te
     return torch.logaddexp(log_a + log_w, log_b + log_1mw)
 
 
-def _forward_kl(student: Tensor, teacher: Tensor) -> Tensor:
-    return _kl(teacher.log_softmax(-1), student.log_softmax(-1))
+# Each built-in's terms, one per vocabulary entry: functions of the student's and the teacher's
+# log-probs (ls, lt), or of their logits for mse_logits; the divergence is their sum (mean) over
+# the vocabulary (see Terms).
 
 
-def _reverse_kl(student: Tensor, teacher: Tensor) -> Tensor:
-    return _kl(student.log_softmax(-1), teacher.log_softmax(-1))
+def _forward_kl_terms(ls: Tensor, lt: Tensor) -> Tensor:
+    return _kl_terms(lt, ls)
 
 
-def _jsd_mixture(student: Tensor, teacher: Tensor, *mixing: Tensor) -> Tensor:
+def _reverse_kl_terms(ls: Tensor, lt: Tensor) -> Tensor:
+    return _kl_terms(ls, lt)
+
+
+def _jsd_terms(ls: Tensor, lt: Tensor, *mixing: Tensor) -> Tensor:
     """``mixing``: (β, 1 − β, log β, log(1 − β)), see _mixing."""
     beta, one_minus, log_beta, log_1m = mixing
-    log_s, log_t = student.log_softmax(-1), teacher.log_softmax(-1)
-    log_m = _log_mix(log_t, log_s, log_beta, log_1m)
-    return beta * _kl(log_t, log_m) + one_minus * _kl(log_s, log_m)
+    log_m = _log_mix(lt, ls, log_beta, log_1m)
+    return beta * _kl_terms(lt, log_m) + one_minus * _kl_terms(ls, log_m)
 
 
-def _soft_ce(student: Tensor, teacher: Tensor) -> Tensor:
-    p_t = teacher.softmax(-1)
-    return -(p_t * student.log_softmax(-1).clamp_min(LOGPROB_FLOOR)).sum(-1)
+def _soft_ce_terms(ls: Tensor, lt: Tensor) -> Tensor:
+    return -(lt.exp() * ls.clamp_min(LOGPROB_FLOOR))
 
 
-def _tvd(student: Tensor, teacher: Tensor) -> Tensor:
-    return 0.5 * (student.softmax(-1) - teacher.softmax(-1)).abs().sum(-1)
+def _tvd_terms(ls: Tensor, lt: Tensor) -> Tensor:
+    return 0.5 * (ls.exp() - lt.exp()).abs()
 
 
-def _skew_kl(student: Tensor, teacher: Tensor, *mixing: Tensor) -> Tensor:
+def _skew_kl_terms(ls: Tensor, lt: Tensor, *mixing: Tensor) -> Tensor:
     """``mixing``: (α, 1 − α, log α, log(1 − α)), see _mixing; only the logs are needed."""
-    log_s, log_t = student.log_softmax(-1), teacher.log_softmax(-1)
-    return _kl(log_t, _log_mix(log_t, log_s, *mixing[2:]))
+    return _kl_terms(lt, _log_mix(lt, ls, *mixing[2:]))
 
 
-def _skew_reverse_kl(student: Tensor, teacher: Tensor, *mixing: Tensor) -> Tensor:
-    """``mixing`` as for _skew_kl."""
-    log_s, log_t = student.log_softmax(-1), teacher.log_softmax(-1)
-    return _kl(log_s, _log_mix(log_s, log_t, *mixing[2:]))
+def _skew_reverse_kl_terms(ls: Tensor, lt: Tensor, *mixing: Tensor) -> Tensor:
+    """``mixing`` as for _skew_kl_terms."""
+    return _kl_terms(ls, _log_mix(ls, lt, *mixing[2:]))
 
 
-def _symmetric_kl(student: Tensor, teacher: Tensor, weight: Tensor, one_minus: Tensor) -> Tensor:
-    log_s, log_t = student.log_softmax(-1), teacher.log_softmax(-1)
-    return weight * _kl(log_t, log_s) + one_minus * _kl(log_s, log_t)
+def _symmetric_kl_terms(ls: Tensor, lt: Tensor, weight: Tensor, one_minus: Tensor) -> Tensor:
+    return weight * _kl_terms(lt, ls) + one_minus * _kl_terms(ls, lt)
 
 
-def _mse_logits(student: Tensor, teacher: Tensor) -> Tensor:
+def _mse_terms(s: Tensor, t: Tensor) -> Tensor:
     # A -inf teacher logit (outside the teacher's support) has no finite target: it contributes
     # 0 (and no gradient) instead of inf, as the module contract promises.
-    diff = torch.where(teacher == float("-inf"), 0, student - teacher)
-    return diff.square().mean(-1)
+    return torch.where(t == float("-inf"), 0, s - t).square()
 
 
-def _zero(student: Tensor, teacher: Tensor) -> Tensor:
-    # Depends on ``student`` (times 0) so that torch.func returns a zero gradient, not an error.
-    return student.sum(-1) * 0
+def _zero_terms(ls: Tensor, lt: Tensor) -> Tensor:
+    # Depends on ``ls`` (times 0) so that torch.func returns a zero gradient, not an error.
+    return ls * 0
 
 
 def _mixing(w: float) -> tuple[float, ...]:
@@ -312,24 +358,25 @@ def _mixing(w: float) -> tuple[float, ...]:
 # --------------------------------------------------------------------------------------------
 
 BUILTINS: tuple[Builtin, ...] = (
-    Builtin("forward_kl", _forward_kl, "KL(P_t ‖ P_s) = Σ p_t (log p_t − log p_s), teacher entropy included.",
-            kernel="forward_kl"),
-    Builtin("reverse_kl", _reverse_kl, "KL(P_s ‖ P_t) = Σ p_s (log p_s − log p_t); masked teacher entries floored.",
-            kernel="reverse_kl"),
-    Builtin("soft_ce", _soft_ce, "−Σ p_t log p_s: forward KL plus the teacher's entropy (same gradient).",
-            kernel="soft_ce"),
-    Builtin("tvd", _tvd, "½ Σ |p_s − p_t|, in [0, 1]."),
-    Builtin("mse_logits", _mse_logits, "Mean over V of (s − t)² on the logits (metaseq); −inf teachers add 0."),
-    Builtin("jsd", _jsd_mixture, "β·KL(P_t ‖ M) + (1−β)·KL(P_s ‖ M), M = β·P_t + (1−β)·P_s.",
-            params=(("beta", 0.5),), derive=_mixing, endpoints=((0.0, "forward_kl"), (1.0, "reverse_kl")),
-            kernel="jsd"),
-    Builtin("skew_kl", _skew_kl, "KL(P_t ‖ α·P_t + (1−α)·P_s) (DistiLLM).",
-            params=(("alpha", 0.1),), derive=_mixing, endpoints=((0.0, "forward_kl"), (1.0, "zero"))),
-    Builtin("skew_reverse_kl", _skew_reverse_kl, "KL(P_s ‖ α·P_s + (1−α)·P_t) (DistiLLM).",
-            params=(("alpha", 0.1),), derive=_mixing, endpoints=((0.0, "reverse_kl"), (1.0, "zero"))),
-    Builtin("symmetric_kl", _symmetric_kl, "w·KL(P_t ‖ P_s) + (1−w)·KL(P_s ‖ P_t).",
-            params=(("weight", 0.5),), derive=lambda w: (w, 1.0 - w)),
-    Builtin("zero", _zero, "Identically 0: skew KLs at α = 1.", listed=False),
+    separable("forward_kl", _forward_kl_terms, "KL(P_t ‖ P_s) = Σ p_t (log p_t − log p_s), teacher entropy included.",
+              kernel="forward_kl"),
+    separable("reverse_kl", _reverse_kl_terms, "KL(P_s ‖ P_t) = Σ p_s (log p_s − log p_t); masked teachers floored.",
+              kernel="reverse_kl"),
+    separable("soft_ce", _soft_ce_terms, "−Σ p_t log p_s: forward KL plus the teacher's entropy (same gradient).",
+              kernel="soft_ce"),
+    separable("tvd", _tvd_terms, "½ Σ |p_s − p_t|, in [0, 1]."),
+    separable("mse_logits", _mse_terms, "Mean over V of (s − t)² on the logits (metaseq); −inf teachers add 0.",
+              of="logits", mean=True),
+    separable("jsd", _jsd_terms, "β·KL(P_t ‖ M) + (1−β)·KL(P_s ‖ M), M = β·P_t + (1−β)·P_s.",
+              params=(("beta", 0.5),), derive=_mixing, endpoints=((0.0, "forward_kl"), (1.0, "reverse_kl")),
+              kernel="jsd"),
+    separable("skew_kl", _skew_kl_terms, "KL(P_t ‖ α·P_t + (1−α)·P_s) (DistiLLM).",
+              params=(("alpha", 0.1),), derive=_mixing, endpoints=((0.0, "forward_kl"), (1.0, "zero"))),
+    separable("skew_reverse_kl", _skew_reverse_kl_terms, "KL(P_s ‖ α·P_s + (1−α)·P_t) (DistiLLM).",
+              params=(("alpha", 0.1),), derive=_mixing, endpoints=((0.0, "reverse_kl"), (1.0, "zero"))),
+    separable("symmetric_kl", _symmetric_kl_terms, "w·KL(P_t ‖ P_s) + (1−w)·KL(P_s ‖ P_t).",
+              params=(("weight", 0.5),), derive=lambda w: (w, 1.0 - w)),
+    separable("zero", _zero_terms, "Identically 0: skew KLs at α = 1.", listed=False),
 )  # fmt: skip
 _TABLE = table_of(BUILTINS)
 

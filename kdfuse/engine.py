@@ -15,17 +15,20 @@ recomputes the chunks.
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, fields, replace
 from typing import NamedTuple
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
 from .chunk import ChunkSpec, call, chunk_fn
-from .teacher import TEACHER_ROWS, HiddenTeacher, Teacher, tensors_of
+from .collectives import Shard, all_reduce
+from .teacher import TEACHER_ROWS, HiddenTeacher, Teacher, TopkTeacher, tensors_of
 
 __all__ = ["Problem", "autocast_off", "distill"]
 
@@ -34,8 +37,8 @@ __all__ = ["Problem", "autocast_off", "distill"]
 class Problem:
     """A call's inputs, flattened to N rows and checked, and how to compute them."""
 
-    hidden: Tensor  # (N, Hs)
-    weight: Tensor  # (V, Hs)
+    hidden: Tensor  # (N, Hs), or the student's logits (N, V) when weight is None
+    weight: Tensor | None  # (V, Hs)
     bias: Tensor | None  # (V,)
     teacher: Teacher
     labels: Tensor  # (N,) int64, ignore_index where missing
@@ -43,6 +46,30 @@ class Problem:
     scalars: Tensor  # kdfuse.scalars' layout
     spec: ChunkSpec
     chunk_size: int
+    shard: Shard | None = None  # the vocabulary's split over a process group, if it is split
+    student_scale: float = 1.0  # each model's logits are its lm_head's output times its scale
+    teacher_scale: float = 1.0
+
+    @property
+    def vocab(self) -> int:
+        return self.hidden.shape[1] if self.weight is None else self.weight.shape[0]
+
+    def student_logits(self, rows: slice) -> Tensor:
+        """The student's (C, V) logits of ``rows``: scale·(h Wᵀ + b), or the given logits times
+        the scale (a copy where a kernel writes the gradient over them, never the caller's)."""
+        if self.weight is None:
+            logits = self.hidden[rows]
+            copy = self.spec.kernel is not None or self.student_scale != 1
+            return logits * self.student_scale if copy else logits
+        logits = F.linear(self.hidden[rows], self.weight, self.bias)
+        return logits if self.student_scale == 1 else logits.mul_(self.student_scale)
+
+    def teacher_rows(self, rows: slice) -> tuple[Tensor, ...]:
+        """The teacher's rows as the chunk functions take them, its dense logits scaled."""
+        teacher = self.teacher.rows(rows)
+        if self.teacher_scale == 1 or isinstance(self.teacher, TopkTeacher):
+            return teacher
+        return (teacher[0] * self.teacher_scale,)
 
     @property
     def rows(self) -> int:
@@ -78,18 +105,18 @@ def _chunk(
     row_weight: Tensor | None,
     after_logits: Callable[[], None] | None,
 ) -> tuple[Tensor | None, tuple[Tensor, Tensor, Tensor]]:
-    """(dlogits (C, V) or None, (loss, soft, hard)) of one chunk. A function of its own so the
+    """(dlogits (C, V) or None, per-row (loss, soft, hard, entropy)) of one chunk. A function of its own so the
     teacher's logits are freed on return, before the gradient matmuls run. ``after_logits`` runs
     once the first logits matmuls are queued (see :func:`_run_chunks`)."""
-    student = F.linear(p.hidden[rows], p.weight, p.bias)
+    student = p.student_logits(rows)
     outs = []
     for i, block in enumerate(p.teacher_blocks(rows)):
-        teacher = p.teacher.rows(block)
+        teacher = p.teacher_rows(block)
         if i == 0 and after_logits is not None:
             after_logits()
         part = slice(block.start - rows.start, block.stop - rows.start)
         rest = [p.labels[block], p.valid[block]] + ([] if row_weight is None else [row_weight[part]])
-        outs.append(call(spec, fn, student[part], teacher, rest, p.scalars))
+        outs.append(call(spec, fn, student[part], teacher, rest, p.scalars, p.shard))
         del teacher  # freed before the next block's teacher logits are computed
     if row_weight is None:
         outs = [(None, out) for out in outs]
@@ -161,16 +188,19 @@ def _grad_buffers(p: Problem, need: tuple[bool, bool, bool]) -> Grads:
     # only when there is no chunk at all.
     alloc = torch.empty if p.rows else torch.zeros
     weight = alloc(p.weight.shape, dtype=cdt, device=device) if need[1] else None
-    bias = torch.zeros(p.weight.shape[0], dtype=cdt, device=device) if need[2] else None
+    bias = torch.zeros(p.vocab, dtype=cdt, device=device) if need[2] else None
     return Grads(hidden, weight, bias)
 
 
 def _fold(p: Problem, grads: Grads, rows: slice, dlogits: Tensor, first: bool) -> None:
-    """Fold one chunk's logit gradient into the parameters' gradients."""
-    inv = 1.0
+    """Fold one chunk's logit gradient into the parameters' gradients (through the logits' scale)."""
+    inv = p.student_scale
     if p.spec.wide_grad:
-        dlogits, inv = half_with_scale(dlogits)
-    if grads.hidden is not None:
+        dlogits, unscale = half_with_scale(dlogits)
+        inv *= unscale
+    if grads.hidden is not None and p.weight is None:  # the logits themselves
+        torch.mul(dlogits, inv, out=grads.hidden[rows])
+    elif grads.hidden is not None:
         _accumulate_mm(grads.hidden[rows], dlogits, p.weight, first=True, alpha=inv)
     if grads.weight is not None:
         _accumulate_mm(grads.weight, dlogits.t(), p.hidden[rows], first=first, alpha=inv)
@@ -183,14 +213,16 @@ def _run_chunks(
     row_weight: Tensor | None,  # (N,) compute dtype, or None for the loss only
     need: tuple[bool, bool, bool],  # grads for (hidden, weight, bias)
     check: Callable[[], None] | None = None,
-) -> tuple[Tensor, Tensor, Tensor, Grads]:
-    """One pass over the chunks: per-row (loss, soft, hard) (N,) and unscaled gradients.
+) -> tuple[tuple[Tensor, ...], Grads]:
+    """One pass over the chunks: per-row (loss, soft, hard, entropy), each (N,), and the unscaled
+    gradients.
 
     ``check`` (the value checks, see validate.start_value_check) is waited for once the first
     chunk's logits matmuls are queued: they read no labels or ids, so they cannot fault on bad
     values, and they keep the device busy while the host waits for the check's one sync.
     """
-    loss, soft, hard = (torch.zeros(p.rows, dtype=p.spec.compute_dtype, device=p.hidden.device) for _ in range(3))
+    parts = tuple(torch.zeros(p.rows, dtype=p.spec.compute_dtype, device=p.hidden.device) for _ in range(4))
+    _announce_cpu_compile(p)
     grads = _grad_buffers(p, need)
     spec = p.spec if row_weight is None else replace(p.spec, with_grad=True)
     fn = chunk_fn(spec)
@@ -200,11 +232,29 @@ def _run_chunks(
             dlogits, out = _chunk(p, spec, fn, rows, weights, check if i == 0 else None)
             if dlogits is not None:
                 _fold(p, grads, rows, dlogits, first=i == 0)
-            loss[rows], soft[rows], hard[rows] = out
+            for part, value in zip(parts, out):
+                part[rows] = value
             del dlogits, out  # free this chunk's (C, V) block before the next chunk allocates its own
     if check is not None and not p.rows:
         check()
-    return loss, soft, hard, grads
+    if p.shard is not None and grads.hidden is not None:  # each rank's columns gave a part of it
+        all_reduce(grads.hidden, dist.ReduceOp.SUM, p.shard.group)
+    return parts, grads
+
+
+_log = logging.getLogger("kdfuse")
+_announced: list[bool] = []
+
+
+def _announce_cpu_compile(p: Problem) -> None:
+    """Say once per process that the first compiled call on a CPU compiles (silence would look
+    like a hang)."""
+    if p.spec.compiled and p.hidden.device.type == "cpu" and not _announced:
+        _announced.append(True)
+        _log.warning(
+            "kdfuse: compiling the chunk function with torch.compile; on a CPU the first call of each "
+            "configuration takes seconds to tens of seconds, later calls reuse it (impl='eager' skips compiling)"
+        )
 
 
 def _run(p: Problem, row_weight: Tensor | None, need: tuple[bool, bool, bool], check=None):
@@ -246,7 +296,8 @@ def _rebuilt(skeleton: Problem, tensors: tuple[Tensor | None, ...]) -> Problem:
 
 class _FusedDistill(torch.autograd.Function):
     """Inputs are (problem, student hidden, weight, bias, reduction, normalizer, check); the
-    tensors are passed explicitly only so autograd tracks them."""
+    tensors are passed explicitly only so autograd tracks them. Outputs: (loss, soft, hard,
+    entropy), the last three not differentiable."""
 
     @staticmethod
     def forward(ctx, p: Problem, hidden, weight, bias, reduction: str, normalizer, check):
@@ -254,27 +305,27 @@ class _FusedDistill(torch.autograd.Function):
         ctx.reduction, ctx.need = reduction, need
         ctx.dtypes = tuple(None if t is None else t.dtype for t in (p.hidden, p.weight, p.bias))
         if reduction == "none":
-            loss, soft, hard, _ = _run(p, None, (False, False, False), check)
+            parts, _ = _run(p, None, (False, False, False), check)
             # Backward recomputes the chunks: it needs the whole problem. Through
             # save_for_backward (not ctx attributes), so autograd frees the tensors after a
             # backward without retain_graph, and a retain_graph=True graph can run again.
             tensors = _flat_tensors(p)
             ctx.save_for_backward(*tensors)
             ctx.skeleton = _rebuilt(p, (None,) * len(tensors))
-            ctx.mark_non_differentiable(soft, hard)
-            return loss, soft, hard
+            ctx.mark_non_differentiable(*parts[1:])
+            return parts
         # The 1/normalizer is folded into the row weights, so the logit gradient is rounded to
         # the input dtype exactly as autograd would round it for the normalised loss (float16
         # scales each chunk into its range, see half_with_scale). grad_output is applied in backward.
         scale = 1.0 if normalizer is None else 1.0 / normalizer
-        loss, soft, hard, grads = _run(p, p.valid.to(p.spec.compute_dtype) * scale, need, check)
+        parts, grads = _run(p, p.valid.to(p.spec.compute_dtype) * scale, need, check)
         ctx.save_for_backward(*grads)
-        out = tuple(x.sum() * scale for x in (loss, soft, hard))
-        ctx.mark_non_differentiable(out[1], out[2])
+        out = tuple(x.sum() * scale for x in parts)
+        ctx.mark_non_differentiable(*out[1:])
         return out
 
     @staticmethod
-    def backward(ctx, grad_loss, _grad_soft, _grad_hard):
+    def backward(ctx, grad_loss, *_grad_parts):
         if ctx.reduction == "none":
             p = _rebuilt(ctx.skeleton, ctx.saved_tensors)
             # Normalise the incoming per-row weights so half-precision dlogits stay in range.
@@ -284,7 +335,7 @@ class _FusedDistill(torch.autograd.Function):
             scale = scale.clamp_min(torch.finfo(weights.dtype).tiny)
             # A backward run inside an autocast region must recompute what forward computed.
             with autocast_off(p.hidden.device.type):
-                grads = _run(p, weights / scale, ctx.need)[3]
+                grads = _run(p, weights / scale, ctx.need)[1]
         else:
             grads, scale = Grads(*ctx.saved_tensors), grad_loss
         return (None, *_scaled(grads, scale, ctx.dtypes), None, None, None)
@@ -298,16 +349,16 @@ def autocast_off(device_type: str) -> contextlib.AbstractContextManager:
 
 def distill(
     p: Problem, reduction: str, normalizer: Tensor | None, check: Callable[[], None] | None, needs_grad: bool
-) -> tuple[Tensor, Tensor, Tensor]:
-    """(loss, soft, hard) of the problem: scalars reduced by ``normalizer`` (None: no division)
-    unless ``reduction == "none"`` (per-row, (N,)). Differentiable w.r.t. the student's hidden
-    states, weight and bias when ``needs_grad``."""
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(loss, soft, hard, entropy) of the problem: scalars reduced by ``normalizer`` (None: no
+    division) unless ``reduction == "none"`` (per-row, (N,)). The loss is differentiable w.r.t.
+    the student's hidden states, weight and bias when ``needs_grad``."""
     with autocast_off(p.hidden.device.type):
         if needs_grad:
             return _FusedDistill.apply(p, p.hidden, p.weight, p.bias, reduction, normalizer, check)
         with torch.no_grad():
-            loss, soft, hard, _ = _run(p, None, (False, False, False), check)
+            parts, _ = _run(p, None, (False, False, False), check)
     if reduction == "none":
-        return loss, soft, hard
+        return parts
     scale = 1.0 if normalizer is None else 1.0 / normalizer
-    return tuple(x.sum() * scale for x in (loss, soft, hard))
+    return tuple(x.sum() * scale for x in parts)

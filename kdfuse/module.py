@@ -30,6 +30,7 @@ class DistillOptions:
     impl: Impl = "compile"
     memory_budget: int | float | None = None
     validate: bool = True
+    process_group: object = None  # a tensor-parallel group (or 1-D DeviceMesh) the vocabulary is split over
 
 
 class DistillLoss(nn.Module):

@@ -64,6 +64,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from . import scalars as S
 from .divergences import LOGPROB_FLOOR, Builtin, Parametrized, build, lookup, table_of
 
 __all__ = [
@@ -180,6 +181,71 @@ def _sparse_loss(student: Tensor, ids: Tensor, logprobs: Tensor, tail: str, with
     in_topk = _in_topk(student_lp, ids, ~torch.isneginf(logprobs))
     log_outside = _log_outside(student_lp, in_topk) if tail == "bucket" else None
     return _reduced_loss(student_lp.gather(-1, ids), log_outside, in_topk.all(-1), logprobs, tail, with_entropy)
+
+
+# --------------------------------------------------------------------------------------------
+# A built-in's loss from the few numbers per row it reads of the student (kdfuse.triton_topk and
+# kdfuse.vocab_parallel supply them): its logits at the ids and the label, and the log-sum-exps
+# over the complement of the real top-k.
+# --------------------------------------------------------------------------------------------
+
+
+def _shifted(
+    top: Tensor,  # (C, k) logits at the ids (scaled as the log-sum-exp is)
+    real: Tensor,  # (C, k) bool
+    m: Tensor,  # (C,) the complement's max (−inf when empty)
+    log_z: Tensor,  # (C,) the complement's log Σ e^{x − m}
+) -> tuple[Tensor, Tensor]:
+    """(shift, log_z relative to it): the row's overall max, finite, without gradient."""
+    shift = torch.maximum(m, torch.where(real, top, float("-inf")).amax(-1)).detach()
+    shift = torch.where(torch.isneginf(shift), 0, shift)
+    return shift, log_z + torch.where(torch.isneginf(m), 0, m - shift)
+
+
+def reduced_parts(
+    reduced: Callable[..., Tensor],
+    has_ce: bool,
+    gathered: Tensor,  # (C, k) float32 raw student logits at the ids
+    label_logit: Tensor,  # (C,) float32
+    lz_t: Tensor,  # (C,) log Σ_{v ∉ top-k} e^{τx_v − m_t}
+    lz_1: Tensor,  # (C,) log Σ_{v ∉ top-k} e^{x_v − m_1} (CE only)
+    stats: Tensor,  # (C, 4) from _complement_stats: m_t and m_1 are read (constant shifts)
+    logprobs: Tensor,  # (C, k) teacher log-probs
+    real: Tensor,  # (C, k) bool: logprobs > −inf
+    valid: Tensor,  # (C,) bool: with CE, exactly the rows whose label is not ignore_index
+    scalars: Tensor,  # kdfuse.scalars' layout, float32
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-row (loss, soft, hard), each (C,), from the gathered numbers (see the module docstring).
+    Everything is shifted by the row's max (of the complement and the real top-k), so log-probs are
+    differences of log-prob-sized numbers; the shift is a constant (the loss does not depend on
+    it), so no gradient flows through it."""
+    ninf = float("-inf")
+    scaled = gathered * scalars[S.INV_T]
+    shift, lz_t = _shifted(scaled, real, stats[:, 0], lz_t)
+    shifted = scaled - shift[:, None]
+    lse = torch.logaddexp(lz_t, torch.where(real, shifted, ninf).logsumexp(-1))
+    log_outside = (lz_t - lse).clamp_min(LOGPROB_FLOOR)
+    soft = reduced(shifted - lse[:, None], log_outside, torch.isneginf(lz_t), logprobs)
+    soft = torch.where(valid, soft, 0)
+    if has_ce:
+        shift_1, lz_1 = _shifted(gathered, real, stats[:, 2], lz_1)
+        lse_1 = torch.logaddexp(lz_1, torch.where(real, gathered - shift_1[:, None], ninf).logsumexp(-1))
+        hard = torch.where(valid, lse_1 - (label_logit - shift_1), 0)
+    else:
+        hard = torch.zeros_like(soft)
+    return scalars[S.SOFT_W] * soft + scalars[S.HARD_W] * hard, soft, hard
+
+
+def reduced_grads(
+    reduced, has_ce, gathered, label_logit, lz_t, lz_1, stats, logprobs, real, valid, row_weight, scalars
+):
+    """(d Σ_r w_r loss_r / d (gathered, label_logit, lz_t, lz_1), (loss, soft, hard))."""
+
+    def total(gathered, label_logit, lz_t, lz_1):
+        parts = reduced_parts(reduced, has_ce, gathered, label_logit, lz_t, lz_1, stats, logprobs, real, valid, scalars)
+        return (parts[0] * row_weight).sum(), parts
+
+    return torch.func.grad(total, argnums=(0, 1, 2, 3), has_aux=True)(gathered, label_logit, lz_t, lz_1)
 
 
 # --------------------------------------------------------------------------------------------

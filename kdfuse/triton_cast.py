@@ -3,9 +3,9 @@
 The last step of every fused backward: ``grad_weight`` is accumulated in float32 over the chunks
 and must come back in the weight's dtype, times ``grad_output``. ``torch.mul(acc, s, out=bf16)``
 does that in one pass, but PyTorch's elementwise kernel takes its unvectorised dynamic-casting
-path when the output dtype differs from the computation's: on an H100 it moved the 1.5 GB of a
-(128256, 2048) float32 → bf16 cast at half the device's copy rate (1.1 ms of a ~30 ms step).
-This kernel reads each float32 once and writes each half once with wide accesses.
+path when the output dtype differs from the computation's, at about half the device's copy
+rate (docs/design.md, "What moved"). This kernel reads each float32 once and writes each half once with wide
+accesses.
 """
 
 from __future__ import annotations

@@ -15,10 +15,10 @@ does the least work a row needs, one program per row, looping over the vocabular
 
 The loops are software-pipelined (``tl.range(num_stages=...)``): the next blocks' loads are in
 flight while a block computes. The kernel issues instructions about as fast as it moves bytes
-(ncu: ~70% of the SMs' issue slots at 66% of the memory bandwidth, before this layout), so the
-loops carry as few per element as they can: base-2 exponents with the scales folded into one
-FMA, per-lane log-sum-exp sums instead of a block reduction per block, no bound checks but on
-the row's last block, no one-hot compare (the label's element is rewritten after the loop).
+(docs/design.md, "Instruction diet of the chunk kernel"), so the loops carry as few per element as
+they can: base-2 exponents with the scales folded into one FMA, per-lane log-sum-exp sums instead
+of a block reduction per block, no bound checks but on the row's last block, no one-hot compare
+(the label's element is rewritten after the loop).
 
 So 2 reads of both logit tensors plus one write of the gradient (3 reads for reverse KL / JSD),
 all in the logits' own dtype, against ~6 float32 passes for the generic path. The math is the
@@ -32,7 +32,10 @@ weight, τ = 1/T, a the (capped) student logits at T = 1:
     forward_kl, soft_ce   dD/ds = p_s − p_t
     reverse_kl            dD/ds = p_s ⊙ (max(log p_s, F) − max(log p_t, F) − KL(P_s‖P_t))
     jsd(β), 0 < β < 1     dD/ds = (1−β) p_s ⊙ (max(log p_s, F) − max(log m, F) − KL(P_s‖M))
-    dL/da = sw·τ·dD/ds + hw·(softmax(a) − onehot(label));  dL/dx = dL/da ⊙ (1 − (a/cap)²) with softcap
+    dL/da = sw·τ·dD/ds + hw·(softmax(a) − onehot(label));  dL/dx = dL/da ⊙ (1 − (a/cap_s)²) with softcap
+
+Each model's logits have a softcap of their own (``cap_s``, ``cap_t``), and with ENTROPY pass 2
+also sums the student's entropy at T, −Σ p_s ln p_s (one more FMA per element).
 """
 
 from __future__ import annotations
@@ -57,7 +60,9 @@ _BLOCK = 1024
 _NUM_WARPS = 4
 _STAGES = {"forward_kl": 3, "soft_ce": 3, "reverse_kl": 2, "jsd": 2}
 # The scalars' slots (kdfuse.scalars), as the kernel reads them.
-_INV_T, _SOFT_W, _HARD_W, _CAP, _PARAMS = (tl.constexpr(i) for i in (S.INV_T, S.SOFT_W, S.HARD_W, S.CAP, S.PARAMS))
+_INV_T, _SOFT_W, _HARD_W, _S_CAP, _T_CAP, _PARAMS = (
+    tl.constexpr(i) for i in (S.INV_T, S.SOFT_W, S.HARD_W, S.S_CAP, S.T_CAP, S.PARAMS)
+)
 
 
 def ce_power(temperature: float) -> int:
@@ -124,8 +129,7 @@ def _terms(x, m, scale):
     A running base-2 log-sum-exp of x·scale is kept per lane as z = Σ terms(x, m) over the blocks
     so far, m their running max, and folded as z·rescale + terms: one more FMA per element (the
     rescale is a scalar). Per-lane sums, added up once per row, spare a block-wide reduction per
-    block (the kernel issues instructions at ~70% of the SMs' rate, ncu, so each counts:
-    docs/benchmarks.md)."""
+    block (the kernel is nearly issue-bound, so each instruction counts: docs/design.md)."""
     return _exp2(x * scale - _shift(m, scale))
 
 
@@ -163,7 +167,8 @@ def _pass1(
     t_ptr,
     idx,
     mask,
-    cap,
+    cap_s,
+    cap_t,
     tau2,
     m_s,
     z_s,
@@ -172,7 +177,8 @@ def _pass1(
     z_t,
     HAS_CE: tl.constexpr,
     CE_POW: tl.constexpr,
-    SOFTCAP: tl.constexpr,
+    S_SOFTCAP: tl.constexpr,
+    T_SOFTCAP: tl.constexpr,
     MASKED: tl.constexpr,
 ):
     """One block of pass 1: the running log-sum-exps of the student at T (z_s) and 1 (z_a), which
@@ -182,8 +188,8 @@ def _pass1(
     is z_s and is not kept; at T = 2 its terms are the squares of z_s's, and so is its rescale,
     because shift(m, log2 e) = 2·shift(m, log2 e / 2) exactly (a power-of-two scale): a multiply
     where an FMA and an exp2 were."""
-    a = _load(s_ptr, idx, mask, float("-inf"), cap, SOFTCAP, MASKED)
-    b = _load(t_ptr, idx, mask, float("-inf"), cap, SOFTCAP, MASKED)
+    a = _load(s_ptr, idx, mask, float("-inf"), cap_s, S_SOFTCAP, MASKED)
+    b = _load(t_ptr, idx, mask, float("-inf"), cap_t, T_SOFTCAP, MASKED)
     m_s_new = tl.maximum(m_s, tl.max(a, axis=0))
     m_t_new = tl.maximum(m_t, tl.max(b, axis=0))
     r_s = _rescale(m_s, m_s_new, tau2)
@@ -199,11 +205,26 @@ def _pass1(
 
 
 @triton.jit
-def _logprobs(s_ptr, t_ptr, idx, mask, cap, tau2, c_s, lz_s, c_t, lz_t, SOFTCAP: tl.constexpr, MASKED: tl.constexpr):
+def _logprobs(
+    s_ptr,
+    t_ptr,
+    idx,
+    mask,
+    cap_s,
+    cap_t,
+    tau2,
+    c_s,
+    lz_s,
+    c_t,
+    lz_t,
+    S_SOFTCAP: tl.constexpr,
+    T_SOFTCAP: tl.constexpr,
+    MASKED: tl.constexpr,
+):
     """One block: (capped student logits a (0 past the row's end), student and teacher log-probs
     at T in bits)."""
-    a = _load(s_ptr, idx, mask, 0.0, cap, SOFTCAP, MASKED)
-    b = _load(t_ptr, idx, mask, float("-inf"), cap, SOFTCAP, MASKED)
+    a = _load(s_ptr, idx, mask, 0.0, cap_s, S_SOFTCAP, MASKED)
+    b = _load(t_ptr, idx, mask, float("-inf"), cap_t, T_SOFTCAP, MASKED)
     return a, (a * tau2 - c_s) - lz_s, (b * tau2 - c_t) - lz_t
 
 
@@ -297,7 +318,8 @@ def _pass2(
     dx_ptr,
     idx,
     mask,
-    cap,
+    cap_s,
+    cap_t,
     tau2,
     c_s,
     lz_s,
@@ -307,6 +329,7 @@ def _pass2(
     lz_a,
     acc_a,
     acc_b,
+    acc_e,
     beta,
     one_m_beta,
     w,
@@ -316,22 +339,28 @@ def _pass2(
     DIV: tl.constexpr,
     HAS_CE: tl.constexpr,
     CE_POW: tl.constexpr,
-    SOFTCAP: tl.constexpr,
+    S_SOFTCAP: tl.constexpr,
+    T_SOFTCAP: tl.constexpr,
+    ENTROPY: tl.constexpr,
     WITH_GRAD: tl.constexpr,
     MASKED: tl.constexpr,
 ):
     """One block of pass 2: the divergence's terms, in bits, into the per-lane sums acc_a (the
-    divergence, or KL(P_t‖M) for JSD) and acc_b (KL(P_s‖M) for JSD); for forward KL / soft CE
-    also the gradient. No ``p > 0`` test guards the ``p · (log-prob difference)`` terms: both
-    log-probs are floored, so a zero p gives zero; the one case where p is nan (a teacher row
-    all −inf) is zeroed for the whole row by the caller."""
-    a, ls, lt = _logprobs(s_ptr, t_ptr, idx, mask, cap, tau2, c_s, lz_s, c_t, lz_t, SOFTCAP, MASKED)
+    divergence, or KL(P_t‖M) for JSD), acc_b (KL(P_s‖M) for JSD) and, with ENTROPY, acc_e
+    (Σ p_s log2 p_s); for forward KL / soft CE also the gradient. No ``p > 0`` test guards the
+    ``p · (log-prob difference)`` terms: both log-probs are floored, so a zero p gives zero; the
+    one case where p is nan (a teacher row all −inf) is zeroed for the whole row by the caller."""
+    a, ls, lt = _logprobs(
+        s_ptr, t_ptr, idx, mask, cap_s, cap_t, tau2, c_s, lz_s, c_t, lz_t, S_SOFTCAP, T_SOFTCAP, MASKED
+    )
     ps = _exp2(ls)
     if MASKED:
         ps = tl.where(mask, ps, 0.0)
     pt = _exp2(lt)
     ls_c = tl.maximum(ls, _FLOOR2)
     lt_c = tl.maximum(lt, _FLOOR2)
+    if ENTROPY:
+        acc_e += ps * ls_c
     if DIV == 0:
         acc_a += pt * (lt_c - ls_c)
     elif DIV == 1:
@@ -344,9 +373,9 @@ def _pass2(
         acc_b += ps * (ls_c - lm_c)
     if WITH_GRAD:
         if DIV <= 1:
-            da = _dlogit(ps - pt, a, ps, c_a, lz_a, c_soft, c_hard, c_pa, cap, HAS_CE, CE_POW, SOFTCAP, False)
+            da = _dlogit(ps - pt, a, ps, c_a, lz_a, c_soft, c_hard, c_pa, cap_s, HAS_CE, CE_POW, S_SOFTCAP, False)
             _store(dx_ptr, idx, mask, da, w, MASKED)
-    return acc_a, acc_b
+    return acc_a, acc_b, acc_e
 
 
 @triton.jit
@@ -356,7 +385,8 @@ def _pass3(
     dx_ptr,
     idx,
     mask,
-    cap,
+    cap_s,
+    cap_t,
     tau2,
     c_s,
     lz_s,
@@ -374,14 +404,17 @@ def _pass3(
     DIV: tl.constexpr,
     HAS_CE: tl.constexpr,
     CE_POW: tl.constexpr,
-    SOFTCAP: tl.constexpr,
+    S_SOFTCAP: tl.constexpr,
+    T_SOFTCAP: tl.constexpr,
     MASKED: tl.constexpr,
 ):
     """One block of pass 3 (reverse KL, JSD): the gradient, which needs the row's ``kl``."""
-    a, ls, lt = _logprobs(s_ptr, t_ptr, idx, mask, cap, tau2, c_s, lz_s, c_t, lz_t, SOFTCAP, MASKED)
+    a, ls, lt = _logprobs(
+        s_ptr, t_ptr, idx, mask, cap_s, cap_t, tau2, c_s, lz_s, c_t, lz_t, S_SOFTCAP, T_SOFTCAP, MASKED
+    )
     ps = _exp2(ls)
     g = _grad_ds(ls, lt, ps, _exp2(lt), kl, beta, one_m_beta, DIV)
-    da = _dlogit(g, a, ps, c_a, lz_a, c_soft, c_hard, c_pa, cap, HAS_CE, CE_POW, SOFTCAP, False)
+    da = _dlogit(g, a, ps, c_a, lz_a, c_soft, c_hard, c_pa, cap_s, HAS_CE, CE_POW, S_SOFTCAP, False)
     _store(dx_ptr, idx, mask, da, w, MASKED)
 
 
@@ -396,6 +429,7 @@ def _kd_chunk_kernel(
     LOSS,
     SOFT,
     HARD,
+    ENT,
     SCALARS,
     V,
     stride_s,
@@ -405,7 +439,9 @@ def _kd_chunk_kernel(
     DIV: tl.constexpr,
     HAS_CE: tl.constexpr,
     CE_POW: tl.constexpr,
-    SOFTCAP: tl.constexpr,
+    S_SOFTCAP: tl.constexpr,
+    T_SOFTCAP: tl.constexpr,
+    ENTROPY: tl.constexpr,
     WITH_GRAD: tl.constexpr,
     BLOCK: tl.constexpr,
     STAGES: tl.constexpr,
@@ -417,7 +453,8 @@ def _kd_chunk_kernel(
     inv_t = tl.load(SCALARS + _INV_T)
     soft_w = tl.load(SCALARS + _SOFT_W)
     hard_w = tl.load(SCALARS + _HARD_W)
-    cap = tl.load(SCALARS + _CAP)
+    cap_s = tl.load(SCALARS + _S_CAP)
+    cap_t = tl.load(SCALARS + _T_CAP)
     tau2 = inv_t * _LOG2E
     ninf = float("-inf")
     offs = tl.arange(0, BLOCK)
@@ -430,8 +467,8 @@ def _kd_chunk_kernel(
     in_vocab = (label >= 0) & (label < V)
     at = tl.minimum(tl.maximum(label, 0), V - 1)
     # The label's logits, read before a pass writes the gradient over the student's row.
-    a_label = _cap(tl.load(s_ptr + at).to(tl.float32), cap, SOFTCAP)
-    b_label = _cap(tl.load(t_ptr + at).to(tl.float32), cap, SOFTCAP)
+    a_label = _cap(tl.load(s_ptr + at).to(tl.float32), cap_s, S_SOFTCAP)
+    b_label = _cap(tl.load(t_ptr + at).to(tl.float32), cap_t, T_SOFTCAP)
 
     # Pass 1: the log-sum-exps of s = cap(x)·τ, t = cap(y)·τ and (for CE) a = cap(x).
     m_s = ninf
@@ -442,11 +479,43 @@ def _kd_chunk_kernel(
     # Software-pipelined (STAGES): the next blocks' loads are in flight while this one computes.
     for i in tl.range(0, n_full, num_stages=STAGES):
         m_s, z_s, z_a, m_t, z_t = _pass1(
-            s_ptr, t_ptr, i * BLOCK + offs, None, cap, tau2, m_s, z_s, z_a, m_t, z_t, HAS_CE, CE_POW, SOFTCAP, False
+            s_ptr,
+            t_ptr,
+            i * BLOCK + offs,
+            None,
+            cap_s,
+            cap_t,
+            tau2,
+            m_s,
+            z_s,
+            z_a,
+            m_t,
+            z_t,
+            HAS_CE,
+            CE_POW,
+            S_SOFTCAP,
+            T_SOFTCAP,
+            False,
         )
     if n_full * BLOCK < V:
         m_s, z_s, z_a, m_t, z_t = _pass1(
-            s_ptr, t_ptr, tail, tail < V, cap, tau2, m_s, z_s, z_a, m_t, z_t, HAS_CE, CE_POW, SOFTCAP, True
+            s_ptr,
+            t_ptr,
+            tail,
+            tail < V,
+            cap_s,
+            cap_t,
+            tau2,
+            m_s,
+            z_s,
+            z_a,
+            m_t,
+            z_t,
+            HAS_CE,
+            CE_POW,
+            S_SOFTCAP,
+            T_SOFTCAP,
+            True,
         )
     teacher_empty = m_t == ninf  # a teacher row all −inf: its p_t are nan, its KL terms 0
     c_s, lz_s = _finish(z_s, m_s, tau2)
@@ -492,14 +561,16 @@ def _kd_chunk_kernel(
     # Back to front: the blocks pass 1 read last are the likeliest to be still in L2.
     acc_a = tl.zeros([BLOCK], tl.float32)
     acc_b = tl.zeros([BLOCK], tl.float32)
+    acc_e = tl.zeros([BLOCK], tl.float32)
     if n_full * BLOCK < V:
-        acc_a, acc_b = _pass2(
+        acc_a, acc_b, acc_e = _pass2(
             s_ptr,
             t_ptr,
             dx_ptr,
             tail,
             tail < V,
-            cap,
+            cap_s,
+            cap_t,
             tau2,
             c_s,
             lz_s,
@@ -509,6 +580,7 @@ def _kd_chunk_kernel(
             lz_a,
             acc_a,
             acc_b,
+            acc_e,
             beta,
             one_m_beta,
             w,
@@ -518,18 +590,21 @@ def _kd_chunk_kernel(
             DIV,
             HAS_CE,
             CE_POW,
-            SOFTCAP,
+            S_SOFTCAP,
+            T_SOFTCAP,
+            ENTROPY,
             WITH_GRAD,
             True,
         )
     for i in tl.range(0, n_full, num_stages=STAGES):
-        acc_a, acc_b = _pass2(
+        acc_a, acc_b, acc_e = _pass2(
             s_ptr,
             t_ptr,
             dx_ptr,
             (n_full - 1 - i) * BLOCK + offs,
             None,
-            cap,
+            cap_s,
+            cap_t,
             tau2,
             c_s,
             lz_s,
@@ -539,6 +614,7 @@ def _kd_chunk_kernel(
             lz_a,
             acc_a,
             acc_b,
+            acc_e,
             beta,
             one_m_beta,
             w,
@@ -548,7 +624,9 @@ def _kd_chunk_kernel(
             DIV,
             HAS_CE,
             CE_POW,
-            SOFTCAP,
+            S_SOFTCAP,
+            T_SOFTCAP,
+            ENTROPY,
             WITH_GRAD,
             False,
         )
@@ -564,6 +642,10 @@ def _kd_chunk_kernel(
     tl.store(SOFT + row, soft)
     tl.store(HARD + row, hard)
     tl.store(LOSS + row, soft_w * soft + hard_w * hard)
+    entropy = 0.0
+    if ENTROPY:  # −Σ p_s ln p_s of the student at T, from Σ p_s log2 p_s
+        entropy = tl.where(valid, -_LN2 * tl.sum(acc_e, axis=0), 0.0)
+    tl.store(ENT + row, entropy)
 
     if WITH_GRAD:
         # Pass 3 (reverse KL, JSD): the gradient, which needs the row's KL; front to back.
@@ -578,7 +660,8 @@ def _kd_chunk_kernel(
                     dx_ptr,
                     i * BLOCK + offs,
                     None,
-                    cap,
+                    cap_s,
+                    cap_t,
                     tau2,
                     c_s,
                     lz_s,
@@ -596,7 +679,8 @@ def _kd_chunk_kernel(
                     DIV,
                     HAS_CE,
                     CE_POW,
-                    SOFTCAP,
+                    S_SOFTCAP,
+                    T_SOFTCAP,
                     False,
                 )
             if n_full * BLOCK < V:
@@ -606,7 +690,8 @@ def _kd_chunk_kernel(
                     dx_ptr,
                     tail,
                     tail < V,
-                    cap,
+                    cap_s,
+                    cap_t,
                     tau2,
                     c_s,
                     lz_s,
@@ -624,7 +709,8 @@ def _kd_chunk_kernel(
                     DIV,
                     HAS_CE,
                     CE_POW,
-                    SOFTCAP,
+                    S_SOFTCAP,
+                    T_SOFTCAP,
                     True,
                 )
         # The CE's one-hot, at the label only: the passes above wrote softmax(a) there; once
@@ -637,14 +723,14 @@ def _kd_chunk_kernel(
                 lt = (b_label * tau2 - c_t) - lz_t
                 ps = _exp2(ls)
                 g = _grad_ds(ls, lt, ps, _exp2(lt), kl, beta, one_m_beta, DIV)
-                da = _dlogit(g, a_label, ps, c_a, lz_a, c_soft, c_hard, c_pa, cap, HAS_CE, CE_POW, SOFTCAP, True)
+                da = _dlogit(g, a_label, ps, c_a, lz_a, c_soft, c_hard, c_pa, cap_s, HAS_CE, CE_POW, S_SOFTCAP, True)
                 _store(dx_ptr, at, None, da, w, False)
 
 
 def chunk_step(
-    kernel,
+    kernel: str,  # a name in KERNELS
     has_ce: bool,
-    softcap: bool,
+    softcaps: tuple[bool, bool],  # whether the student's and the teacher's logits are capped
     ignore_index: int,
     student: Tensor,  # (C, V) raw student logits
     teacher: Tensor,  # (C, V) raw teacher logits
@@ -654,8 +740,10 @@ def chunk_step(
     scalars: Tensor,  # kdfuse.scalars' layout, float32
     out: Tensor | None = None,  # (C, V) where to write dlogits; may be ``student`` itself
     ce_power: int = 0,
-) -> tuple[Tensor | None, tuple[Tensor, Tensor, Tensor]]:
-    """(dlogits (C, V) in ``student``'s dtype or None, (loss, soft, hard) each (C,) float32).
+    entropy: bool = False,
+) -> tuple[Tensor | None, tuple[Tensor, Tensor, Tensor, Tensor]]:
+    """(dlogits (C, V) in ``student``'s dtype or None, (loss, soft, hard, entropy) each (C,)
+    float32; entropy 0 unless ``entropy``).
 
     ``out=student`` is safe: each program reads an element of its row before it writes that
     element's gradient, and the pass that writes is the last to read. ``ce_power``: the
@@ -667,7 +755,7 @@ def chunk_step(
         student = student.contiguous()
     if teacher.stride(-1) != 1:
         teacher = teacher.contiguous()
-    loss, soft, hard = (torch.empty(rows, dtype=torch.float32, device=student.device) for _ in range(3))
+    parts = tuple(torch.empty(rows, dtype=torch.float32, device=student.device) for _ in range(4))
     with_grad = row_weight is not None
     dx = (torch.empty_like(student) if out is None else out) if with_grad else None
     if rows:
@@ -678,9 +766,7 @@ def chunk_step(
             labels,
             valid,
             row_weight if with_grad else scalars,
-            loss,
-            soft,
-            hard,
+            *parts,
             scalars,
             vocab,
             student.stride(0),
@@ -690,10 +776,12 @@ def chunk_step(
             DIV=KERNELS[kernel],
             HAS_CE=has_ce,
             CE_POW=ce_power if has_ce else 0,
-            SOFTCAP=softcap,
+            S_SOFTCAP=softcaps[0],
+            T_SOFTCAP=softcaps[1],
+            ENTROPY=entropy,
             WITH_GRAD=with_grad,
             BLOCK=min(_BLOCK, triton.next_power_of_2(vocab)),
             STAGES=_STAGES[kernel],
             num_warps=_NUM_WARPS,
         )
-    return dx, (loss, soft, hard)
+    return dx, parts

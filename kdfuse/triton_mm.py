@@ -1,11 +1,11 @@
 """A 16-bit GEMM into a float32 output whose long reductions stay accurate.
 
 The gradient GEMMs of a chunk reduce over long dimensions: grad_hidden = dlogits @ W over the
-vocabulary (K = V, 128k and more), grad_weight = dlogitsᵀ @ hidden over the chunk's rows. On an
-H100 a cuBLAS bf16 GEMM with float32 accumulation drifts from the exact product in proportion
-to K (about 1.2e-9·K relative, 1.5e-4 at K = 128256; see docs/benchmarks.md, "Gradient error");
-our reading: the tensor cores' accumulator does not round to nearest. Summing the products of
-short K slices in float32 on the CUDA cores removes the drift (measured). This kernel does that
+vocabulary (K = V, 128k and more), grad_weight = dlogitsᵀ @ hidden over the chunk's rows. On
+Hopper a cuBLAS bf16 GEMM with float32 accumulation drifts from the exact product in proportion
+to K (docs/benchmarks.md, "Gradient error"); our reading: the tensor cores' accumulator does not
+round to nearest. Summing the products of short K slices in float32 on the CUDA cores removes
+the drift (docs/design.md). This kernel does that
 inside one GEMM: each tile's MMAs accumulate ``PROMOTE`` K-blocks into a fresh partial, which is
 then added to the tile's float32 total (the "promotion" DeepSeek-V3 uses for FP8 GEMMs), so the
 drift is that of a ``PROMOTE·BK``-long GEMM, whatever K is.
@@ -26,15 +26,11 @@ __all__ = ["MMConfig", "promoted_mm", "supported"]
 
 @dataclass(frozen=True)
 class MMConfig:
-    """Tile and pipeline of ``promoted_mm``. The default was the fastest in
-    ``tools/gemm_error_probe.py`` on an H100 (docs/benchmarks.md, "Gradient error"): 1.03×
-    cuBLAS's time and 1.06× its energy for grad_hidden at 4096 × 128256 × 2048. Partials of 32
-    K-blocks: 16 drift half as far (1.3e-6 against 2.5e-6 before rounding, 8.0e-5 against 1.1e-4
-    after) for 1.06× cuBLAS's time and 1.08× its energy; the gradient's error stays under 2e-4 with
-    either. Two float32 (BM, BN) accumulators, the total and the partial,
-    live in registers; 128 × 256 over 8 warps (2 × 128 per thread) sits at the register limit,
-    but 128 × 128 tiles, which fit, fetch 4/3 as many operand bytes per product from L2 and ran
-    1.15-1.26× cuBLAS's time."""
+    """Tile and pipeline of ``promoted_mm``: the fastest configuration measured on Hopper
+    (docs/design.md, "The promoted GEMM", has the times and errors of the alternatives). Two
+    float32 (BM, BN) accumulators, the total and the partial, live in registers; 128 × 256 over 8
+    warps (2 × 128 per thread) sits at the register limit, while 128 × 128 tiles, which fit, fetch
+    4/3 as many operand bytes per product from L2."""
 
     bm: int = 128
     bn: int = 256

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -26,6 +27,7 @@ __all__ = [
     "check_ignore_index",
     "check_inputs",
     "check_int",
+    "check_logit_transforms",
     "check_normalizer",
     "check_positive",
     "check_unit",
@@ -166,33 +168,53 @@ def _check_same_dtype(what: str, tensors: dict[str, Tensor | None]) -> None:
         raise TypeError(f"{what} must share one dtype, got {listed}")
 
 
-def _check_layout(name: str, t: Tensor, student_hidden: Tensor, trailing: int = 1) -> None:
-    """Row-aligned tensors must have student_hidden's leading dims, or be flattened to N rows.
+@dataclass(frozen=True)
+class _Student:
+    """The student's rows as the checks name them: its hidden states (with an lm_head) or its
+    logits (``distill_logits``), and where its vocabulary comes from, for messages."""
+
+    t: Tensor  # (..., Hs) or (..., V)
+    name: str  # "student_hidden" or "student_logits"
+    vocab: int
+    source: str  # e.g. "student_weight (5, 4)"
+
+    @property
+    def rows(self) -> int:
+        return _rows(self.name, self.t)
+
+
+def _check_layout(name: str, t: Tensor, student: _Student, trailing: int = 1) -> None:
+    """Row-aligned tensors must have the student's leading dims, or be flattened to N rows.
 
     Equal row counts alone would accept e.g. labels of shape (T, B) for hidden states (B, T, H):
     the rows would silently pair up wrongly. A flattened side (at most one leading dim) is fine.
     """
-    leading = tuple(student_hidden.shape[:-1])
+    leading = tuple(student.t.shape[:-1])
     own = tuple(t.shape[: t.dim() - trailing]) if trailing else tuple(t.shape)
     if own != leading and len(own) > 1 and len(leading) > 1:
         raise ValueError(
-            f"{name}'s leading dims {own} do not match student_hidden's {leading} "
+            f"{name}'s leading dims {own} do not match {student.name}'s {leading} "
             f"(same number of rows, different layout: give the same leading dims, or flatten them): "
-            f"{name} {shape(t)}, student_hidden {shape(student_hidden)}"
+            f"{name} {shape(t)}, {student.name} {shape(student.t)}"
         )
 
 
-def _check_row_aligned(name: str, t: Tensor, student_hidden: Tensor) -> None:
-    """``t`` is (..., X) with student_hidden's rows, in its layout."""
-    rows = _rows("student_hidden", student_hidden)
-    if _rows(name, t) != rows:
+def _check_row_aligned(name: str, t: Tensor, student: _Student) -> None:
+    """``t`` is (..., X) with the student's rows, in its layout."""
+    if _rows(name, t) != student.rows:
         raise ValueError(
-            f"{name} has {_rows(name, t)} rows, student_hidden {rows}: shapes {shape(t)} vs {shape(student_hidden)}"
+            f"{name} has {_rows(name, t)} rows, {student.name} {student.rows}: shapes {shape(t)} vs {shape(student.t)}"
         )
-    _check_layout(name, t, student_hidden)
+    _check_layout(name, t, student)
 
 
-def _check_student(student_hidden: Tensor, student_weight: Tensor) -> None:
+def _check_student(student_hidden: Tensor, student_weight: Tensor | None) -> _Student:
+    if student_weight is None:  # the student's logits themselves
+        check_float_tensor("student_logits", student_hidden)
+        if student_hidden.dim() < 1:
+            raise ValueError(f"student_logits must be (..., V), got shape {shape(student_hidden)}")
+        v = student_hidden.shape[-1]
+        return _Student(student_hidden, "student_logits", v, f"student_logits {shape(student_hidden)}")
     check_float_tensor("student_hidden", student_hidden)
     check_float_tensor("student_weight", student_weight)
     if student_weight.dim() != 2:
@@ -204,6 +226,8 @@ def _check_student(student_hidden: Tensor, student_weight: Tensor) -> None:
             f"student_hidden's last dim must equal student_weight's Hs={student_weight.shape[1]}: "
             f"student_hidden {shape(student_hidden)}, student_weight {shape(student_weight)}"
         )
+    v = student_weight.shape[0]
+    return _Student(student_hidden, "student_hidden", v, f"student_weight {shape(student_weight)}")
 
 
 def _check_one_teacher(teacher_hidden, teacher_weight, teacher_logits, teacher_topk) -> str:
@@ -226,8 +250,8 @@ def _check_one_teacher(teacher_hidden, teacher_weight, teacher_logits, teacher_t
     return next(form for form, present in given.items() if present)
 
 
-def _check_hidden_teacher(teacher_hidden, teacher_weight, student_hidden: Tensor, student_weight: Tensor) -> None:
-    vocab = student_weight.shape[0]
+def _check_hidden_teacher(teacher_hidden, teacher_weight, student: _Student) -> None:
+    vocab = student.vocab
     if teacher_hidden is None or teacher_weight is None:
         raise ValueError("teacher_hidden and teacher_weight must be given together")
     check_float_tensor("teacher_hidden", teacher_hidden)
@@ -242,40 +266,39 @@ def _check_hidden_teacher(teacher_hidden, teacher_weight, student_hidden: Tensor
             f"teacher_hidden's last dim must equal teacher_weight's Ht={width}: "
             f"teacher_hidden {shape(teacher_hidden)}, teacher_weight {shape(teacher_weight)}"
         )
-    _check_row_aligned("teacher_hidden", teacher_hidden, student_hidden)
+    _check_row_aligned("teacher_hidden", teacher_hidden, student)
     if teacher_weight.shape[0] < vocab:
         raise ValueError(
             f"teacher vocabulary {teacher_weight.shape[0]} is smaller than the student's {vocab}: "
-            f"teacher_weight {shape(teacher_weight)}, student_weight {shape(student_weight)}"
+            f"teacher_weight {shape(teacher_weight)}, {student.source}"
         )
 
 
-def _check_logits_teacher(teacher_logits, student_hidden: Tensor, student_weight: Tensor) -> None:
-    vocab = student_weight.shape[0]
+def _check_logits_teacher(teacher_logits, student: _Student) -> None:
     check_float_tensor("teacher_logits", teacher_logits)
-    _check_row_aligned("teacher_logits", teacher_logits, student_hidden)
-    if teacher_logits.shape[-1] < vocab:
+    _check_row_aligned("teacher_logits", teacher_logits, student)
+    if teacher_logits.shape[-1] < student.vocab:
         raise ValueError(
-            f"teacher_logits' vocabulary {teacher_logits.shape[-1]} is smaller than the student's {vocab}: "
-            f"teacher_logits {shape(teacher_logits)}, student_weight {shape(student_weight)}"
+            f"teacher_logits' vocabulary {teacher_logits.shape[-1]} is smaller than the student's {student.vocab}: "
+            f"teacher_logits {shape(teacher_logits)}, {student.source}"
         )
 
 
-def _check_topk_teacher(teacher_topk, student_hidden: Tensor, vocab: int) -> None:
+def _check_topk_teacher(teacher_topk, student: _Student, vocab: int | None) -> None:
     if not (isinstance(teacher_topk, (tuple, list)) and len(teacher_topk) == 2):
         raise TypeError("teacher_topk must be a pair (ids, logprobs)")
     ids, logprobs = teacher_topk
     _check_int_tensor("teacher_topk ids", ids)
     check_float_tensor("teacher_topk logprobs", logprobs)
-    rows = _rows("student_hidden", student_hidden)
+    rows = student.rows
     if ids.shape != logprobs.shape or ids.dim() < 1 or _rows("teacher_topk ids", ids) != rows:
         raise ValueError(
             f"teacher_topk ids and logprobs must both be (..., k) with {rows} rows: "
-            f"ids {shape(ids)}, logprobs {shape(logprobs)}, student_hidden {shape(student_hidden)}"
+            f"ids {shape(ids)}, logprobs {shape(logprobs)}, {student.name} {shape(student.t)}"
         )
-    if ids.shape[-1] > vocab:
+    if vocab is not None and ids.shape[-1] > vocab:
         raise ValueError(f"teacher_topk has k={ids.shape[-1]} > the student's vocabulary {vocab}")
-    _check_layout("teacher_topk ids", ids, student_hidden)
+    _check_layout("teacher_topk ids", ids, student)
 
 
 def _check_biases(student_bias, teacher_bias, teacher_weight, form: str, vocab: int) -> None:
@@ -291,19 +314,18 @@ def _check_biases(student_bias, teacher_bias, teacher_weight, form: str, vocab: 
             raise ValueError(f"teacher_bias must have shape ({teacher_weight.shape[0]},), got {shape(teacher_bias)}")
 
 
-def _check_labels(labels, student_hidden: Tensor, hard_weight: float) -> None:
+def _check_labels(labels, student: _Student, hard_weight: float) -> None:
     if labels is None:
         if hard_weight != 0:
             raise ValueError(f"hard_weight={hard_weight} needs labels for the cross-entropy")
         return
     _check_int_tensor("labels", labels)
-    rows = _rows("student_hidden", student_hidden)
-    if labels.numel() != rows:
+    if labels.numel() != student.rows:
         raise ValueError(
-            f"labels has {labels.numel()} elements, student_hidden {rows} rows: "
-            f"shapes {shape(labels)} vs {shape(student_hidden)}"
+            f"labels has {labels.numel()} elements, {student.name} {student.rows} rows: "
+            f"shapes {shape(labels)} vs {shape(student.t)}"
         )
-    _check_layout("labels", labels, student_hidden, trailing=0)
+    _check_layout("labels", labels, student, trailing=0)
 
 
 def _check_one_device(tensors: dict[str, Tensor | None]) -> None:
@@ -329,7 +351,7 @@ def _check_options(
 
 def check_inputs(
     student_hidden: Tensor,
-    student_weight: Tensor,
+    student_weight: Tensor | None,
     teacher_hidden: Tensor | None,
     teacher_weight: Tensor | None,
     teacher_logits: Tensor | None,
@@ -347,21 +369,26 @@ def check_inputs(
     impl: str,
     ignore_index: int = -100,
     memory_budget: MemoryBudget | None = None,
+    sharded: bool = False,
 ) -> str:
     """Raise ``ValueError``/``TypeError`` for anything ``fused_linear_distill`` cannot compute;
     return the teacher's form (``"hidden"``, ``"logits"`` or ``"topk"``).
 
     Reads shapes, dtypes, devices and Python arguments only (no device sync), so it runs on every
-    call; the checks of tensor values are :func:`start_value_check`'s."""
-    _check_student(student_hidden, student_weight)
-    vocab = student_weight.shape[0]
+    call; the checks of tensor values are :func:`start_value_check`'s. ``sharded``: the weights
+    are this rank's rows of a vocabulary split over a process group (its size is checked later).
+    ``student_weight=None``: ``student_hidden`` holds the student's logits (``distill_logits``)."""
+    student = _check_student(student_hidden, student_weight)
+    vocab = student.vocab
     form = _check_one_teacher(teacher_hidden, teacher_weight, teacher_logits, teacher_topk)
     if form == "hidden":
-        _check_hidden_teacher(teacher_hidden, teacher_weight, student_hidden, student_weight)
+        _check_hidden_teacher(teacher_hidden, teacher_weight, student)
     elif form == "logits":
-        _check_logits_teacher(teacher_logits, student_hidden, student_weight)
+        _check_logits_teacher(teacher_logits, student)
     else:
-        _check_topk_teacher(teacher_topk, student_hidden, vocab)
+        _check_topk_teacher(teacher_topk, student, None if sharded else vocab)
+    if student_weight is None and student_bias is not None:
+        raise ValueError("student_bias goes with student_weight, not with student_logits")
     _check_biases(student_bias, teacher_bias, teacher_weight, form, vocab)
     _check_same_dtype(
         "the student's hidden states, weight and bias",
@@ -372,7 +399,7 @@ def check_inputs(
             "the teacher's hidden states, weight and bias",
             {"teacher_hidden": teacher_hidden, "teacher_weight": teacher_weight, "teacher_bias": teacher_bias},
         )
-    _check_labels(labels, student_hidden, hard_weight)
+    _check_labels(labels, student, hard_weight)
     ids, logprobs = teacher_topk if form == "topk" else (None, None)
     _check_one_device(
         {
@@ -444,6 +471,31 @@ def check_values(vocab: int, ignore_index: int, *, labels: Tensor | None, topk_i
     """Raise ``ValueError`` for labels outside ``[0, vocab)`` (other than ``ignore_index``) or
     top-k ids outside ``[0, vocab)``. One device-to-host sync for all checks together."""
     start_value_check(vocab, ignore_index, labels=labels, topk_ids=topk_ids)()
+
+
+def check_logit_transforms(
+    softcap: float | None,
+    student_softcap: float | None,
+    teacher_softcap: float | None,
+    student_logit_scale: float,
+    teacher_logit_scale: float,
+) -> tuple[float | None, float | None, float, float]:
+    """(student cap, teacher cap, student scale, teacher scale) as Python floats: each model's
+    own softcap, else ``softcap``; the scales finite numbers."""
+    for name, value in (
+        ("softcap", softcap),
+        ("student_softcap", student_softcap),
+        ("teacher_softcap", teacher_softcap),
+    ):
+        if value is not None:
+            check_positive(name, value)
+    s_cap = student_softcap if student_softcap is not None else softcap
+    t_cap = teacher_softcap if teacher_softcap is not None else softcap
+    scales = (
+        check_finite("student_logit_scale", student_logit_scale),
+        check_finite("teacher_logit_scale", teacher_logit_scale),
+    )
+    return (None if s_cap is None else float(s_cap), None if t_cap is None else float(t_cap), *scales)
 
 
 def check_normalizer(normalizer: float | Tensor | None, reduction: str) -> None:

@@ -12,7 +12,7 @@ from helpers import SweepCalls
 
 import autotune.cache
 from autotune import Measurement
-from kdfuse import cli, env, sweep, tuning
+from kdfuse import cli, env, registry, sweep, tuning
 from kdfuse.tuning import Sweep
 
 CPU = torch.device("cpu")
@@ -337,3 +337,73 @@ def test_tiny_end_to_end_for_real(capsys, one_thread):
     doc = json.loads(run(capsys, "tune", "--json"))
     assert all(s["cached"] and s["chunk_size"] in (64, 128, 256, 512, 1024) for s in doc["shapes"])
     assert all(m["ms"] > 0 for s in doc["shapes"] for m in s["measurements"])
+
+
+# --- the first hour: help, errors, plots and timings a new user can trust ---------------------
+
+
+def test_no_subcommand_prints_help(capsys):
+    assert cli.main([]) == 0
+    out = capsys.readouterr().out
+    assert "usage: kdfuse" in out and "tune" in out and "cache" in out
+
+
+def test_help_and_the_unknown_divergence_error_list_the_same_divergences(capsys):
+    """Every built-in (dense and top-k) in both, and the nearest names for a typo."""
+    with pytest.raises(SystemExit):
+        cli.main(["tune", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["tune", "--divergence", "jsd_bta0.3"])
+    assert exc.value.code == 2
+    error = capsys.readouterr().err
+    assert "did you mean 'jsd" in error
+    for name in registry.names():
+        assert name in help_text and name in error, name
+
+
+def test_the_plot_title_names_every_shape(monkeypatch, capsys, tmp_path):
+    pytest.importorskip("matplotlib")
+    import matplotlib.figure
+
+    titles = []
+    monkeypatch.setattr(
+        matplotlib.figure.Figure, "savefig", lambda fig, path, **kw: titles.append(fig._suptitle.get_text())
+    )
+    FakeBench(monkeypatch)
+    run(capsys, "tune", "--tokens", "256,1024", "--plot", str(tmp_path / "sweep.png"))
+    (title,) = titles
+    assert "N<=256 V=1000" in title and "N<=1024 V=1000" in title
+
+
+@pytest.mark.parametrize(
+    ("times", "why"),
+    [({64: 0.5, 128: 2.0, 256: 2.1}, "less than the GEMMs alone"), ({64: 2.0, 128: 130.0, 256: 2.5}, "65 times apart")],
+)
+def test_implausible_timings_warn_instead_of_crowning_a_winner(monkeypatch, capsys, times, why):
+    """A candidate faster than the GEMMs alone (the floor: 1 ms here), or candidates 60 times
+    apart, cannot be right: no winner, nothing cached, and a warning says why."""
+    bench = FakeBench(monkeypatch)
+    monkeypatch.setattr(sweep, "bench_chunk_size", lambda problem, chunk, distill, *, warmup, repeat: (times[chunk], 0))
+    out = run(capsys, "tune", "--tokens", "256")
+    assert "warning: implausible timings" in out and why in out and "nothing cached" in out
+    assert not cache_file().exists() or not json.loads(cache_file().read_text())["entries"]
+    assert bench.calls == []
+
+
+def test_a_long_cpu_sweep_says_how_long_it_will_take(monkeypatch, capsys):
+    """The llama preset's 51 measurements on a CPU (3 rounds of 5, 6 and 6 chunk sizes for its
+    three token counts): one step is timed first and the sweep's length announced (here a
+    stubbed 2 s step)."""
+    FakeBench(monkeypatch)
+    monkeypatch.setattr(cli, "build_problem", lambda key, device: key)
+    monkeypatch.setattr(cli, "distill_step", lambda problem, chunk, distill: lambda: None)
+    clock = iter([0.0, 2.0])
+    monkeypatch.setattr(cli.time, "perf_counter", lambda: next(clock))
+    assert cli.main(["tune", "--preset", "llama3-8b-1b"]) == 0
+    err = capsys.readouterr().err
+    assert "kdfuse tune: 51 measurements of 8 steps each, about" in err and "one step of N<=4096" in err
+    # 2 s per step at N=4096, twice and four times that at 8192 and 16384; 3 rounds of 8 steps
+    # per candidate and 8 for the floor.
+    steps = 1 * (24 * 5 + 8) + 2 * (24 * 6 + 8) + 4 * (24 * 6 + 8)
+    assert f"about {2 * steps / 60:.0f} min" in err

@@ -2,8 +2,9 @@
 
 Without a GPU the kernel runs under Triton's interpreter (TRITON_INTERPRET=1, numpy on the CPU),
 so CI checks the very kernel source the GPU runs: every divergence it implements, with and
-without CE and softcap, masked teacher entries, ignored rows (also with an all -inf teacher row),
-arbitrary row weights, loss-only mode, and vocabulary sizes that do not divide the block.
+without CE, the student's and the teacher's softcaps and the student's entropy, masked teacher
+entries, ignored rows (also with an all -inf teacher row), arbitrary row weights, loss-only mode,
+and vocabulary sizes that do not divide the block.
 """
 
 from __future__ import annotations
@@ -39,12 +40,16 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
     vocab=st.sampled_from([1, 7, 97, 300, 4099]),
     has_ce=st.booleans(),
     softcap=st.sampled_from([None, 5.0]),
+    teacher_cap=st.sampled_from([None, 3.0]),
+    entropy=st.booleans(),
     inv_t=st.sampled_from([0.25, 0.5, 1.0, 2.0]),
     ce_shortcut=st.booleans(),
     with_grad=st.booleans(),
     data=st.data(),
 )
-def test_kernel_matches_torch_func(tc, div, rows, vocab, has_ce, softcap, inv_t, ce_shortcut, with_grad, data):
+def test_kernel_matches_torch_func(
+    tc, div, rows, vocab, has_ce, softcap, teacher_cap, entropy, inv_t, ce_shortcut, with_grad, data
+):
     # Logits in [-8, 8] on a grid of 1/2 (wide_grid: every entry drawn up to 97 columns, a tiled
     # drawn block with drawn offsets beyond), labels and row weights in [0.5, 1.5] drawn too.
     student = data.draw(wide_grid(rows, vocab, -16, 16, 0.5), label="student").to(DEVICE)
@@ -57,9 +62,20 @@ def test_kernel_matches_torch_func(tc, div, rows, vocab, has_ce, softcap, inv_t,
     valid = labels != -100
     weights = data.draw(grid((rows,), 2, 6, 0.25, torch.float32), label="row weights").to(DEVICE) * valid
     kernel, params = registry.entry_of(div.fn).kernel, div.args
-    scalars = torch.tensor([inv_t, 0.7, 0.4 if has_ce else 0.0, softcap or 1.0, *params], device=DEVICE)
+    hard_w = 0.4 if has_ce else 0.0
+    scalars = torch.tensor([inv_t, 0.7, hard_w, softcap or 1.0, teacher_cap or 1.0, *params], device=DEVICE)
     spec = chunk.ChunkSpec(
-        div.fn, len(params), False, has_ce, softcap is not None, -100, torch.float32, with_grad, False
+        div.fn,
+        len(params),
+        False,
+        has_ce,
+        softcap is not None,
+        -100,
+        torch.float32,
+        with_grad,
+        False,
+        teacher_softcap=teacher_cap is not None,
+        entropy=entropy,
     )
 
     # At T = 1 and 2 the CE's softmax may come from the soft one (ce_power 1, 2), else anew.
@@ -67,7 +83,7 @@ def test_kernel_matches_torch_func(tc, div, rows, vocab, has_ce, softcap, inv_t,
     got_grad, got = tc.chunk_step(
         kernel,
         has_ce,
-        softcap is not None,
+        (softcap is not None, teacher_cap is not None),
         -100,
         student,
         teacher,
@@ -76,6 +92,7 @@ def test_kernel_matches_torch_func(tc, div, rows, vocab, has_ce, softcap, inv_t,
         weights if with_grad else None,
         scalars,
         ce_power=ce_power,
+        entropy=entropy,
     )
     if with_grad:
         want_grad, want = chunk.loss_and_grad(spec, student, (teacher,), labels, valid, weights, scalars)
@@ -87,7 +104,7 @@ def test_kernel_matches_torch_func(tc, div, rows, vocab, has_ce, softcap, inv_t,
             + 8
             * torch.finfo(torch.float32).eps
             * _gradient_terms(
-                kernel, params, student, teacher, softcap, inv_t, 0.7, 0.4 if has_ce else 0.0, weights, want[1]
+                kernel, params, student, teacher, (softcap, teacher_cap), inv_t, 0.7, hard_w, weights, want[1]
             )
         )
         err = (got_grad - want_grad).abs()
@@ -95,12 +112,12 @@ def test_kernel_matches_torch_func(tc, div, rows, vocab, has_ce, softcap, inv_t,
     else:
         assert got_grad is None
         want = chunk.row_losses(spec, student, (teacher,), labels, valid, scalars)
-    for name, a, b in zip(("loss", "soft", "hard"), got, want):
+    for name, a, b in zip(("loss", "soft", "hard", "entropy"), got, want):
         # Masked reverse-KL terms are ~1e4 · mass: compare relative to the row's magnitude.
         torch.testing.assert_close(a, b, rtol=2e-5, atol=2e-5, msg=lambda m, n=name: f"{n}: {m}")
 
 
-def _gradient_terms(kernel, params, student, teacher, softcap, inv_t, soft_w, hard_w, weights, soft) -> torch.Tensor:
+def _gradient_terms(kernel, params, student, teacher, caps, inv_t, soft_w, hard_w, weights, soft) -> torch.Tensor:
     """(C, V) the size of the terms each element of the logit gradient is a difference of.
 
     Forward KL / soft CE: p_s − p_t. Reverse KL: p_s·(log p_s − log p_t − D); JSD(β):
@@ -111,11 +128,11 @@ def _gradient_terms(kernel, params, student, teacher, softcap, inv_t, soft_w, ha
     CE adds softmax − onehot, at most 1. Log-probs are floored as the kernels floor them (|log p|
     ≤ 1e4 next to a masked teacher entry, where reverse KL's gradient is that large too)."""
 
-    def logprobs(x):
-        x = x.double() if softcap is None else softcap * torch.tanh(x.double() / softcap)
+    def logprobs(x, cap):
+        x = x.double() if cap is None else cap * torch.tanh(x.double() / cap)
         return (x * inv_t).log_softmax(-1).clamp_min(-1e4)
 
-    ls, lt = logprobs(student), logprobs(teacher)
+    ls, lt = logprobs(student, caps[0]), logprobs(teacher, caps[1])
     # D is a sum over the vocabulary: its float32 error grows with the depth of that reduction
     # (measured on CPU: reverse KL's worst case is at the longest vocabulary, 4099).
     ps, row = ls.exp(), soft.double().abs()[:, None] * max(1.0, math.log2(student.shape[-1]))
@@ -149,9 +166,9 @@ def test_ignored_row_with_fully_masked_teacher(tc):
     labels = torch.tensor([1, -100, 2], device=DEVICE)
     valid = labels != -100
     weights = valid.float()
-    scalars = torch.tensor([1.0, 1.0, 0.5, 1.0], device=DEVICE)
-    dlogits, (loss, _, _) = tc.chunk_step(
-        "forward_kl", True, False, -100, student, teacher, labels, valid, weights, scalars
+    scalars = torch.tensor([1.0, 1.0, 0.5, 1.0, 1.0], device=DEVICE)
+    dlogits, (loss, *_) = tc.chunk_step(
+        "forward_kl", True, (False, False), -100, student, teacher, labels, valid, weights, scalars
     )
     assert torch.isfinite(loss).all()
     assert torch.isfinite(dlogits).all()

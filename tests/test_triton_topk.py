@@ -66,7 +66,7 @@ def test_chunk_step_matches_torch_func(
     logprobs[0] = float("-inf")
     valid = labels != -100
     weights = data.draw(grid((rows,), 2, 6, 0.25, torch.float32), label="row weights") * valid
-    scalars = torch.tensor([inv_t, 0.7, 0.4 if has_ce else 0.0, 1.0])
+    scalars = torch.tensor([inv_t, 0.7, 0.4 if has_ce else 0.0, 1.0, 1.0])  # caps unread
     ids, logprobs, labels, valid, weights, scalars = (
         t.to(DEVICE) for t in (ids, logprobs, labels, valid, weights, scalars)
     )

@@ -22,6 +22,9 @@ Contenders:
   kdfuse-topk64  (forward KL config) the student against the teacher's top-64 log-probs, extracted
                  once beforehand with kdfuse.teacher_topk; compare with floor-student, the student's
                  three GEMMs alone
+  baseline-c<k>  with --baseline DIR: the kdfuse package of another checkout (DIR/kdfuse, e.g. a
+                 `git worktree` of an earlier commit), same calls, timed in the same rounds: a
+                 regression check that shares the GPU's clocks with this checkout's kdfuse
 
 Gradient error, the worse of grad_hidden and grad_weight, against g_exact: the full-logits
 computation a bf16 model does (bf16 logits, fp32 loss math, the logit gradient rounded to bf16 as
@@ -40,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import importlib.util
 import json
 import math
 import statistics
@@ -48,6 +52,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from types import ModuleType
 
 import torch
 import torch.nn.functional as F
@@ -166,7 +171,39 @@ def floor_step(inputs) -> Step:
     return floor
 
 
-def contenders(cfg: Config, chunks: list[int], liger_chunks: list[int], inputs) -> dict[str, Step]:
+def load_baseline(checkout: str) -> ModuleType:
+    """``checkout``'s kdfuse package, imported as ``kdfuse_baseline`` (its modules import each other
+    relatively; ``autotune`` is this checkout's)."""
+    root = Path(checkout) / "kdfuse"
+    spec = importlib.util.spec_from_file_location(
+        "kdfuse_baseline", root / "__init__.py", submodule_search_locations=[str(root)]
+    )
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["kdfuse_baseline"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def kdfuse_steps(package: ModuleType, prefix: str, cfg: Config, chunks: list, inputs) -> dict[str, Step]:
+    """``package.fused_linear_distill`` at each chunk size ("auto" included), named prefix-c<k>."""
+    y = inputs[-1]
+    out = {}
+    for c in chunks:
+        kw = dict(
+            labels=y,
+            divergence=cfg.divergence,
+            temperature=cfg.temperature,
+            soft_weight=cfg.soft_weight,
+            hard_weight=cfg.hard_weight,
+            chunk_size=c,
+        )
+        name = f"{prefix}-auto" if c == "auto" else f"{prefix}-c{c}"
+        distill = package.fused_linear_distill
+        out[name] = grads_of(lambda h, ws, th, wt, y, kw=kw, f=distill: f(h, ws, th, wt, **kw), *inputs)
+    return out
+
+
+def contenders(cfg: Config, chunks: list[int], liger_chunks: list[int], inputs, baseline=None) -> dict[str, Step]:
     h, ws, th, wt, y = inputs
     out: dict[str, Step] = {}
 
@@ -195,17 +232,9 @@ def contenders(cfg: Config, chunks: list[int], liger_chunks: list[int], inputs) 
             out[f"liger-c{c}"] = grads_of(lambda h, ws, th, wt, y, mod=mod: mod(h, ws, th, wt, y), *inputs)
         triton_jsd = LigerFusedLinearJSD(jsd_beta=cfg.beta, temperature=cfg.temperature)
         out["liger-triton"] = grads_of(lambda h, ws, th, wt, y: triton_jsd(h, ws, th, wt, y), *inputs)
-    for c in ["auto", *chunks]:
-        kw = dict(
-            labels=y,
-            divergence=cfg.divergence,
-            temperature=cfg.temperature,
-            soft_weight=cfg.soft_weight,
-            hard_weight=cfg.hard_weight,
-            chunk_size=c,
-        )
-        name = "kdfuse-auto" if c == "auto" else f"kdfuse-c{c}"
-        out[name] = grads_of(lambda h, ws, th, wt, y, kw=kw: kdfuse.fused_linear_distill(h, ws, th, wt, **kw), *inputs)
+    out.update(kdfuse_steps(kdfuse, "kdfuse", cfg, ["auto", *chunks], inputs))
+    if baseline is not None:
+        out.update(kdfuse_steps(baseline, "baseline", cfg, chunks, inputs))
     if cfg.divergence == "forward_kl":  # sparse teacher: top-64 log-probs extracted once, offline
         topk = kdfuse.teacher_topk(th, wt, 64, temperature=cfg.temperature)
         kw = dict(
@@ -274,7 +303,8 @@ def run_case(case: str, cfg_key: str, args) -> list[Row]:
     ref = reference(cfg, inputs)
     torch.cuda.empty_cache()
     rows: list[Row] = []
-    steps = contenders(cfg, args.chunks, args.liger_chunks, inputs)
+    baseline = load_baseline(args.baseline) if args.baseline else None
+    steps = contenders(cfg, args.chunks, args.liger_chunks, inputs, baseline)
     steps = {
         name: step
         for name, step in steps.items()
@@ -463,6 +493,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--energy", type=float, default=1.0, help="seconds of steps whose energy is read per contender (0: none)"
     )
+    parser.add_argument("--baseline", metavar="DIR", help="a checkout whose kdfuse runs as baseline-c<k> (see above)")
     parser.add_argument("--json", help="write all rows here")
     parser.add_argument("--png", help="draw time/floor per case here")
     args = parser.parse_args(argv)

@@ -1,0 +1,369 @@
+"""Vocab-parallel losses on torch.distributed, and kdfuse under DDP and FSDP2 (CPU, gloo).
+
+Every case runs on all ranks of a world of 2 and of 3 (tests/dist_harness.py: one world per
+size, many cases inside it). Each rank builds the same full problem from a seed, keeps its own
+contiguous vocabulary rows (shards of unequal sizes, some empty), and compares the vocab-parallel
+loss and gradients with the single-process float64 reference on the whole weights: the loss on
+every rank, the hidden states' whole gradient on every rank, the weight's (and bias's) gradient
+for this rank's rows. Float64 throughout, so the agreement is to float64 rounding.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+import torch.distributed as dist
+from dist_harness import close_worlds, world
+
+import kdfuse
+from kdfuse import collectives, registry
+
+F64 = torch.float64
+V, HS, HT, K = 13, 6, 5, 4
+# Rows per rank: uneven, and an empty shard in the world of 3.
+SIZES = {2: (8, 5), 3: (6, 0, 7)}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _close_worlds():
+    yield
+    close_worlds()
+
+
+# --------------------------------------------------------------------------------------------
+# What runs on each rank.
+# --------------------------------------------------------------------------------------------
+
+
+def _hellinger(student, teacher):
+    """A user's dense divergence (no per-entry terms kdfuse knows): its rows are gathered."""
+    return 0.5 * (student.softmax(-1).sqrt() - teacher.softmax(-1).sqrt()).square().sum(-1)
+
+
+def _user_sparse(student, ids, logprobs):
+    """A user's top-k divergence: −Σ_k p_k log p_s[id_k]."""
+    return -(logprobs.exp() * student.log_softmax(-1).gather(-1, ids)).sum(-1)
+
+
+def _problem(case: dict) -> dict:
+    """The full single-process problem of ``case``, the same on every rank (one seed)."""
+    gen = torch.Generator().manual_seed(case["seed"])
+    n = case["rows"]
+
+    def randn(*shape, scale=1.0):
+        return torch.randn(*shape, generator=gen, dtype=F64) * scale
+
+    labels = torch.randint(0, V, (n,), generator=gen)
+    labels[torch.rand(n, generator=gen) < 0.25] = -100
+    full = dict(student_hidden=randn(n, HS), student_weight=randn(V, HS, scale=2.0), labels=labels)
+    if case.get("bias"):
+        full["student_bias"] = randn(V)
+    teacher = case["teacher"]
+    if teacher == "hidden":
+        full.update(teacher_hidden=randn(n, HT), teacher_weight=randn(V, HT, scale=2.0))
+        if case.get("bias"):
+            full["teacher_bias"] = randn(V)
+    elif teacher == "logits":
+        full["teacher_logits"] = randn(n, V, scale=3.0)
+    else:
+        logprobs, ids = randn(n, V, scale=3.0).log_softmax(-1).topk(K, dim=-1)
+        logprobs[0, K // 2 :] = float("-inf")  # a padded row: its padding repeats an id
+        ids[0, K // 2 :] = ids[0, 0]
+        full["teacher_topk"] = (ids, logprobs)
+    return full
+
+
+def _local(full: dict, sizes: tuple[int, ...], rank: int) -> dict:
+    """This rank's view: its rows of each lm_head and bias, its columns of the teacher's logits."""
+    start = sum(sizes[:rank])
+    rows = slice(start, start + sizes[rank])
+    local = dict(full)
+    for name in ("student_weight", "student_bias", "teacher_weight", "teacher_bias"):
+        if name in full:
+            local[name] = full[name][rows]
+    if "teacher_logits" in full:
+        local["teacher_logits"] = full["teacher_logits"][:, rows]
+    return local
+
+
+def _grads(fn, inputs: dict, kwargs: dict, grad_output: torch.Tensor | None):
+    """(result, {name: gradient}) of the student's tensors, as fresh leaves."""
+    names = [n for n in ("student_hidden", "student_weight", "student_bias") if n in inputs]
+    leaves = {n: inputs[n].clone().requires_grad_() for n in names}
+    out = fn(**{**inputs, **leaves}, **kwargs)
+    loss = out[0] if isinstance(out, tuple) else out
+    grads = torch.autograd.grad(loss, list(leaves.values()), grad_outputs=grad_output)
+    return out, dict(zip(names, grads))
+
+
+def _kwargs(case: dict) -> dict:
+    names = ("divergence", "temperature", "hard_weight", "reduction", "softcap", "return_entropy")
+    names += ("student_softcap", "teacher_softcap", "student_logit_scale", "teacher_logit_scale")
+    kwargs = {k: case[k] for k in names if k in case}
+    if case.get("normalizer"):
+        kwargs["normalizer"] = case["normalizer"]
+    return {**kwargs, "chunk_size": case["chunk"], "return_parts": case.get("parts", False)}
+
+
+def check_vocab_parallel(case: dict) -> dict:
+    """One case on this rank: the vocab-parallel result against the reference."""
+    rank, size = dist.get_rank(), dist.get_world_size()
+    sizes = SIZES[size]
+    full = _problem(case)
+    kwargs = _kwargs(case)
+    go = None
+    if case.get("reduction") == "none":
+        go = torch.randn(case["rows"], generator=torch.Generator().manual_seed(7), dtype=F64)
+    want, want_grads = _grads(kdfuse.fused_linear_distill_ref, full, kwargs, go)
+    local = _local(full, sizes, rank)
+    collectives.shard_layout(dist.group.WORLD, sizes[rank], torch.device("cpu"))  # (memoised: not counted)
+    with collectives.counting() as sent:
+        got, got_grads = _grads(
+            functools.partial(kdfuse.fused_linear_distill, process_group=dist.group.WORLD, impl=case["impl"]),
+            local,
+            kwargs,
+            go,
+        )
+    for a, b in zip(got if isinstance(got, tuple) else [got], want if isinstance(want, tuple) else [want]):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(got_grads["student_hidden"], want_grads["student_hidden"], rtol=1e-10, atol=1e-12)
+    for name in ("student_weight", "student_bias"):
+        if name in got_grads:
+            mine = _local({name: want_grads[name]}, sizes, rank)[name]
+            torch.testing.assert_close(got_grads[name], mine, rtol=1e-10, atol=1e-12)
+    return {"calls": dict(sent.calls), "bytes": sent.bytes}
+
+
+def _cases() -> list[dict]:
+    """Every built-in (dense and top-k), a user's divergence of each kind, and a rotation of the
+    other options (CE, temperature, softcaps, logit scales, the student's entropy, reductions,
+    normalizer, parts, bias, chunk sizes that do not divide N)."""
+    dense = [*registry.names(sparse=False), "jsd_beta0.3", "jsd_beta0", "skew_kl_alpha1", _hellinger]
+    sparse = [*registry.names(sparse=True), _user_sparse]
+    options = [
+        dict(hard_weight=0.5, temperature=2.0, chunk=4),
+        dict(reduction="sum", normalizer=7.0, chunk=5, bias=True),
+        dict(reduction="none", hard_weight=0.3, chunk=3, softcap=4.0),
+        dict(temperature=0.7, chunk=16, parts=True),
+        dict(reduction="sum", hard_weight=1.0, chunk=1),
+        dict(teacher_softcap=3.0, student_logit_scale=0.5, chunk=4, return_entropy=True, hard_weight=0.2),
+        dict(student_softcap=2.0, teacher_logit_scale=2.0, reduction="none", return_entropy=True, chunk=3),
+    ]
+    cases = []
+    for i, divergence in enumerate(dense):
+        teacher = ("hidden", "logits")[i % 2]
+        cases.append(dict(divergence=divergence, teacher=teacher, **options[i % len(options)]))
+    for i, divergence in enumerate(sparse):
+        option = {k: v for k, v in options[(i + 2) % len(options)].items() if k != "bias"}
+        cases.append(dict(divergence=divergence, teacher="topk", **option))
+    for i, case in enumerate(cases):
+        case.update(seed=i, rows=11, impl="eager")
+    return cases
+
+
+CASES = _cases()
+
+
+def _case_id(case: dict) -> str:
+    div = case["divergence"]
+    return f"{div if isinstance(div, str) else div.__name__}-{case['teacher']}"
+
+
+# --------------------------------------------------------------------------------------------
+# The tests.
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("size", [2, 3], ids=lambda n: f"world{n}")
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
+def test_vocab_parallel_matches_the_single_process_result(size, case):
+    world(size).run(check_vocab_parallel, case)
+
+
+@pytest.mark.parametrize(
+    ("teacher", "divergence", "per_row"),
+    [
+        # Row statistics: maxima (3), sums (3 + the label's logit), term sums (2).
+        ("hidden", "forward_kl", 3 + 4 + 2),
+        ("logits", "jsd_beta0.3", 3 + 4 + 2),
+        # Complement maxima (2), then its sums (2), the label's logit and the K logits at the ids.
+        ("topk", "topk_forward_kl_bucket", 2 + 2 + 1 + K),
+    ],
+)
+def test_the_built_ins_send_row_statistics_only(teacher, divergence, per_row):
+    """Per chunk of C rows a built-in all-reduces a few numbers per row (float64 here) and never
+    a (C, V) block; the hidden states' gradient (N, Hs) once per call; nothing else."""
+    (sent, _) = world(2).run(
+        check_vocab_parallel, dict(CASES[0], teacher=teacher, divergence=divergence, rows=10, chunk=4)
+    )
+    rows, chunks = 10, 3  # chunks of 4, 4 and 2 rows
+    assert sent["bytes"] == 8 * (per_row * rows + rows * HS), sent
+    collectives_per_chunk = 2 if teacher == "topk" else 3
+    assert sum(sent["calls"].values()) == collectives_per_chunk * chunks + 1, sent["calls"]
+
+
+def test_a_users_divergence_gathers_its_chunks_rows():
+    """A divergence of the user's needs whole rows: each chunk's student and teacher logits are
+    all-gathered, padded to the widest shard (gloo gathers equal sizes): (C, max V_r) each."""
+    (sent, _) = world(2).run(
+        check_vocab_parallel, dict(CASES[0], teacher="hidden", divergence=_hellinger, rows=10, chunk=4)
+    )
+    widest = max(SIZES[2])
+    assert sent["calls"]["all_gather"] == 2 * 3
+    assert sent["bytes"] == 8 * (2 * 10 * widest + 10 * HS), sent
+
+
+@pytest.mark.slow
+def test_compiled_local_work():
+    """impl="compile": each rank's work between the collectives, compiled per spec."""
+    for divergence, teacher in (("jsd_beta0.3", "hidden"), ("topk_soft_ce_bucket", "topk")):
+        case = dict(CASES[0], divergence=divergence, teacher=teacher, impl="compile", rows=9)
+        world(2).run(check_vocab_parallel, case)
+
+
+# --------------------------------------------------------------------------------------------
+# DTensor weights (tensor parallelism over a 1-D mesh), DDP and FSDP2.
+# --------------------------------------------------------------------------------------------
+
+
+def check_dtensor_weights() -> None:
+    """Weights as DTensors sharded on dim 0 over a 1-D mesh, ``process_group=`` the mesh: the
+    same loss, and the weight's gradient a DTensor of the same placement (torch.chunk's split)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    full = _problem(dict(teacher="hidden", seed=3, rows=10))
+    kwargs = dict(labels=full["labels"], hard_weight=0.5, divergence="jsd_beta0.3", chunk_size=4, impl="eager")
+    weight = distribute_tensor(full["student_weight"], mesh, [Shard(0)]).requires_grad_()
+    teacher_weight = distribute_tensor(full["teacher_weight"], mesh, [Shard(0)])
+    hidden = full["student_hidden"].clone().requires_grad_()
+    loss = kdfuse.fused_linear_distill(
+        hidden, weight, full["teacher_hidden"], teacher_weight, process_group=mesh, **kwargs
+    )
+    loss.backward()
+    want, want_grads = _grads(
+        kdfuse.fused_linear_distill_ref, {k: full[k] for k in full if k != "labels"}, kwargs, None
+    )
+    torch.testing.assert_close(loss, want, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(hidden.grad, want_grads["student_hidden"], rtol=1e-10, atol=1e-12)
+    assert weight.grad.placements == (Shard(0),)
+    torch.testing.assert_close(weight.grad.full_tensor(), want_grads["student_weight"], rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("size", [2, 3], ids=lambda n: f"world{n}")
+def test_dtensor_weights_over_a_mesh(size):
+    world(size).run(check_dtensor_weights)
+
+
+class _Student(torch.nn.Module):
+    """Embedding + one layer (the body) and an lm_head the loss reads outside forward."""
+
+    def __init__(self, seed: int) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.embed = torch.nn.Embedding(V, HS).double()
+        self.body = torch.nn.Linear(HS, HS).double()
+        self.lm_head = torch.nn.Linear(HS, V, bias=False).double()
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.body(self.embed(ids)))
+
+
+def _batches(world_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Each rank's own batch (rank r: r + 2 sequences of 5 tokens; different ignored tokens)."""
+    gen = torch.Generator().manual_seed(11)
+    out = []
+    for rank in range(world_size):
+        ids = torch.randint(0, V, (rank + 2, 5), generator=gen)
+        labels = ids.roll(-1, 1).masked_fill(torch.rand(ids.shape, generator=gen) < 0.3, -100)
+        out.append((ids, labels))
+    return out
+
+
+def _distill(model, teacher_weight, ids, labels, normalizer, weight=None, hidden=None):
+    hidden = model(ids) if hidden is None else hidden
+    teacher_hidden = torch.sin(hidden.detach() * 3)  # a frozen teacher's stand-in, fixed per token
+    return kdfuse.fused_linear_distill(
+        hidden,
+        model.lm_head.weight if weight is None else weight,
+        teacher_hidden,
+        teacher_weight,
+        labels=labels,
+        hard_weight=0.5,
+        reduction="sum",
+        normalizer=normalizer,
+        impl="eager",
+        chunk_size=4,
+    )
+
+
+def _single_process_grads(world_size: int) -> dict[str, torch.Tensor]:
+    """The gradients of the global-batch mean loss, in one process on every rank's batch."""
+    model = _Student(seed=0)
+    teacher_weight = torch.randn(V, HS, generator=torch.Generator().manual_seed(5), dtype=F64)
+    batches = _batches(world_size)
+    count = sum(int((labels != -100).sum()) for _, labels in batches)
+    for ids, labels in batches:
+        _distill(model, teacher_weight, ids, labels, float(count)).backward()
+    return {name: p.grad for name, p in model.named_parameters()}
+
+
+def _global_count(labels: torch.Tensor) -> torch.Tensor:
+    count = (labels != -100).sum().to(F64)
+    dist.all_reduce(count)
+    return count
+
+
+def check_ddp() -> None:
+    """DDP: each rank its own batch; normalizer = the global valid-token count / world size (DDP
+    averages gradients over ranks), so the gradients equal the single-process gradients of the
+    mean over the concatenated batch."""
+    rank, size = dist.get_rank(), dist.get_world_size()
+    model = torch.nn.parallel.DistributedDataParallel(_Student(seed=0))
+    teacher_weight = torch.randn(V, HS, generator=torch.Generator().manual_seed(5), dtype=F64)
+    ids, labels = _batches(size)[rank]
+    _distill(model, teacher_weight, ids, labels, _global_count(labels) / size, model.module.lm_head.weight).backward()
+    want = _single_process_grads(size)
+    for name, p in model.module.named_parameters():
+        torch.testing.assert_close(p.grad, want[name], rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("size", [2, 3], ids=lambda n: f"world{n}")
+def test_ddp_global_normalizer(size):
+    world(size).run(check_ddp)
+
+
+def check_fsdp2() -> None:
+    """FSDP2: after the forward the lm_head's weight is a DTensor shard of the data-parallel mesh
+    (not vocabulary parallelism); kdfuse gathers it once per call and its gradient comes back to
+    the shards averaged, as FSDP2 averages. The teacher, frozen and sharded too, is only
+    gathered. The same normalizer recipe as DDP."""
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor, distribute_tensor
+    from torch.distributed.tensor.debug import CommDebugMode
+
+    rank, size = dist.get_rank(), dist.get_world_size()
+    model = _Student(seed=0)
+    fully_shard(model.body)
+    fully_shard(model, reshard_after_forward=True)
+    teacher_full = torch.randn(V, HS, generator=torch.Generator().manual_seed(5), dtype=F64)
+    teacher_weight = distribute_tensor(teacher_full, model.lm_head.weight.device_mesh, model.lm_head.weight.placements)
+    ids, labels = _batches(size)[rank]
+    hidden = model(ids)
+    assert isinstance(model.lm_head.weight, DTensor)  # resharded after the forward
+    normalizer = _global_count(labels) / size
+    with CommDebugMode() as comms:  # rows 10..20 in chunks of 4: several chunks, one gather per weight
+        loss = _distill(model, teacher_weight, ids, labels, normalizer, model.lm_head.weight, hidden)
+    assert comms.get_total_counts() == 2, comms.get_comm_counts()
+    loss.backward()
+    want = _single_process_grads(size)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad.full_tensor(), want[name], rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("size", [2, 3], ids=lambda n: f"world{n}")
+def test_fsdp2_gathers_a_sharded_lm_head_once(size):
+    world(size).run(check_fsdp2)
