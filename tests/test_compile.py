@@ -9,8 +9,9 @@ spec), each test on one fixed vocabulary and dtype:
   D  reverse_kl + softcap, with gradient
   E  skew_reverse_kl + CE, with gradient, float64 inputs cast to float32 (20 row counts, edge values)
 
-plus one graph per configuration of the test that compiles every divergence, and one of a
-sparse divergence's gradient compiled directly.
+plus one graph per configuration of the test that compiles every divergence, one for a user's
+parametrised divergence and one for a built-in factory's (each shared by all their parameter
+values), and one of a sparse divergence's gradient compiled directly.
 
 Each compiled configuration has a code object of its own (kdfuse.compiled), so these tests count
 graphs as differences of Dynamo's counters, never resetting Dynamo: a reset would hide exactly
@@ -37,6 +38,7 @@ import kdfuse
 from kdfuse import divergences as D
 from kdfuse import fused_linear_distill, fused_linear_distill_ref, registry
 from kdfuse import topk as T
+from kdfuse.chunk import chunk_fn
 
 pytestmark = pytest.mark.slow
 
@@ -195,6 +197,40 @@ def test_every_configuration_gets_its_own_graph_without_a_reset(monkeypatch, cap
         assert torch.isfinite(out)
         assert unique_graphs() - before == 1, (getattr(divergence, "__name__", divergence), grad)
     assert "recompile_limit" not in caplog.text
+
+
+def _tilted_kl(student, teacher, alpha, beta):
+    """beta·KL(P_t^alpha ‖ P_s), the teacher's logits scaled by alpha: both parameters are 0-dim
+    tensors (kdfuse.divergences.Parametrized), alpha inside a softmax."""
+    ls, lt = student.log_softmax(-1), (teacher * alpha).log_softmax(-1)
+    return beta * (lt.exp() * (lt - ls)).sum(-1)
+
+
+@pytest.mark.parametrize(
+    ("make", "values"),
+    [
+        (lambda v: D.parametrized(_tilted_kl, alpha=v[0], beta=v[1]), [(1.0, 1.0), (0.5, 2.0), (2.0, 0.25)]),
+        (D.symmetric_kl, [0.2, 0.5, 0.9]),
+    ],
+    ids=["parametrized", "symmetric_kl"],
+)
+def test_parameter_values_share_one_compiled_chunk_function(make, values):
+    """A parametrised divergence (divergences.parametrized, or a built-in factory) passes its
+    numbers as tensors: its values share one chunk function (one code object, built once) and
+    one graph, each value's loss still its own and equal to the reference's."""
+    ignore = -13  # a value no other test uses: the first call compiles this spec anew
+    inputs = make_inputs((21,), seed=7)
+    inputs["labels"] = inputs["labels"].masked_fill(inputs["labels"] == IGNORE, ignore)
+    graphs, built = unique_graphs(), chunk_fn.cache_info().misses
+    losses = set()
+    for value in values:
+        kwargs = dict(divergence=make(value), chunk_size=CHUNK, impl="compile", ignore_index=ignore, hard_weight=0.5)
+        out, grads = run_student(fused_linear_distill, inputs, **kwargs)
+        check_against_reference(out, grads, inputs, **kwargs)
+        losses.add(out.item())
+    assert len(losses) == len(values)  # the values reached the compiled code
+    assert chunk_fn.cache_info().misses - built == 1
+    assert unique_graphs() - graphs == 1
 
 
 # =================================================================================================

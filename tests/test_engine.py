@@ -4,12 +4,15 @@ Chunking never changes a result (drawn chunk sizes, N = 1, one-row tails merged 
 before them); gradients are computed for exactly the leaves that need them, never for the teacher,
 and a retained graph runs twice; float16 takes its own path, each chunk's logit gradient scaled
 into float16's range (engine.half_with_scale) and the result cast back, checked where that range
-is exceeded and where every row is ignored.
+is exceeded and where every row is ignored. On a CPU, the first compiled call says once that it
+compiles.
 """
 
 from __future__ import annotations
 
+import logging
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -32,7 +35,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from kdfuse import divergences as D
-from kdfuse import fused_linear_distill, fused_linear_distill_ref
+from kdfuse import engine, fused_linear_distill, fused_linear_distill_ref
+from kdfuse.chunk import chunk_fn
 
 # --- chunking ------------------------------------------------------------------------------------
 
@@ -200,3 +204,31 @@ def test_float16_logit_gradient_beyond_its_range_does_not_overflow():
     assert g_ref["student_bias"].abs().max() < 65504 / 8  # the exact gradient fits float16
     assert torch.isfinite(g["student_bias"]).all()
     assert_low_precision_close(out, g, ref, g_ref, torch.float16)
+
+
+# --- the one-time notice that the CPU path compiles ----------------------------------------------
+
+
+def test_the_first_compiled_cpu_call_says_once_that_it_compiles(monkeypatch, caplog):
+    """impl="compile" on a CPU: the first call logs one warning through the "kdfuse" logger (a
+    first compile of seconds would otherwise look like a hang); later calls, a new configuration
+    among them, and eager calls say nothing. The chunk functions are built uncompiled here (the
+    notice is the engine's, whatever Dynamo does), so nothing compiles."""
+    monkeypatch.setattr(engine, "_announced", [])  # as in a fresh process
+    monkeypatch.setattr(engine, "chunk_fn", lambda spec: chunk_fn(replace(spec, compiled=False)))
+    caplog.set_level(logging.WARNING, logger="kdfuse")
+
+    def notices() -> list[str]:
+        return [r.getMessage() for r in caplog.records if r.name == "kdfuse" and "torch.compile" in r.getMessage()]
+
+    prob = fixed_problem(hard_weight=0.5, chunk_size=5)
+    eager, _ = prob.call(fused_linear_distill, impl="eager")
+    assert notices() == []
+    out, leaves = prob.call(fused_linear_distill, impl="compile")
+    grads_of(out, leaves)  # the backward runs the chunks again
+    (notice,) = notices()
+    assert "impl='eager'" in notice
+    assert_close_scaled(out.detach(), eager.detach(), 1e-12, "loss")
+    with torch.no_grad():  # another configuration, which would compile a graph of its own
+        prob.call(fused_linear_distill, impl="compile", divergence=D.jsd(0.3))
+    assert len(notices()) == 1
