@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 import threading
+import types
 
 import pytest
 import torch
@@ -394,9 +395,10 @@ def test_implausible_timings_warn_instead_of_crowning_a_winner(monkeypatch, caps
 def test_a_long_cpu_sweep_says_how_long_it_will_take(monkeypatch, capsys):
     """The llama preset's 51 measurements on a CPU (3 rounds of 5, 6 and 6 chunk sizes for its
     three token counts): one step is timed first and the sweep's length announced (here a
-    stubbed 2 s step)."""
+    stubbed 2 s step, and stand-in problems: Llama's real ones take seconds and gigabytes)."""
     FakeBench(monkeypatch)
     monkeypatch.setattr(cli, "build_problem", lambda key, device: key)
+    monkeypatch.setattr(sweep, "build_problem", lambda key, device: types.SimpleNamespace(key=key))
     monkeypatch.setattr(cli, "distill_step", lambda problem, chunk, distill: lambda: None)
     clock = iter([0.0, 2.0])
     monkeypatch.setattr(cli.time, "perf_counter", lambda: next(clock))
