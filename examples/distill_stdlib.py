@@ -124,6 +124,7 @@ class Run:
     held_out: list[tuple[int, float]] = field(default_factory=list)
     step_seconds: list[float] = field(default_factory=list)
     peak_gib: float | None = None
+    model: torch.nn.Module | None = None  # the trained model
 
     @property
     def final(self) -> float:
@@ -177,6 +178,7 @@ def run(sizes: Sizes, device: str) -> dict[str, Run]:
     train_data, test_data = split(stdlib_bytes())
     teacher = model(sizes.teacher_hidden, sizes.teacher_layers, seed=0, device=device)
     runs = {"teacher": train(teacher, ce_loss, train_data, test_data, sizes, sizes.teacher_steps, seed=1)}
+    runs["teacher"].model = teacher
     teacher.eval()
     for mode in ("kdfuse", "reference", "no teacher"):
         student = model(sizes.student_hidden, sizes.student_layers, seed=2, device=device)
@@ -185,6 +187,7 @@ def run(sizes: Sizes, device: str) -> dict[str, Run]:
             return kd_loss(mode, m, teacher, ids)
 
         runs[mode] = train(student, loss_fn, train_data, test_data, sizes, sizes.student_steps, seed=3)
+        runs[mode].model = student
         ids = next(batches(train_data, sizes, 1, seed=4)).to(device)
         runs[mode].peak_gib = peak_step_memory(student, loss_fn, ids)
     return runs
