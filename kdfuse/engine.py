@@ -23,12 +23,11 @@ from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import Tensor
 
 from .chunk import ChunkSpec, call, chunk_fn
 from .collectives import Shard, all_reduce
-from .teacher import TEACHER_ROWS, HiddenTeacher, Teacher, TopkTeacher, tensors_of
+from .teacher import TEACHER_ROWS, HiddenTeacher, Teacher, TopkTeacher, project, tensors_of
 
 __all__ = ["Problem", "autocast_off", "distill"]
 
@@ -49,6 +48,7 @@ class Problem:
     shard: Shard | None = None  # the vocabulary's split over a process group, if it is split
     student_scale: float = 1.0  # each model's logits are its lm_head's output times its scale
     teacher_scale: float = 1.0
+    fp32_logits: bool = False  # the logits matmuls' outputs stay float32 (kdfuse.teacher.project)
 
     @property
     def vocab(self) -> int:
@@ -61,12 +61,13 @@ class Problem:
             logits = self.hidden[rows]
             copy = self.spec.kernel is not None or self.student_scale != 1
             return logits * self.student_scale if copy else logits
-        logits = F.linear(self.hidden[rows], self.weight, self.bias)
+        logits = project(self.hidden[rows], self.weight, self.bias, self.fp32_logits)
         return logits if self.student_scale == 1 else logits.mul_(self.student_scale)
 
     def teacher_rows(self, rows: slice) -> tuple[Tensor, ...]:
         """The teacher's rows as the chunk functions take them, its dense logits scaled."""
-        teacher = self.teacher.rows(rows)
+        hidden = isinstance(self.teacher, HiddenTeacher)
+        teacher = self.teacher.rows(rows, self.fp32_logits) if hidden else self.teacher.rows(rows)
         if self.teacher_scale == 1 or isinstance(self.teacher, TopkTeacher):
             return teacher
         return (teacher[0] * self.teacher_scale,)
@@ -198,6 +199,8 @@ def _fold(p: Problem, grads: Grads, rows: slice, dlogits: Tensor, first: bool) -
     if p.spec.wide_grad:
         dlogits, unscale = half_with_scale(dlogits)
         inv *= unscale
+    elif dlogits.dtype != p.hidden.dtype:  # float32 logits (fp32_logits): the matmuls take the inputs' dtype
+        dlogits = dlogits.to(p.hidden.dtype)
     if grads.hidden is not None and p.weight is None:  # the logits themselves
         torch.mul(dlogits, inv, out=grads.hidden[rows])
     elif grads.hidden is not None:

@@ -150,6 +150,7 @@ def _prepare(
             shard,
             options["student_logit_scale"],
             options["teacher_logit_scale"],
+            options["fp32_logits"],
         ),
         valid,
         needs_grad,
@@ -164,7 +165,9 @@ def _unwrapped(group, *weights: Tensor | None) -> list[Tensor | None]:
     return [gathered(t) if group is None else local_rows(t, name) for t, name in zip(weights, names)]
 
 
-def _options(temperature, soft_weight, hard_weight, ignore_index: int, impl: str, entropy: bool, transforms) -> dict:
+def _options(
+    temperature, soft_weight, hard_weight, ignore_index: int, impl: str, entropy: bool, fp32_logits: bool, transforms
+) -> dict:
     """The checked options, numbers as Python floats (NumPy scalars pass the checks): they key
     the compile and tuning caches. ``transforms``: kdfuse.validate.check_logit_transforms'."""
     student_softcap, teacher_softcap, student_logit_scale, teacher_logit_scale = transforms
@@ -179,6 +182,7 @@ def _options(temperature, soft_weight, hard_weight, ignore_index: int, impl: str
         "ignore_index": ignore_index,
         "impl": impl,
         "entropy": bool(entropy),
+        "fp32_logits": bool(fp32_logits),
     }
 
 
@@ -226,6 +230,7 @@ def _chunk_size(p: Problem, chunk_size, div: Parametrized, needs_grad: bool, mem
         with_grad=needs_grad,
         memory_budget=memory_budget,
         impl="compile" if p.spec.compiled else "eager",
+        fp32_logits=p.fp32_logits,
         tune=tune,
     )
     if p.shard is not None:
@@ -264,6 +269,7 @@ def fused_linear_distill(
     student_logit_scale: float = 1.0,
     teacher_logit_scale: float = 1.0,
     return_entropy: bool = False,
+    fp32_logits: bool = False,
 ) -> Tensor | DistillOutput | tuple[Tensor | DistillOutput, Tensor]:
     """Knowledge-distillation loss from hidden states, never materialising the full logits.
 
@@ -301,6 +307,11 @@ def fused_linear_distill(
             unweighted terms reduced like the loss, detached.
         return_entropy: also the student's entropy at the temperature (after its scale and
             softcap), reduced like the loss, detached: the result is ``(result, entropy)``.
+        fp32_logits: with 16-bit inputs, keep both models' logits as the matmuls' float32
+            accumulators instead of rounding them to the inputs' dtype (as TRL's kernel does);
+            the logit gradient is still rounded to that dtype for the gradient matmuls. Closer
+            to a float32 reference (loss and gradients), for float32 blocks of logits: about twice
+            the chunk memory at the same chunk size (docs/benchmarks.md has the cost).
         impl: ``"compile"``: the fastest compiled per-chunk work (on CUDA the hand-written Triton
             kernels of the built-ins that have one, :mod:`kdfuse.triton_chunk` and
             :mod:`kdfuse.triton_topk`; ``torch.compile`` of the pure divergence otherwise), or
@@ -375,6 +386,7 @@ def distill_logits(
             teacher_bias=None,
             memory_budget=None,
             process_group=None,
+            fp32_logits=False,
         )
     )
 
@@ -419,7 +431,14 @@ def _distill_call(args: dict) -> Tensor | DistillOutput | tuple[Tensor | Distill
         a.softcap, a.student_softcap, a.teacher_softcap, a.student_logit_scale, a.teacher_logit_scale
     )
     options = _options(
-        a.temperature, a.soft_weight, a.hard_weight, a.ignore_index, a.impl, a.return_entropy, transforms
+        a.temperature,
+        a.soft_weight,
+        a.hard_weight,
+        a.ignore_index,
+        a.impl,
+        a.return_entropy,
+        a.fp32_logits,
+        transforms,
     )
     p, valid, needs_grad = _prepare(
         student_hidden, student_weight, student_bias, teacher, a.labels, div, options, shard

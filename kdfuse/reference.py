@@ -99,11 +99,13 @@ def fused_linear_distill_ref(
     student_logit_scale: float = 1.0,
     teacher_logit_scale: float = 1.0,
     return_entropy: bool = False,
+    fp32_logits: bool = False,
     precision: torch.dtype = torch.float64,
 ) -> Tensor | DistillOutput | tuple[Tensor | DistillOutput, Tensor]:
     """What :func:`kdfuse.fused_linear_distill` computes, with the full logits materialised.
 
-    Same arguments (``chunk_size``, ``impl`` and ``memory_budget`` are accepted and ignored; it
+    Same arguments (``chunk_size``, ``impl``, ``memory_budget`` and ``fp32_logits`` are accepted
+    and ignored; it
     is single-process: no ``process_group``), plus ``precision``: every input is cast to it
     first (float64 by default) and all math runs in it. With V the student's vocabulary, for
     every row r of the flattened leading dims::

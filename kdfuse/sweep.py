@@ -163,6 +163,8 @@ def distill_step(
         "impl": key.impl,
         "validate": validate,
     }
+    if key.fp32_logits:  # (only then: a baseline checkout's distill may predate the option)
+        kwargs["fp32_logits"] = True
     leaves = [t for t in (p.student_hidden, p.student_weight, p.student_bias) if t is not None]
 
     def step() -> object:

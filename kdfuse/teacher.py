@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import ClassVar, Literal, get_args
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -28,6 +29,7 @@ __all__ = [
     "TeacherForm",
     "TopkTeacher",
     "flat_teacher",
+    "project",
     "tensors_of",
 ]
 
@@ -38,6 +40,25 @@ TEACHER_ROWS = 2048
 """Rows of a :class:`HiddenTeacher`'s logits computed at a time where the chunk kernel writes the
 logit gradient over the student's logits (kdfuse.engine): half a 4096-row chunk, the chunk the
 tuner picks at V = 128k, so a chunk holds 0.5 GiB of teacher logits there instead of 1 GiB."""
+
+
+def project(
+    hidden: Tensor,  # (C, H)
+    weight: Tensor,  # (V, H)
+    bias: Tensor | None,  # (V,)
+    fp32: bool = False,
+) -> Tensor:
+    """(C, V) logits ``hidden @ weight.T + bias``, in the inputs' dtype, or with ``fp32`` (16-bit
+    inputs) in float32: the GEMM's float32 accumulators are kept, not rounded to 16 bits (a bf16
+    logit of magnitude 16 is off by up to 2^-5). On CUDA one GEMM writes float32 directly; elsewhere
+    the inputs are widened first (the same products, exact in float32)."""
+    if not fp32 or hidden.dtype not in (torch.float16, torch.bfloat16):
+        return F.linear(hidden, weight, bias)
+    if hidden.is_cuda:
+        logits = torch.mm(hidden, weight.t(), out_dtype=torch.float32)
+    else:  # (no float32-output 16-bit GEMM on the CPU)
+        logits = hidden.float() @ weight.float().t()
+    return logits if bias is None else logits.add_(bias.float())
 
 
 @dataclass(frozen=True)
@@ -51,9 +72,9 @@ class HiddenTeacher:
     def dim(self) -> int:
         return self.weight.shape[1]
 
-    def rows(self, rows: slice) -> tuple[Tensor]:
-        """((C, V) raw logits,) of ``rows``."""
-        return (F.linear(self.hidden[rows], self.weight, self.bias),)
+    def rows(self, rows: slice, fp32: bool = False) -> tuple[Tensor]:
+        """((C, V) raw logits,) of ``rows`` (``fp32``: see :func:`project`)."""
+        return (project(self.hidden[rows], self.weight, self.bias, fp32),)
 
 
 @dataclass(frozen=True)

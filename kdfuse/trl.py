@@ -8,8 +8,9 @@ exact signatures and semantics (read in the trl 1.16.0 wheel), on kdfuse::
     import kdfuse.trl
     kdfuse.trl.patch()          # both trainers now run kdfuse; the returned function undoes it
 
-:func:`chunked_divergence_loss` differs from TRL's kernel only where kdfuse is the more exact:
-16-bit inputs keep 16-bit logits with float32 math (as every kdfuse loss does), a float64
+:func:`chunked_divergence_loss` differs from TRL's kernel in precision only: 16-bit inputs keep
+16-bit logits with float32 math (as every kdfuse loss does; ``patch(fp32_logits=True)`` keeps
+float32 logits as TRL does), a float64
 problem is computed in float64 (TRL's kernel computes float32), and an lm_head that is an FSDP2
 ``DTensor`` is gathered once per call with its gradient averaged back to the shards over the
 data-parallel mesh (FSDP2's default reduction; TRL gathers it with a plain ``full_tensor()``).
@@ -19,6 +20,7 @@ trl is an optional dependency (``pip install 'kdfuse[trl]'``): only :func:`patch
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import torch
@@ -47,6 +49,8 @@ def chunked_divergence_loss(
     student_final_logit_softcapping: float | None = None,
     teacher_final_logit_softcapping: float | None = None,
     temperature: float = 1.0,
+    *,
+    fp32_logits: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """TRL 1.16's ``_chunked_divergence_loss``: (loss, entropy_sum, n_valid), 0-dim tensors.
 
@@ -54,7 +58,8 @@ def chunked_divergence_loss(
     reverse KL, exactly), of logits ``softcap(scale · (h Wᵀ + b)) / T`` per model; the loss is
     their sum over ``num_items_in_batch`` (no clamp), else over the number of counted tokens (at
     least 1). ``entropy_sum`` is the student's entropy at T summed over the counted tokens (no
-    gradient), ``n_valid`` that count (int64)."""
+    gradient), ``n_valid`` that count (int64). ``fp32_logits`` (not TRL's): keep float32 logits
+    as TRL's kernel does (kdfuse.fused_linear_distill's option)."""
     valid = completion_mask.reshape(student_hidden_states.shape[:-1]) != 0
     n_valid = valid.sum()
     if num_items_in_batch is None:
@@ -82,6 +87,7 @@ def chunked_divergence_loss(
         teacher_softcap=teacher_final_logit_softcapping,
         return_entropy=True,
         validate=False,  # (the labels are 0 or ignored by construction)
+        fp32_logits=fp32_logits,
     )
     return loss, (entropy * normalizer).detach(), n_valid
 
@@ -141,15 +147,19 @@ def _jsd_terms(divergence: Parametrized, student_logits, teacher_logits, labels,
     return values if labels is None else values[labels != -100]
 
 
-def patch() -> Callable[[], None]:
+def patch(fp32_logits: bool = False) -> Callable[[], None]:
     """Swap TRL's distillation losses for kdfuse's: ``DistillationTrainer``'s chunked kernel
     (``trl.trainer.distillation_trainer._chunked_divergence_loss``) and ``GKDTrainer``'s
-    ``generalized_jsd_loss``. Returns the function that puts TRL's back."""
+    ``generalized_jsd_loss``. ``fp32_logits=True``: the chunked loss keeps float32 logits, as
+    TRL's kernel does (closer to float32, slower: docs/benchmarks.md). Returns the function that
+    puts TRL's back."""
     import trl.trainer.distillation_trainer as distillation
     from trl.experimental.gkd import gkd_trainer
 
     before = distillation._chunked_divergence_loss, gkd_trainer.GKDTrainer.__dict__["generalized_jsd_loss"]
-    distillation._chunked_divergence_loss = chunked_divergence_loss
+    distillation._chunked_divergence_loss = (
+        functools.partial(chunked_divergence_loss, fp32_logits=True) if fp32_logits else chunked_divergence_loss
+    )
     gkd_trainer.GKDTrainer.generalized_jsd_loss = staticmethod(generalized_jsd_loss)
 
     def unpatch() -> None:

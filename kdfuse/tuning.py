@@ -131,6 +131,7 @@ class TuningKey:
     with_grad: bool
     memory_budget: int | None  # bytes, bucketed; None: unbounded
     impl: str = "compile"
+    fp32_logits: bool = False  # fused_linear_distill(fp32_logits=True): float32 blocks of logits
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -161,6 +162,7 @@ def make_key(
     with_grad: bool,
     memory_budget: int | None,
     impl: str = "compile",
+    fp32_logits: bool = False,
 ) -> TuningKey:
     """The key for one call's shapes; ``memory_budget`` is in bytes (it is bucketed here)."""
     if teacher not in TEACHER_FORMS:
@@ -177,6 +179,7 @@ def make_key(
         with_grad=with_grad,
         memory_budget=None if memory_budget is None else bucket_memory_budget(memory_budget),
         impl=impl,
+        fp32_logits=fp32_logits and dtype in (torch.float16, torch.bfloat16),  # (a no-op for wider inputs)
     )
 
 
@@ -188,6 +191,7 @@ def describe(key: TuningKey) -> str:
     text += "+ce" if key.with_ce else ""
     text += "" if key.with_grad else " forward-only"
     text += "" if key.impl == "compile" else f" impl={key.impl}"
+    text += " fp32-logits" if key.fp32_logits else ""
     return text + ("" if key.memory_budget is None else f" budget={format_bytes(key.memory_budget)}")
 
 
@@ -221,6 +225,7 @@ def estimate_bytes(
     with_grad: bool,
     teacher: TeacherForm = "hidden",
     in_place: bool = False,
+    fp32_logits: bool = False,
 ) -> int:
     """Peak extra bytes a chunk size needs, roughly.
 
@@ -232,18 +237,24 @@ def estimate_bytes(
     logits and make no copies, so only the student's block and, for ``"hidden"``, a teacher block
     of at most :data:`kdfuse.teacher.TEACHER_ROWS` rows. With gradients also the ``(V, Hs)``
     compute-dtype grad_weight accumulator. The compute dtype is float32 (float64 for float64
-    inputs). The returned gradients are not counted (see :func:`working_set`)."""
+    inputs). ``fp32_logits`` (16-bit inputs): the computed logits and their gradient are float32,
+    and the gradient is rounded to ``dtype`` for the gradient matmuls, a copy made once the
+    teacher's block is freed (in place: the larger of the two counts). The returned gradients are
+    not counted (see :func:`working_set`)."""
     if teacher not in TEACHER_FORMS:
         raise ValueError(f"teacher must be one of {TEACHER_FORMS}, got {teacher!r}")
     item = dtype.itemsize
     compute = 8 if dtype == torch.float64 else 4
+    wide = fp32_logits and item < 4
+    logits_item = 4 if wide else item
+    rounded = item if wide and with_grad else 0  # the gradient's 16-bit copy, per element
     accumulator = vocab * student_hidden * compute if with_grad else 0
     computed = teacher == "hidden"  # a teacher block this call allocates
     if in_place:
         teacher_rows = min(chunk, TEACHER_ROWS) if computed else 0
-        return (chunk + teacher_rows) * vocab * item + accumulator
+        return (chunk * logits_item + max(teacher_rows * logits_item, chunk * rounded)) * vocab + accumulator
     copies = 1 if teacher == "topk" else 2
-    per_element = (1 + computed + with_grad) * item + copies * compute
+    per_element = (1 + computed + with_grad) * logits_item + rounded + copies * compute
     return chunk * vocab * per_element + accumulator
 
 
@@ -271,7 +282,7 @@ def key_estimate(key: TuningKey, device_type: str) -> Callable[[int], int]:
     """:func:`estimate_bytes` of the key's shapes and path, as a function of the chunk size."""
     in_place = runs_in_place(key, device_type)
     return lambda chunk: estimate_bytes(
-        chunk, key.vocab, key.student_hidden, key.torch_dtype, key.with_grad, key.teacher, in_place
+        chunk, key.vocab, key.student_hidden, key.torch_dtype, key.with_grad, key.teacher, in_place, key.fp32_logits
     )
 
 
@@ -473,6 +484,7 @@ def resolve_chunk_size(
     with_grad: bool,
     memory_budget: MemoryBudget | None = None,
     impl: str = "compile",
+    fp32_logits: bool = False,
     tune: Tune | None = None,
 ) -> int:
     """The chunk size to use: ``chunk_size`` itself when it is an int; for ``"auto"`` the memoised,
@@ -496,6 +508,7 @@ def resolve_chunk_size(
         with_ce,
         with_grad,
         impl,
+        fp32_logits,
     )
     memo_key = (cfg, device, shape, budget)
     size = _memo.get(memo_key)
@@ -512,6 +525,7 @@ def resolve_chunk_size(
             with_grad=with_grad,
             memory_budget=resolve_memory_budget(budget, device),
             impl=impl,
+            fp32_logits=fp32_logits,
         )
         size = _memo[memo_key] = choose_chunk_size(key, device, cfg, tune)
     return size

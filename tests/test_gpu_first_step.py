@@ -68,10 +68,12 @@ def test_first_step_fits_where_later_steps_fit(tmp_path, monkeypatch):
     torch.cuda.synchronize()
     first_peak = torch.cuda.max_memory_allocated() - base
     assert first_peak <= available
-    # The sweep's blocks are not left in the allocator's cache to fragment the steps that follow.
-    assert torch.cuda.memory_reserved() - torch.cuda.memory_allocated() < 256 * 2**20
-
     (entry,) = json.loads(next(tmp_path.glob("*.json")).read_text())["entries"].values()
+    # The sweep's blocks are not left in the allocator's cache to fragment the steps that follow:
+    # what is cached is the step's own chunk blocks and float32 grad_weight accumulator (its
+    # estimate; measured on an H100: 1.54 GiB against 1.47 GiB estimated for 1024-row chunks).
+    cached = torch.cuda.memory_reserved() - torch.cuda.memory_allocated()
+    assert cached < tuning.key_estimate(key, "cuda")(entry["value"]["chunk_size"]) + 256 * 2**20
     errors = {m["chunk_size"]: m["error"] for m in entry["value"]["measurements"]}
     assert entry["value"]["chunk_size"] <= 1024
     assert all(errors[c] is None for c in (256, 512, 1024)), errors

@@ -45,6 +45,7 @@ def test_key_contents_and_bucketing():
         "with_grad": True,
         "memory_budget": None,
         "impl": "compile",
+        "fp32_logits": False,
     }
     assert [tuning.rows_bucket(n) for n in (1, 2, 3, 4096, 4097, 8192)] == [1, 2, 4, 4096, 8192, 8192]
     assert key_for(rows=4097) == key_for(rows=8192) == key
@@ -54,6 +55,8 @@ def test_key_contents_and_bucketing():
     assert (topk_key.teacher, topk_key.teacher_dim) == ("topk", 64)
     assert "top-64 teacher" in tuning.describe(topk_key)
     assert key_for(impl="eager") != key and "impl=eager" in tuning.describe(key_for(impl="eager"))
+    assert key_for(fp32_logits=True) != key and "fp32-logits" in tuning.describe(key_for(fp32_logits=True))
+    assert key_for(fp32_logits=True, dtype=torch.float32) == key_for(dtype=torch.float32)  # (a no-op there)
     with pytest.raises(ValueError, match="teacher must be one of"):
         key_for(teacher="dense")
     assert key_for(divergence="jsd").divergence == "jsd_beta0.5"  # same key as D.jsd() passes
@@ -102,6 +105,19 @@ def test_estimate_bytes():
     assert (
         tuning.estimate_bytes(1024, 1000, 64, torch.bfloat16, True, "logits")
         == 1024 * 1000 * (2 * 2 + 2 * 4) + 1000 * 64 * 4
+    )
+    # fp32_logits: float32 student and teacher blocks; the gradient's bf16 copy is made once the
+    # teacher's block is freed (in place: the larger of the two), on the generic path on top.
+    assert (
+        tuning.estimate_bytes(4 * rows, 1000, 64, torch.bfloat16, True, in_place=True, fp32_logits=True)
+        == (4 * rows * 4 + max(rows * 4, 4 * rows * 2)) * 1000 + 1000 * 64 * 4
+    )
+    assert (
+        tuning.estimate_bytes(1024, 1000, 64, torch.bfloat16, True, fp32_logits=True)
+        == 1024 * 1000 * (3 * 4 + 2 + 2 * 4) + 1000 * 64 * 4
+    )
+    assert tuning.estimate_bytes(1024, 1000, 64, torch.float32, True, fp32_logits=True) == tuning.estimate_bytes(
+        1024, 1000, 64, torch.float32, True
     )
     with pytest.raises(ValueError, match="teacher must be one of"):
         tuning.estimate_bytes(1024, 1000, 64, torch.bfloat16, True, "dense")
