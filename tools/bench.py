@@ -9,8 +9,9 @@ a GPU at its power limit the time follows it), the peak device memory above the 
 (``torch.cuda.max_memory_allocated``), the ratios to the floor, and the gradient error against a
 reference.
 
-    python tools/bench.py                                   # every shape and config
+    python tools/bench.py                                   # every shape; configs fkl_ce and jsd
     python tools/bench.py --cases 8b-1b:8192 --configs fkl_ce --json out.json --png out.png
+    python tools/bench.py --configs fkl jsd_soft            # soft only, TRL's kernel among them
 
 Contenders:
   floor          the four bf16 GEMMs alone: student logits, teacher logits, grad_hidden, grad_weight
@@ -18,8 +19,13 @@ Contenders:
   compile        the same function under torch.compile
   liger-c<k>     Liger-Kernel's chunked LigerFusedLinearJSDLoss with chunk_size k (if installed)
   liger-triton   Liger-Kernel's Triton LigerFusedLinearJSD (soft loss only: no CE term)
+  trl-chunked    (soft-only configs: fkl, jsd_soft) TRL 1.16's DistillationTrainer kernel,
+                 trl.trainer.distillation_trainer._chunked_divergence_loss (Triton), called as the
+                 trainer calls it, with the ignored rows as its completion mask (if trl imports);
+                 it has no CE term, and it also returns the student's entropy
   kdfuse-auto    kdfuse.fused_linear_distill(chunk_size="auto"); kdfuse-c<k>: fixed chunk sizes
-  kdfuse-topk64  (forward KL config) the student against the teacher's top-64 log-probs, extracted
+  kdfuse-fp32-c<k>  the same with fp32_logits=True (float32 logits, as TRL's kernel keeps them)
+  kdfuse-topk64  (forward KL configs) the student against the teacher's top-64 log-probs, extracted
                  once beforehand with kdfuse.teacher_topk; compare with floor-student, the student's
                  three GEMMs alone
   baseline-c<k>  with --baseline DIR: the kdfuse package of another checkout (DIR/kdfuse, e.g. a
@@ -43,6 +49,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import functools
 import importlib.util
 import json
 import math
@@ -86,7 +93,7 @@ DEFAULT_CASES = ["8b-1b:4096", "8b-1b:8192", "8b-1b:32768", "qwen7b-0.5b:8192", 
 class Config:
     name: str
     divergence: str
-    beta: float  # Liger's JSD beta giving the same soft loss
+    beta: float  # Liger's and TRL's JSD beta giving the same soft loss
     temperature: float = 2.0
     soft_weight: float = 0.5
     hard_weight: float = 0.5
@@ -95,7 +102,12 @@ class Config:
 CONFIGS = {
     "fkl_ce": Config("forward KL + CE", "forward_kl", 0.0),
     "jsd": Config("JSD β=0.5 + CE", "jsd_beta0.5", 0.5),
+    # Soft only, the loss TRL's kernel computes (it has no CE term): the divergence's mean.
+    "fkl": Config("forward KL", "forward_kl", 0.0, soft_weight=1.0, hard_weight=0.0),
+    "jsd_soft": Config("JSD β=0.5", "jsd_beta0.5", 0.5, soft_weight=1.0, hard_weight=0.0),
 }
+DEFAULT_CONFIGS = ["fkl_ce", "jsd"]
+TRL_CONTENDER = "trl-chunked"
 
 
 @dataclass
@@ -119,9 +131,9 @@ class Row:
 Step = Callable[[], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 
 
-def make_inputs(shape: Shape, n: int, seed: int = 0):
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    dt, dev = torch.bfloat16, "cuda"
+def make_inputs(shape: Shape, n: int, seed: int = 0, device: str = "cuda"):
+    g = torch.Generator(device=device).manual_seed(seed)
+    dt, dev = torch.bfloat16, device
 
     def randn(*size, scale=1.0):
         return (torch.randn(*size, generator=g, device=dev, dtype=torch.float32) * scale).to(dt)
@@ -144,8 +156,38 @@ def full_logits_loss(cfg: Config) -> Callable:
             t = (th @ wt.t()).float()
         valid = y != -100
         soft = torch.where(valid, div(s / cfg.temperature, t / cfg.temperature), 0).sum()
-        hard = F.cross_entropy(s, y, ignore_index=-100, reduction="sum")
-        return (cfg.soft_weight * soft + cfg.hard_weight * hard) / valid.sum().clamp_min(1)
+        return (cfg.soft_weight * soft + cfg.hard_weight * hard_loss(s, y, cfg)) / valid.sum().clamp_min(1)
+
+    return loss_fn
+
+
+def hard_loss(logits: torch.Tensor, y: torch.Tensor, cfg: Config) -> torch.Tensor:
+    """The CE term's sum, not computed in a soft-only config (it would be multiplied by 0)."""
+    if cfg.hard_weight == 0:
+        return logits.new_zeros((), dtype=torch.float32)
+    return F.cross_entropy(logits, y, ignore_index=-100, reduction="sum")
+
+
+@functools.cache
+def trl_kernel() -> Callable | None:
+    """TRL 1.16's DistillationTrainer loss, looked up where the trainer looks it up; None (said
+    once) where trl or one of its imports (accelerate, datasets) is missing."""
+    try:
+        from trl.trainer.distillation_trainer import _chunked_divergence_loss
+    except Exception as exc:
+        print(f"{TRL_CONTENDER}: skipped, trl does not import ({type(exc).__name__}: {str(exc).splitlines()[0][:80]})")
+        return None
+    return _chunked_divergence_loss
+
+
+def trl_loss(kernel: Callable, cfg: Config) -> Callable:
+    """``kernel`` called as DistillationTrainer._compute_loss calls it: the rows whose label is
+    not ignored as the completion mask, TRL's β (the same as Liger's) and temperature; without
+    num_items_in_batch it is the mean over those rows, as the soft-only configs' loss is."""
+
+    def loss_fn(h, ws, th, wt, y):
+        loss, _entropy_sum, _n_valid = kernel(h, th, ws, wt, y != -100, cfg.beta, temperature=cfg.temperature)
+        return loss
 
     return loss_fn
 
@@ -184,8 +226,9 @@ def load_baseline(checkout: str) -> ModuleType:
     return module
 
 
-def kdfuse_steps(package: ModuleType, prefix: str, cfg: Config, chunks: list, inputs) -> dict[str, Step]:
-    """``package.fused_linear_distill`` at each chunk size ("auto" included), named prefix-c<k>."""
+def kdfuse_steps(package: ModuleType, prefix: str, cfg: Config, chunks: list, inputs, **options) -> dict[str, Step]:
+    """``package.fused_linear_distill`` at each chunk size ("auto" included), named prefix-c<k>;
+    ``options``: more of its keywords."""
     y = inputs[-1]
     out = {}
     for c in chunks:
@@ -196,6 +239,7 @@ def kdfuse_steps(package: ModuleType, prefix: str, cfg: Config, chunks: list, in
             soft_weight=cfg.soft_weight,
             hard_weight=cfg.hard_weight,
             chunk_size=c,
+            **options,
         )
         name = f"{prefix}-auto" if c == "auto" else f"{prefix}-c{c}"
         distill = package.fused_linear_distill
@@ -232,7 +276,11 @@ def contenders(cfg: Config, chunks: list[int], liger_chunks: list[int], inputs, 
             out[f"liger-c{c}"] = grads_of(lambda h, ws, th, wt, y, mod=mod: mod(h, ws, th, wt, y), *inputs)
         triton_jsd = LigerFusedLinearJSD(jsd_beta=cfg.beta, temperature=cfg.temperature)
         out["liger-triton"] = grads_of(lambda h, ws, th, wt, y: triton_jsd(h, ws, th, wt, y), *inputs)
+    kernel = trl_kernel() if cfg.hard_weight == 0 else None  # TRL's kernel has no CE term
+    if kernel is not None:
+        out[TRL_CONTENDER] = grads_of(trl_loss(kernel, cfg), *inputs)
     out.update(kdfuse_steps(kdfuse, "kdfuse", cfg, ["auto", *chunks], inputs))
+    out.update(kdfuse_steps(kdfuse, "kdfuse-fp32", cfg, chunks, inputs, fp32_logits=True))
     if baseline is not None:
         out.update(kdfuse_steps(baseline, "baseline", cfg, chunks, inputs))
     if cfg.divergence == "forward_kl":  # sparse teacher: top-64 log-probs extracted once, offline
@@ -274,8 +322,7 @@ def reference(cfg: Config, inputs, block: int = 4096) -> Reference:
             t = (th[rows] @ wt.t()).float()
         sf, valid = s.float(), y[rows] != -100
         soft = torch.where(valid, div(sf / cfg.temperature, t / cfg.temperature), 0).sum()
-        hard = F.cross_entropy(sf, y[rows], ignore_index=-100, reduction="sum")
-        part = (cfg.soft_weight * soft + cfg.hard_weight * hard) / count
+        part = (cfg.soft_weight * soft + cfg.hard_weight * hard_loss(sf, y[rows], cfg)) / count
         (dl,) = torch.autograd.grad(part, s)  # bf16, rounded as autograd rounds it
         loss += part.detach().double()
         gh[rows] = dl.double() @ ws.detach().double()
@@ -335,7 +382,7 @@ def run_case(case: str, cfg_key: str, args) -> list[Row]:
         except Exception as exc:  # a peer crashing is a result, not the end of the run
             row.note = f"{type(exc).__name__}: {str(exc).splitlines()[0][:80]}"
         torch.cuda.empty_cache()
-        if name == "liger-triton":
+        if name == "liger-triton" and cfg.hard_weight != 0:
             row.note = (row.note + " soft loss only (no CE)").strip()
         if name == "kdfuse-topk64":
             row.note = (row.note + " top-64 teacher: a different loss, error vs the dense reference").strip()
@@ -475,7 +522,14 @@ def plot(rows: list[Row], path: str) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", nargs="+", default=DEFAULT_CASES, help="SHAPE:N, shapes: " + ", ".join(SHAPES))
-    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    parser.add_argument(
+        "--configs",
+        nargs="+",
+        default=DEFAULT_CONFIGS,
+        choices=list(CONFIGS),
+        help=f"fkl_ce, jsd: T=2, soft and CE weighted 0.5 each; fkl, jsd_soft: T=2, soft only. {TRL_CONTENDER} "
+        "(TRL 1.16's DistillationTrainer kernel, soft only) runs in the soft-only configs alone",
+    )
     parser.add_argument("--contenders", nargs="*", default=None, help="name prefixes to run (default: all)")
     parser.add_argument("--chunks", type=int, nargs="*", default=[1024, 2048, 4096])
     parser.add_argument("--liger-chunks", type=int, nargs="*", default=[1024, 4096])
