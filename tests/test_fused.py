@@ -461,14 +461,9 @@ def test_ignored_row_with_fully_masked_teacher(fn, divergence):
 # --- per input dtype, against the float64 reference (bounds: helpers.LOW_PRECISION_BOUNDS) ------
 
 
-@pytest.mark.parametrize("dtype", list(LOW_PRECISION_BOUNDS), ids=str)
-@pytest.mark.parametrize(
-    "divergence,hard_weight",
-    [("forward_kl", 0.5), (D.jsd(0.3), 0.0), ("reverse_kl", 0.0), (D.skew_kl(0.1), 1.0)],
-    ids=["forward_kl+ce", "jsd0.3", "reverse_kl", "skew_kl+ce"],
-)
-@pytest.mark.parametrize("reduction", ["mean", "none"])
-def test_low_precision_inputs_match_float64_reference(dtype, divergence, hard_weight, reduction):
+def _against_float64(dtype, divergence, hard_weight, reduction, **options):
+    """(fused loss, its grads, reference loss, its grads) on a fixed problem in ``dtype`` with
+    logits of magnitude ~3; the reference gets exact float64 copies of the rounded inputs."""
     prob = fixed_problem(
         n=64,
         vocab=257,
@@ -482,14 +477,23 @@ def test_low_precision_inputs_match_float64_reference(dtype, divergence, hard_we
         chunk_size=24,
         reduction=reduction,
     )
-    for name in ("student_weight", "teacher_weight"):  # logits of magnitude ~3
+    for name in ("student_weight", "teacher_weight"):
         prob.tensors[name] = prob.tensors[name] * 3
-    out, leaves = prob.call(fused_linear_distill, impl="eager")
-    ref, ref_leaves = prob.call(fused_linear_distill_ref, dtype=F64)  # exact copies of the inputs
+    out, leaves = prob.call(fused_linear_distill, impl="eager", **options)
+    ref, ref_leaves = prob.call(fused_linear_distill_ref, dtype=F64)
     go = torch.randn(64, generator=torch.Generator().manual_seed(5), dtype=F64) if reduction == "none" else None
-    g = grads_of(out, leaves, None if go is None else go.float())
-    g_ref = grads_of(ref, ref_leaves, go)
-    assert_low_precision_close(out, g, ref, g_ref, dtype)
+    return out, grads_of(out, leaves, None if go is None else go.float()), ref, grads_of(ref, ref_leaves, go)
+
+
+@pytest.mark.parametrize("dtype", list(LOW_PRECISION_BOUNDS), ids=str)
+@pytest.mark.parametrize(
+    "divergence,hard_weight",
+    [("forward_kl", 0.5), (D.jsd(0.3), 0.0), ("reverse_kl", 0.0), (D.skew_kl(0.1), 1.0)],
+    ids=["forward_kl+ce", "jsd0.3", "reverse_kl", "skew_kl+ce"],
+)
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_low_precision_inputs_match_float64_reference(dtype, divergence, hard_weight, reduction):
+    assert_low_precision_close(*_against_float64(dtype, divergence, hard_weight, reduction), dtype)
 
 
 # fp32_logits: the logits are float32 GEMM outputs, so the loss is as accurate as with float32
@@ -505,27 +509,8 @@ FP32_LOGITS_BOUNDS = {dtype: (LOW_PRECISION_BOUNDS[torch.float32][0], u) for dty
 )
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_fp32_logits_reach_float32_accuracy(dtype, divergence, hard_weight, reduction):
-    prob = fixed_problem(
-        n=64,
-        vocab=257,
-        hs=32,
-        ht=48,
-        dtype=dtype,
-        seed=3,
-        divergence=divergence,
-        hard_weight=hard_weight,
-        temperature=2.0,
-        chunk_size=24,
-        reduction=reduction,
-    )
-    for name in ("student_weight", "teacher_weight"):  # logits of magnitude ~3
-        prob.tensors[name] = prob.tensors[name] * 3
-    out, leaves = prob.call(fused_linear_distill, impl="eager", fp32_logits=True)
-    ref, ref_leaves = prob.call(fused_linear_distill_ref, dtype=F64)
-    go = torch.randn(64, generator=torch.Generator().manual_seed(5), dtype=F64) if reduction == "none" else None
-    g = grads_of(out, leaves, None if go is None else go.float())
-    g_ref = grads_of(ref, ref_leaves, go)
-    assert_low_precision_close(out, g, ref, g_ref, dtype, bounds=FP32_LOGITS_BOUNDS)
+    results = _against_float64(dtype, divergence, hard_weight, reduction, fp32_logits=True)
+    assert_low_precision_close(*results, dtype, bounds=FP32_LOGITS_BOUNDS)
 
 
 @pytest.mark.parametrize("reduction", ["mean", "none"])
