@@ -1,9 +1,9 @@
 """Every collective kdfuse issues, through three functions that count what they send.
 
 A vocab-parallel call (``fused_linear_distill(..., process_group=group)``) communicates only
-through :func:`all_reduce` and :func:`all_gather_columns`, plus :func:`shard_layout` once per
-(group, shard size). :func:`counting` records the calls and bytes inside a block, so a test (or a
-user) can check what a call sends::
+through :func:`all_reduce` and :func:`all_gather_columns` (:func:`shard_layout`, once per call,
+all-reduces the ranks' shard sizes). :func:`counting` records the calls and bytes inside a block,
+so a test (or a user) can check what a call sends::
 
     with kdfuse.collectives.counting() as sent:
         loss = fused_linear_distill(..., process_group=group)
@@ -96,21 +96,16 @@ class Shard:
         return sum(self.sizes)
 
 
-_layouts: dict[tuple, Shard] = {}
-
-
 def shard_layout(group: dist.ProcessGroup, rows: int, device: torch.device) -> Shard:
     """The layout of a vocabulary of which this rank holds ``rows`` rows: one all-reduce of the
-    ranks' sizes (and one host sync) the first time a (group, rows) pair is seen, memoised after
-    (every rank of a group sees the same sequence of calls)."""
-    key = (group, rows, device.type)
-    if key not in _layouts:
-        rank, world = dist.get_rank(group), dist.get_world_size(group)
-        sizes = torch.zeros(world, dtype=torch.int64, device=device)
-        sizes[rank] = rows
-        all_reduce(sizes, dist.ReduceOp.SUM, group)
-        _layouts[key] = Shard(group, rank, tuple(sizes.tolist()))
-    return _layouts[key]
+    ranks' sizes (W integers) and a host sync, on every call. Not memoised: a rank cannot tell
+    from its own row count alone that another rank's changed (its shard may keep its size while
+    the others' move), and a stale layout would pair collectives wrongly."""
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    sizes = torch.zeros(world, dtype=torch.int64, device=device)
+    sizes[rank] = rows
+    all_reduce(sizes, dist.ReduceOp.SUM, group)
+    return Shard(group, rank, tuple(sizes.tolist()))
 
 
 def all_gather_columns(x: Tensor, shard: Shard) -> Tensor:

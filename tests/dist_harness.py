@@ -1,14 +1,28 @@
-"""Persistent gloo worlds for the distributed tests (CPU, loopback only).
+"""Persistent worlds for the distributed tests: gloo on the CPU (loopback only) by default, NCCL
+on GPUs when asked.
 
-``world(n)`` starts n ranks once per test session and ``run(fn, *args)`` runs a module-level
+``world(n)`` starts n ranks once per pytest run and ``run(fn, *args)`` runs a module-level
 function on every rank, returning the ranks' results in rank order, so many cases share one
 world (a case costs milliseconds, a world's start about a second). Ranks are forked from a
 forkserver that has imported torch (a plain ``fork`` of a pytest process that ran OpenMP work
-hangs on the child's first parallel op; ``spawn`` re-imports torch per rank) and meet through a
-fresh ``file://`` store (no free-port race). A rank that raises makes ``run`` fail at once with
-every rank's traceback (the others may be blocked in a collective the failed rank never entered:
-the world is killed and the next ``run`` starts a new one); gloo's timeout bounds a collective
-that never completes, and ``run`` has a deadline of its own.
+hangs on the child's first parallel op; ``spawn`` re-imports torch per rank; importing torch does
+not initialise CUDA, so NCCL ranks fork from it too) and meet through a fresh ``file://`` store
+(no free-port race). A rank that raises makes ``run`` fail at once with every rank's traceback
+(the others may be blocked in a collective the failed rank never entered: the world is killed
+and the next ``run`` starts a new one); the backend's timeout bounds a collective that never
+completes, and ``run`` has a deadline of its own.
+
+Environment (read once, at import):
+
+* ``KDFUSE_DIST_BACKEND``: ``gloo`` (default: CPU tensors, what CI runs) or ``nccl`` (rank r
+  works on ``cuda:r``; a world larger than the visible GPUs is skipped, with the reason). A
+  rank's code puts its tensors on :func:`rank_device`.
+* ``KDFUSE_DIST_WORLDS``: the world sizes the tests parametrise over, comma-separated
+  (default ``2,3``; e.g. ``2,4,8`` on an 8-GPU machine).
+
+With NCCL the ranks keep NVLink multicast off (``NCCL_NVLS_ENABLE=0``,
+``TORCH_SYMM_MEM_DISABLE_MULTICAST=1``, ``NVSHMEM_DISABLE_NVLS=1``) unless the environment sets
+those variables already.
 """
 
 from __future__ import annotations
@@ -16,35 +30,87 @@ from __future__ import annotations
 import contextlib
 import multiprocessing as mp
 import multiprocessing.connection as mpc
+import os
 import tempfile
 import time
 import traceback
 from collections.abc import Callable
 from datetime import timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-__all__ = ["WorkerError", "close_worlds", "world"]
+import pytest
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["BACKEND", "WORLDS", "WorkerError", "close_worlds", "rank_device", "world"]
 
 _COLLECTIVE_TIMEOUT_S = 60
+_BACKENDS = ("gloo", "nccl")
+# Multicast over NVLink can take a host's shared GPUs out of service: never let a test enable it.
+_NO_MULTICAST = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+
+
+def _backend() -> str:
+    backend = os.environ.get("KDFUSE_DIST_BACKEND", "") or "gloo"
+    if backend not in _BACKENDS:
+        raise ValueError(f"KDFUSE_DIST_BACKEND must be one of {_BACKENDS}, got {backend!r}")
+    return backend
+
+
+def _worlds() -> list[int]:
+    text = os.environ.get("KDFUSE_DIST_WORLDS", "") or "2,3"
+    try:
+        sizes = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise ValueError(f"KDFUSE_DIST_WORLDS must be comma-separated integers, got {text!r}") from None
+    if any(size < 2 for size in sizes):
+        raise ValueError(f"KDFUSE_DIST_WORLDS: a world has at least 2 ranks, got {text!r}")
+    return sizes
+
+
+BACKEND = _backend()
+WORLDS = _worlds()
+
+
+def rank_device() -> torch.device:
+    """The device this rank's tensors live on: ``cuda:rank`` with NCCL, else the CPU."""
+    import torch
+
+    return torch.device("cuda", torch.cuda.current_device()) if BACKEND == "nccl" else torch.device("cpu")
 
 
 class WorkerError(AssertionError):
     """A rank raised: pytest shows it as a failed assertion, with every rank's traceback."""
 
 
-def _serve(rank: int, size: int, init_method: str, conn) -> None:
+def _init(rank: int, size: int, init_method: str) -> None:
+    """This rank's process group (with NCCL: bound to ``cuda:rank``, multicast off)."""
     import torch
     import torch.distributed as dist
 
     torch.set_num_threads(1)  # several ranks share the CI machine's cores
+    device = None
+    if BACKEND == "nccl":
+        for name, value in _NO_MULTICAST.items():
+            os.environ.setdefault(name, value)
+        torch.cuda.set_device(rank)
+        device = torch.device("cuda", rank)
+    dist.init_process_group(
+        BACKEND,
+        init_method=init_method,
+        rank=rank,
+        world_size=size,
+        timeout=timedelta(seconds=_COLLECTIVE_TIMEOUT_S),
+        device_id=device,
+    )
+
+
+def _serve(rank: int, size: int, init_method: str, conn) -> None:
+    import torch.distributed as dist
+
     try:
-        dist.init_process_group(
-            "gloo",
-            init_method=init_method,
-            rank=rank,
-            world_size=size,
-            timeout=timedelta(seconds=_COLLECTIVE_TIMEOUT_S),
-        )
+        _init(rank, size, init_method)
         conn.send(("ok", None))
     except BaseException:
         conn.send(("err", traceback.format_exc()))
@@ -72,7 +138,7 @@ class _World:
     def _start(self) -> None:
         ctx = mp.get_context("forkserver")
         ctx.set_forkserver_preload(["torch", "torch.distributed"])  # (only before the server starts)
-        self._store = tempfile.TemporaryDirectory(prefix="kdfuse-gloo-")
+        self._store = tempfile.TemporaryDirectory(prefix=f"kdfuse-{BACKEND}-")
         init = f"file://{self._store.name}/store"  # a store file must not be reused by another world
         self.procs, self.conns = [], []
         for rank in range(self.size):
@@ -143,7 +209,14 @@ _worlds: dict[int, _World] = {}
 
 
 def world(size: int) -> _World:
-    """The session's world of ``size`` ranks, started on first use."""
+    """This pytest run's world of ``size`` ranks, started on first use; with NCCL, a test that needs
+    more ranks than there are visible GPUs (one per rank) is skipped."""
+    if BACKEND == "nccl":
+        import torch
+
+        visible = torch.cuda.device_count()
+        if visible < size:
+            pytest.skip(f"a world of {size} ranks with NCCL needs {size} GPUs, {visible} visible")
     if size not in _worlds:
         _worlds[size] = _World(size)
     return _worlds[size]

@@ -1,29 +1,46 @@
-"""Vocab-parallel losses on torch.distributed, and kdfuse under DDP and FSDP2 (CPU, gloo).
+"""Vocab-parallel losses on torch.distributed, and kdfuse under DDP and FSDP2 (gloo on the CPU;
+NCCL on GPUs with ``KDFUSE_DIST_BACKEND=nccl``).
 
-Every case runs on all ranks of a world of 2 and of 3 (tests/dist_harness.py: one world per
-size, many cases inside it). Each rank builds the same full problem from a seed, keeps its own
-contiguous vocabulary rows (shards of unequal sizes, some empty), and compares the vocab-parallel
-loss and gradients with the single-process float64 reference on the whole weights: the loss on
-every rank, the hidden states' whole gradient on every rank, the weight's (and bias's) gradient
-for this rank's rows. Float64 throughout, so the agreement is to float64 rounding.
+Every case runs on all ranks of a world of each size in ``KDFUSE_DIST_WORLDS`` (default 2 and 3;
+tests/dist_harness.py: one world per size, many cases inside it). Each rank builds the same full
+problem from a seed on the CPU, keeps its own contiguous vocabulary rows (shards of unequal
+sizes, some empty), moves them to its device (``cuda:rank`` with NCCL) and compares the
+vocab-parallel loss and gradients, moved back to the CPU, with the single-process float64
+reference on the whole weights, computed on the CPU: the loss on every rank, the hidden states'
+whole gradient on every rank, the weight's (and bias's) gradient for this rank's rows. Float64
+throughout, so the agreement is to float64 rounding on either device.
+
+On an 8-GPU machine: ``KDFUSE_DIST_BACKEND=nccl KDFUSE_DIST_WORLDS=2,4,8 pytest tests/test_distributed.py``.
 """
 
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import pytest
 import torch
 import torch.distributed as dist
-from dist_harness import close_worlds, world
+from dist_harness import WORLDS, close_worlds, rank_device, world
 
 import kdfuse
 from kdfuse import collectives, registry
 
 F64 = torch.float64
 V, HS, HT, K = 13, 6, 5, 4
-# Rows per rank: uneven, and an empty shard in the world of 3.
-SIZES = {2: (8, 5), 3: (6, 0, 7)}
+# Rows per rank, V in all: uneven, and an empty shard in every world of more than 2 ranks.
+SIZES = {
+    2: (8, 5),
+    3: (6, 0, 7),
+    4: (5, 0, 6, 2),
+    5: (4, 2, 0, 5, 2),
+    6: (2, 4, 0, 4, 2, 1),
+    7: (3, 1, 0, 3, 1, 3, 2),
+    8: (3, 1, 0, 3, 1, 1, 3, 1),
+}
+assert all(sum(sizes) == V and len(sizes) == n for n, sizes in SIZES.items())
+if unknown := sorted(set(WORLDS) - set(SIZES)):
+    raise ValueError(f"KDFUSE_DIST_WORLDS: no shard sizes for worlds of {unknown} ranks (add them to SIZES)")
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -75,6 +92,17 @@ def _problem(case: dict) -> dict:
     return full
 
 
+def _to(x: Any, device: torch.device) -> Any:
+    """``x`` (a tensor, or a tuple or dict of them and other values) with its tensors on ``device``."""
+    if isinstance(x, torch.Tensor):
+        return x.to(device)
+    if isinstance(x, tuple):
+        return tuple(_to(v, device) for v in x)
+    if isinstance(x, dict):
+        return {k: _to(v, device) for k, v in x.items()}
+    return x
+
+
 def _local(full: dict, sizes: tuple[int, ...], rank: int) -> dict:
     """This rank's view: its rows of each lm_head and bias, its columns of the teacher's logits."""
     start = sum(sizes[:rank])
@@ -108,24 +136,25 @@ def _kwargs(case: dict) -> dict:
 
 
 def check_vocab_parallel(case: dict) -> dict:
-    """One case on this rank: the vocab-parallel result against the reference."""
-    rank, size = dist.get_rank(), dist.get_world_size()
-    sizes = SIZES[size]
+    """One case on this rank: the vocab-parallel result (on the rank's device) against the
+    reference (on the CPU)."""
+    rank, size, device = dist.get_rank(), dist.get_world_size(), rank_device()
+    sizes = case.get("sizes", SIZES[size])
     full = _problem(case)
     kwargs = _kwargs(case)
     go = None
     if case.get("reduction") == "none":
         go = torch.randn(case["rows"], generator=torch.Generator().manual_seed(7), dtype=F64)
     want, want_grads = _grads(kdfuse.fused_linear_distill_ref, full, kwargs, go)
-    local = _local(full, sizes, rank)
-    collectives.shard_layout(dist.group.WORLD, sizes[rank], torch.device("cpu"))  # (memoised: not counted)
+    local = _to(_local(full, sizes, rank), device)
     with collectives.counting() as sent:
         got, got_grads = _grads(
             functools.partial(kdfuse.fused_linear_distill, process_group=dist.group.WORLD, impl=case["impl"]),
             local,
             kwargs,
-            go,
+            _to(go, device),
         )
+    got, got_grads = _to(got, torch.device("cpu")), _to(got_grads, torch.device("cpu"))
     for a, b in zip(got if isinstance(got, tuple) else [got], want if isinstance(want, tuple) else [want]):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(got_grads["student_hidden"], want_grads["student_hidden"], rtol=1e-10, atol=1e-12)
@@ -176,7 +205,7 @@ def _case_id(case: dict) -> str:
 # --------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("size", [2, 3], ids=lambda n: f"world{n}")
+@pytest.mark.parametrize("size", WORLDS, ids=lambda n: f"world{n}")
 @pytest.mark.parametrize("case", CASES, ids=_case_id)
 def test_vocab_parallel_matches_the_single_process_result(size, case):
     world(size).run(check_vocab_parallel, case)
@@ -194,14 +223,15 @@ def test_vocab_parallel_matches_the_single_process_result(size, case):
 )
 def test_the_built_ins_send_row_statistics_only(teacher, divergence, per_row):
     """Per chunk of C rows a built-in all-reduces a few numbers per row (float64 here) and never
-    a (C, V) block; the hidden states' gradient (N, Hs) once per call; nothing else."""
+    a (C, V) block; once per call the ranks' shard sizes (W int64) and the hidden states'
+    gradient (N, Hs); nothing else."""
     (sent, _) = world(2).run(
         check_vocab_parallel, dict(CASES[0], teacher=teacher, divergence=divergence, rows=10, chunk=4)
     )
     rows, chunks = 10, 3  # chunks of 4, 4 and 2 rows
-    assert sent["bytes"] == 8 * (per_row * rows + rows * HS), sent
+    assert sent["bytes"] == 8 * (per_row * rows + rows * HS) + 8 * 2, sent
     collectives_per_chunk = 2 if teacher == "topk" else 3
-    assert sum(sent["calls"].values()) == collectives_per_chunk * chunks + 1, sent["calls"]
+    assert sum(sent["calls"].values()) == collectives_per_chunk * chunks + 2, sent["calls"]
 
 
 def test_a_users_divergence_gathers_its_chunks_rows():
@@ -212,7 +242,15 @@ def test_a_users_divergence_gathers_its_chunks_rows():
     )
     widest = max(SIZES[2])
     assert sent["calls"]["all_gather"] == 2 * 3
-    assert sent["bytes"] == 8 * (2 * 10 * widest + 10 * HS), sent
+    assert sent["bytes"] == 8 * (2 * 10 * widest + 10 * HS) + 8 * 2, sent
+
+
+def test_a_new_layout_where_one_ranks_shard_keeps_its_size():
+    """The layout is agreed on every call: rank 0 keeps 6 rows while ranks 1 and 2 swap 0 and 7
+    (a rank that remembered the last layout by its own row count would reuse a stale one, and
+    its collectives would no longer pair up with the others')."""
+    for sizes in ((6, 0, 7), (6, 7, 0), (6, 0, 7)):
+        world(3).run(check_vocab_parallel, dict(CASES[0], sizes=sizes))
 
 
 @pytest.mark.slow
@@ -234,26 +272,32 @@ def check_dtensor_weights() -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Shard, distribute_tensor
 
-    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    device = rank_device()
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     full = _problem(dict(teacher="hidden", seed=3, rows=10))
-    kwargs = dict(labels=full["labels"], hard_weight=0.5, divergence="jsd_beta0.3", chunk_size=4, impl="eager")
-    weight = distribute_tensor(full["student_weight"], mesh, [Shard(0)]).requires_grad_()
-    teacher_weight = distribute_tensor(full["teacher_weight"], mesh, [Shard(0)])
-    hidden = full["student_hidden"].clone().requires_grad_()
+    on_device = _to(full, device)
+    kwargs = dict(labels=on_device["labels"], hard_weight=0.5, divergence="jsd_beta0.3", chunk_size=4, impl="eager")
+    weight = distribute_tensor(on_device["student_weight"], mesh, [Shard(0)]).requires_grad_()
+    teacher_weight = distribute_tensor(on_device["teacher_weight"], mesh, [Shard(0)])
+    hidden = on_device["student_hidden"].clone().requires_grad_()
     loss = kdfuse.fused_linear_distill(
-        hidden, weight, full["teacher_hidden"], teacher_weight, process_group=mesh, **kwargs
+        hidden, weight, on_device["teacher_hidden"], teacher_weight, process_group=mesh, **kwargs
     )
     loss.backward()
     want, want_grads = _grads(
-        kdfuse.fused_linear_distill_ref, {k: full[k] for k in full if k != "labels"}, kwargs, None
+        kdfuse.fused_linear_distill_ref,
+        {k: full[k] for k in full if k != "labels"},
+        {**kwargs, "labels": full["labels"]},
+        None,
     )
-    torch.testing.assert_close(loss, want, rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(hidden.grad, want_grads["student_hidden"], rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(loss.cpu(), want, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(hidden.grad.cpu(), want_grads["student_hidden"], rtol=1e-10, atol=1e-12)
     assert weight.grad.placements == (Shard(0),)
-    torch.testing.assert_close(weight.grad.full_tensor(), want_grads["student_weight"], rtol=1e-10, atol=1e-12)
+    grad = weight.grad.full_tensor().cpu()
+    torch.testing.assert_close(grad, want_grads["student_weight"], rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize("size", [2, 3], ids=lambda n: f"world{n}")
+@pytest.mark.parametrize("size", WORLDS, ids=lambda n: f"world{n}")
 def test_dtensor_weights_over_a_mesh(size):
     world(size).run(check_dtensor_weights)
 
@@ -321,17 +365,18 @@ def check_ddp() -> None:
     """DDP: each rank its own batch; normalizer = the global valid-token count / world size (DDP
     averages gradients over ranks), so the gradients equal the single-process gradients of the
     mean over the concatenated batch."""
-    rank, size = dist.get_rank(), dist.get_world_size()
-    model = torch.nn.parallel.DistributedDataParallel(_Student(seed=0))
-    teacher_weight = torch.randn(V, HS, generator=torch.Generator().manual_seed(5), dtype=F64)
-    ids, labels = _batches(size)[rank]
+    rank, size, device = dist.get_rank(), dist.get_world_size(), rank_device()
+    device_ids = None if device.type == "cpu" else [device.index]
+    model = torch.nn.parallel.DistributedDataParallel(_Student(seed=0).to(device), device_ids=device_ids)
+    teacher_weight = torch.randn(V, HS, generator=torch.Generator().manual_seed(5), dtype=F64).to(device)
+    ids, labels = _to(_batches(size)[rank], device)
     _distill(model, teacher_weight, ids, labels, _global_count(labels) / size, model.module.lm_head.weight).backward()
-    want = _single_process_grads(size)
+    want = _single_process_grads(size)  # (on the CPU)
     for name, p in model.module.named_parameters():
-        torch.testing.assert_close(p.grad, want[name], rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(p.grad.cpu(), want[name], rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize("size", [2, 3], ids=lambda n: f"world{n}")
+@pytest.mark.parametrize("size", WORLDS, ids=lambda n: f"world{n}")
 def test_ddp_global_normalizer(size):
     world(size).run(check_ddp)
 
@@ -345,13 +390,13 @@ def check_fsdp2() -> None:
     from torch.distributed.tensor import DTensor, distribute_tensor
     from torch.distributed.tensor.debug import CommDebugMode
 
-    rank, size = dist.get_rank(), dist.get_world_size()
-    model = _Student(seed=0)
+    rank, size, device = dist.get_rank(), dist.get_world_size(), rank_device()
+    model = _Student(seed=0).to(device)  # (fully_shard shards the parameters where they are)
     fully_shard(model.body)
     fully_shard(model, reshard_after_forward=True)
-    teacher_full = torch.randn(V, HS, generator=torch.Generator().manual_seed(5), dtype=F64)
+    teacher_full = torch.randn(V, HS, generator=torch.Generator().manual_seed(5), dtype=F64).to(device)
     teacher_weight = distribute_tensor(teacher_full, model.lm_head.weight.device_mesh, model.lm_head.weight.placements)
-    ids, labels = _batches(size)[rank]
+    ids, labels = _to(_batches(size)[rank], device)
     hidden = model(ids)
     assert isinstance(model.lm_head.weight, DTensor)  # resharded after the forward
     normalizer = _global_count(labels) / size
@@ -359,11 +404,11 @@ def check_fsdp2() -> None:
         loss = _distill(model, teacher_weight, ids, labels, normalizer, model.lm_head.weight, hidden)
     assert comms.get_total_counts() == 2, comms.get_comm_counts()
     loss.backward()
-    want = _single_process_grads(size)
+    want = _single_process_grads(size)  # (on the CPU)
     for name, p in model.named_parameters():
-        torch.testing.assert_close(p.grad.full_tensor(), want[name], rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(p.grad.full_tensor().cpu(), want[name], rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize("size", [2, 3], ids=lambda n: f"world{n}")
+@pytest.mark.parametrize("size", WORLDS, ids=lambda n: f"world{n}")
 def test_fsdp2_gathers_a_sharded_lm_head_once(size):
     world(size).run(check_fsdp2)
