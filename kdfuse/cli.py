@@ -184,6 +184,9 @@ def _add_tune_command(commands) -> None:
     )
     tune.add_argument("--no-ce", dest="with_ce", action="store_false", help="no hard cross-entropy term")
     tune.add_argument(
+        "--fp32-logits", action="store_true", help="tune for fused_linear_distill(fp32_logits=True) (16-bit dtypes)"
+    )
+    tune.add_argument(
         "--chunks",
         type=_argument(_positive_list),
         metavar="C[,C...]",
@@ -244,6 +247,7 @@ def _shape_keys(
             with_grad=True,
             memory_budget=budget,
             impl=impl,
+            fp32_logits=args.fp32_logits,
         )
         by_key[key] = (*by_key.get(key, ()), tokens)
     return [(tokens, key) for key, tokens in by_key.items()]

@@ -209,6 +209,7 @@ def test_explicit_shapes_override_the_preset(monkeypatch, capsys):
         "with_grad": True,
         "memory_budget": None,
         "impl": "eager",
+        "fp32_logits": False,
     }
     assert bench.chunks == [256, 512]  # V >= 32768: candidates start at 256
 
@@ -409,3 +410,20 @@ def test_a_long_cpu_sweep_says_how_long_it_will_take(monkeypatch, capsys):
     # per candidate and 8 for the floor.
     steps = 1 * (24 * 5 + 8) + 2 * (24 * 6 + 8) + 4 * (24 * 6 + 8)
     assert f"about {2 * steps / 60:.0f} min" in err
+
+
+def test_fp32_logits_tunes_the_key_an_fp32_logits_call_looks_up(monkeypatch, capsys):
+    """--fp32-logits tunes (and benchmarks) fused_linear_distill(fp32_logits=True)'s key; with a
+    32-bit dtype the option is a no-op, and so is the key's flag."""
+    problems = []
+    bench = FakeBench(monkeypatch, best=256)
+    record = bench.record
+    monkeypatch.setattr(bench, "record", lambda problem, chunk: (problems.append(problem), record(problem, chunk)))
+    argv = ("tune", "--tokens", "512", "--dtype", "bfloat16", "--fp32-logits", "--json")
+    (shape,) = json.loads(run(capsys, *argv))["shapes"]
+    assert shape["key"]["fp32_logits"] is True
+    assert problems and all(p.key.fp32_logits for p in problems)  # (distill gets fp32_logits=True)
+    (shape,) = json.loads(run(capsys, "tune", "--tokens", "512", "--dtype", "float32", "--fp32-logits", "--json"))[
+        "shapes"
+    ]
+    assert shape["key"]["fp32_logits"] is False
