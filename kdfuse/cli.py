@@ -159,6 +159,12 @@ def _add_tune_command(commands) -> None:
         "Explicit shape options override the preset's.",
         epilog="presets: " + "; ".join(f"{name}: {preset}" for name, preset in PRESETS.items()),
     )
+    _add_problem_arguments(tune)
+    _add_measurement_arguments(tune)
+
+
+def _add_problem_arguments(tune: argparse.ArgumentParser) -> None:
+    """What ``kdfuse tune`` tunes: the shapes, the loss, the candidates."""
     tune.add_argument(
         "--preset", default="tiny", choices=list(PRESETS), help="model pair and token counts (default: tiny)"
     )
@@ -198,6 +204,10 @@ def _add_tune_command(commands) -> None:
         metavar="BUDGET",
         help="bytes (16GiB, 8e9) or a fraction of free device memory (0.5); default: KDFUSE_MEMORY_BUDGET",
     )
+
+
+def _add_measurement_arguments(tune: argparse.ArgumentParser) -> None:
+    """Where and how ``kdfuse tune`` measures, and what it prints."""
     tune.add_argument("--device", type=_argument(_device), help="default: the current CUDA device, else cpu")
     tune.add_argument("--impl", choices=("compile", "eager"), help="default: compile on CUDA, eager on CPU")
     tune.add_argument(
