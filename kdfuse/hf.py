@@ -6,7 +6,7 @@ hidden states (the teacher's under ``torch.no_grad``), and computes
 model's own logit post-processing read from its config. It equals the loss computed from the
 models' own ``.logits`` (tests/test_hf.py checks Llama, Qwen2 tied and untied, Gemma-2 and
 Cohere): position i predicts token i + 1; ``labels`` are in transformers' convention
-(unshifted, -100 ignored); a teacher vocabulary larger than the student's (padded embedding
+(unshifted, -100 ignored; padding positions predict nothing); a teacher vocabulary larger than the student's (padded embedding
 tables) is cut to the student's.
 
 transformers is an optional dependency (``pip install 'kdfuse[hf]'``); this module does not
@@ -73,10 +73,19 @@ def _shifted_labels(
     input_ids: Tensor, attention_mask: Tensor | None, labels: Tensor | None, ignore_index: int
 ) -> Tensor:
     """(B, T − 1) targets of positions 0 .. T − 2: ``labels`` (default ``input_ids``, padding
-    ignored) shifted left by one, transformers' convention."""
+    ignored) shifted left by one, transformers' convention; a position that is itself padding
+    predicts nothing (with left padding, transformers' own loss counts the last pad's prediction
+    of the first real token: its hidden state saw no real token)."""
     if labels is None:
         labels = input_ids if attention_mask is None else input_ids.masked_fill(attention_mask == 0, ignore_index)
-    return labels[:, 1:]
+    targets = labels[:, 1:]
+    return targets if attention_mask is None else targets.masked_fill(attention_mask[:, :-1] == 0, ignore_index)
+
+
+def _unwrapped(model: nn.Module) -> nn.Module:
+    """A PEFT ``PeftModel``'s causal LM (adapters included), whose body ``last_hidden_state`` runs;
+    any other model as it is."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def distill(
@@ -94,7 +103,10 @@ def distill(
 
     Each model's logit scale and ``final_logit_softcapping`` come from its config
     (:func:`logit_transforms`), as defaults that ``options`` may override. Tied input and
-    output embeddings get the gradient of both their uses."""
+    output embeddings get the gradient of both their uses. A PEFT model is unwrapped to its
+    causal LM (adapters included). The teacher runs in the mode it is in: call
+    ``teacher.eval()`` once (as TRL does) so that its dropout is off."""
+    student, teacher = _unwrapped(student), _unwrapped(teacher)
     ignore_index = options.get("ignore_index", -100)
     targets = _shifted_labels(input_ids, attention_mask, labels, ignore_index)
     student_hidden = last_hidden_state(student, input_ids, attention_mask)[:, :-1]

@@ -10,10 +10,11 @@ exact signatures and semantics (read in the trl 1.16.0 wheel), on kdfuse::
 
 :func:`chunked_divergence_loss` differs from TRL's kernel in precision only: 16-bit inputs keep
 16-bit logits with float32 math (as every kdfuse loss does; ``patch(fp32_logits=True)`` keeps
-float32 logits as TRL does), a float64
-problem is computed in float64 (TRL's kernel computes float32), and an lm_head that is an FSDP2
-``DTensor`` is gathered once per call with its gradient averaged back to the shards over the
-data-parallel mesh (FSDP2's default reduction; TRL gathers it with a plain ``full_tensor()``).
+float32 logits as TRL does) and biases in the hidden states' dtype (TRL adds them in float32); a
+float64 problem is computed in float64 (TRL's kernel computes float32); and an lm_head that is an
+FSDP2 ``DTensor`` is gathered once per call with its gradient averaged back to the shards over
+the data-parallel mesh (FSDP2's default reduction; TRL gathers it with a plain
+``full_tensor()``). :func:`generalized_jsd_loss` gives the teacher's logits no gradient.
 
 trl is an optional dependency (``pip install 'kdfuse[trl]'``): only :func:`patch` imports it.
 """
@@ -21,6 +22,7 @@ trl is an optional dependency (``pip install 'kdfuse[trl]'``): only :func:`patch
 from __future__ import annotations
 
 import functools
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -68,19 +70,20 @@ def chunked_divergence_loss(
         normalizer = num_items_in_batch.to(student_hidden_states.device, torch.float32)
     else:
         normalizer = torch.tensor(float(num_items_in_batch), device=student_hidden_states.device)
-    dtype = student_hidden_states.dtype  # TRL casts the heads to the hidden states' dtype
-    loss, entropy = fused_linear_distill(
+    # TRL casts the heads to the hidden states' dtype (kdfuse takes one dtype per model, so the
+    # biases too: TRL adds them in float32).
+    dtype, teacher_dtype = student_hidden_states.dtype, teacher_hidden_states.dtype
+    loss_sum, entropy_sum = fused_linear_distill(
         student_hidden_states,
         student_lm_head_weight.to(dtype),
         teacher_hidden_states,
-        teacher_lm_head_weight.to(teacher_hidden_states.dtype),
+        teacher_lm_head_weight.to(teacher_dtype),
         labels=torch.where(valid, 0, -100),  # (masks only: no cross-entropy)
         divergence=D.jsd(beta),
         temperature=temperature,
         reduction="sum",
-        normalizer=normalizer,
         student_bias=None if student_lm_head_bias is None else student_lm_head_bias.to(dtype),
-        teacher_bias=teacher_lm_head_bias,
+        teacher_bias=None if teacher_lm_head_bias is None else teacher_lm_head_bias.to(teacher_dtype),
         student_logit_scale=student_logit_scale,
         teacher_logit_scale=teacher_logit_scale,
         student_softcap=student_final_logit_softcapping,
@@ -89,7 +92,7 @@ def chunked_divergence_loss(
         validate=False,  # (the labels are 0 or ignored by construction)
         fp32_logits=fp32_logits,
     )
-    return loss, (entropy * normalizer).detach(), n_valid
+    return loss_sum / normalizer, entropy_sum.detach(), n_valid
 
 
 def generalized_jsd_loss(
@@ -106,11 +109,13 @@ def generalized_jsd_loss(
     KL, exactly), on the positions whose label is not -100 (labels only mask: no shift, no CE).
     ``num_items_in_batch`` given: the sum over it, whatever ``reduction``; else ``"batchmean"``
     the sum over the counted positions (at least 1; without labels over the first dim's size),
-    ``"sum"``, ``"mean"`` the sum over the counted elements (positions × V), ``"none"`` the
-    element-wise terms of the counted positions, ``(n, V)`` (or of all, ``(B, T, V)``, without
-    labels). The loss is float32 for 16-bit logits (TRL's is in the logits' dtype)."""
+    ``"sum"`` the plain sum, ``"mean"`` the sum over the counted elements (positions × V), any
+    other value (``"none"``) the element-wise terms of the counted positions, ``(n, V)`` (or of
+    all, ``(B, T, V)``, without labels). The loss is float32 for 16-bit logits (TRL's is in the
+    logits' dtype), and the teacher's logits get no gradient (GKD's teacher runs under
+    ``no_grad``; TRL's function would differentiate them)."""
     divergence = D.jsd(beta)
-    if reduction == "none" and num_items_in_batch is None:
+    if reduction not in ("batchmean", "sum", "mean") and num_items_in_batch is None:
         return _jsd_terms(divergence, student_logits, teacher_logits, labels, temperature)
     mask = None if labels is None else labels != -100
     if num_items_in_batch is not None:
@@ -118,8 +123,7 @@ def generalized_jsd_loss(
     elif reduction == "batchmean":
         normalizer = mask.sum().clamp_min(1) if mask is not None else max(student_logits.shape[0], 1)
     elif reduction == "mean":
-        counted = student_logits.numel() if mask is None else mask.sum() * student_logits.shape[-1]
-        normalizer = counted if isinstance(counted, Tensor) else float(counted)
+        normalizer = student_logits.numel() if mask is None else mask.sum() * student_logits.shape[-1]
     else:
         normalizer = None
     if isinstance(normalizer, Tensor):
@@ -142,7 +146,7 @@ def _jsd_terms(divergence: Parametrized, student_logits, teacher_logits, labels,
     terms = entry_of(divergence.fn).terms
     args = [torch.tensor(v, dtype=torch.float32, device=student_logits.device) for v in divergence.args]
     log_s = (student_logits.float() / temperature).log_softmax(-1)
-    log_t = (teacher_logits.float() / temperature).log_softmax(-1)
+    log_t = (teacher_logits.detach().float() / temperature).log_softmax(-1)
     values = terms.fn(log_s, log_t, *args)
     return values if labels is None else values[labels != -100]
 
@@ -153,8 +157,16 @@ def patch(fp32_logits: bool = False) -> Callable[[], None]:
     ``generalized_jsd_loss``. ``fp32_logits=True``: the chunked loss keeps float32 logits, as
     TRL's kernel does (closer to float32, slower: docs/benchmarks.md). Returns the function that
     puts TRL's back."""
+    import trl
     import trl.trainer.distillation_trainer as distillation
     from trl.experimental.gkd import gkd_trainer
+
+    if not trl.__version__.startswith("1.16."):
+        warnings.warn(
+            f"kdfuse.trl follows TRL 1.16's losses; trl {trl.__version__} is installed: check that its "
+            "_chunked_divergence_loss and generalized_jsd_loss still have 1.16's signatures and semantics",
+            stacklevel=2,
+        )
 
     before = distillation._chunked_divergence_loss, gkd_trainer.GKDTrainer.__dict__["generalized_jsd_loss"]
     distillation._chunked_divergence_loss = (

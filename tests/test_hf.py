@@ -67,9 +67,10 @@ def _from_logits(student, teacher, ids, mask, labels=None, **options):
         teacher_logits = teacher(input_ids=ids, attention_mask=mask).logits[:, :-1, : logits.shape[-1]]
     if labels is None:
         labels = ids.masked_fill(mask == 0, -100)
+    targets = labels[:, 1:].masked_fill(mask[:, :-1] == 0, -100)  # a padding position predicts nothing
     eye = torch.eye(logits.shape[-1], dtype=logits.dtype)
     return kdfuse.fused_linear_distill_ref(
-        logits[:, :-1], eye, teacher_logits=teacher_logits, labels=labels[:, 1:], **options
+        logits[:, :-1], eye, teacher_logits=teacher_logits, labels=targets, **options
     )
 
 
@@ -144,6 +145,36 @@ def test_labels_in_transformers_convention():
     got = hf.distill(student, teacher, ids, attention_mask=mask, labels=labels, **options)
     want = _from_logits(student, teacher, ids, mask, labels=labels, **options)
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+
+
+def test_padding_positions_predict_nothing():
+    """Right padding: the targets are padding. Left padding: the last pad's position would
+    predict the first real token (transformers' own loss counts it); it is ignored too."""
+    student, teacher = _build("llama", V, seed=3), _build("llama", V, seed=4)
+    ids, mask = _batch(2)  # row 1: 3 pads on the right; row 2: 2 on the left
+    rows = hf.distill(student, teacher, ids, attention_mask=mask, reduction="none", impl="eager")
+    assert rows.shape == (3, 8)
+    counted = rows != 0
+    assert counted[0].all()
+    assert counted[1].tolist() == [True] * 5 + [False] * 3
+    assert counted[2].tolist() == [False] * 2 + [True] * 6
+
+
+def test_a_peft_model_is_unwrapped():
+    """A PEFT ``PeftModel`` wraps the causal LM (``get_base_model()``); the loss is the LM's."""
+
+    class Wrapper(torch.nn.Module):  # what kdfuse.hf reads of a PeftModel
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def get_base_model(self):
+            return self.model
+
+    student, teacher = _build("llama", V, seed=3), _build("llama", V, seed=4)
+    ids, mask = _batch(4)
+    got = hf.distill(Wrapper(student), Wrapper(teacher), ids, attention_mask=mask, impl="eager")
+    torch.testing.assert_close(got, hf.distill(student, teacher, ids, attention_mask=mask, impl="eager"))
 
 
 def test_hf_distill_compiled():

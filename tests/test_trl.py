@@ -86,6 +86,26 @@ def test_fp32_logits_match_trls_bf16_loss(beta):
     assert wide_err < 1e-6 and narrow_err > 5 * wide_err, (wide_err, narrow_err)
 
 
+def test_bf16_heads_with_float32_biases():
+    """Mixed precision (FSDP2 casts a weight, not always its bias): bf16 hidden states and heads,
+    float32 biases, as TRL accepts them; the same loss to bf16 logits' rounding."""
+    tensors = {k: v.bfloat16() if v.is_floating_point() else v for k, v in _inputs(seed=4, bias=True).items()}
+    tensors.update({k: v.float() for k, v in tensors.items() if k.endswith("bias")})
+    want = _run(distillation._chunked_divergence_loss, tensors, beta=0.5)
+    got = _run(kdfuse.trl.chunked_divergence_loss, tensors, beta=0.5, fp32_logits=True)
+    torch.testing.assert_close(got[0], want[0], rtol=1e-2, atol=1e-3)  # (biases rounded to bf16 here)
+    assert got[3]["student_lm_head_bias"].dtype == torch.float32
+
+
+def test_zero_items_keep_a_finite_entropy():
+    """num_items_in_batch=0 divides the loss by zero, as TRL does; the entropy sum stays finite."""
+    tensors = _inputs(seed=5, bias=False)
+    want = distillation._chunked_divergence_loss(**tensors, beta=0.5, num_items_in_batch=0)
+    got = kdfuse.trl.chunked_divergence_loss(**tensors, beta=0.5, num_items_in_batch=0)
+    assert torch.isinf(got[0]) and torch.isinf(want[0])
+    torch.testing.assert_close(got[1], want[1], rtol=2e-5, atol=2e-5)
+
+
 def test_patch_can_keep_float32_logits():
     unpatch = kdfuse.trl.patch(fp32_logits=True)
     try:
@@ -110,7 +130,7 @@ def _logits(seed: int):
     return student, teacher, labels
 
 
-@pytest.mark.parametrize("reduction", ["batchmean", "sum", "mean", "none"])
+@pytest.mark.parametrize("reduction", ["batchmean", "sum", "mean", "none", "elementwise"])
 @pytest.mark.parametrize("beta", [0.0, 0.4, 1.0])
 @pytest.mark.parametrize("with_labels", [True, False])
 def test_generalized_jsd_loss_equals_gkds(reduction, beta, with_labels):
@@ -237,10 +257,16 @@ def _train(tmp_path, swapped: bool) -> list[float]:
 
 
 @pytest.mark.slow
-def test_distillation_trainer_loss_curves_match(tmp_path):
+def test_distillation_trainer_loss_curves_match(tmp_path, monkeypatch):
     """Four steps of TRL's DistillationTrainer (JSD β = 0.5) on tiny models: the same losses and
-    entropies with TRL's kernel and with kdfuse's, step by step."""
-    theirs, ours = _train(tmp_path, swapped=False), _train(tmp_path, swapped=True)
+    entropies with TRL's kernel and with kdfuse's, step by step; the swapped run called kdfuse's."""
+    calls = []
+    loss = kdfuse.trl.chunked_divergence_loss
+    monkeypatch.setattr(kdfuse.trl, "chunked_divergence_loss", lambda *a, **k: (calls.append(1), loss(*a, **k))[1])
+    theirs = _train(tmp_path, swapped=False)
+    assert not calls
+    ours = _train(tmp_path, swapped=True)
+    assert len(calls) >= 4, calls
     assert len(theirs) == len(ours) == 4
     for (loss_t, ent_t), (loss_k, ent_k) in zip(theirs, ours):
         assert loss_k == pytest.approx(loss_t, rel=1e-4, abs=1e-7)
