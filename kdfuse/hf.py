@@ -6,8 +6,8 @@ hidden states (the teacher's under ``torch.no_grad``), and computes
 model's own logit post-processing read from its config. It equals the loss computed from the
 models' own ``.logits`` (tests/test_hf.py checks Llama, Qwen2 tied and untied, Gemma-2 and
 Cohere): position i predicts token i + 1; ``labels`` are in transformers' convention
-(unshifted, -100 ignored; padding positions predict nothing); a teacher vocabulary larger than the student's (padded embedding
-tables) is cut to the student's.
+(unshifted, -100 ignored; padding positions predict nothing); a teacher vocabulary larger than
+the student's (padded embedding tables) is cut to the student's.
 
 transformers is an optional dependency (``pip install 'kdfuse[hf]'``); this module does not
 import it: it reads the models' attributes.

@@ -262,28 +262,37 @@ def _gathered_step(spec, generic: Callable, shard, student, teacher: tuple, labe
 # --------------------------------------------------------------------------------------------
 
 
+def _rows_dynamic(fn: Callable) -> Callable:
+    """``fn`` with every tensor argument of the chunk's row count marked dynamic in its rows: the
+    statistics made between the collectives are new tensors on every call, and a compiled phase
+    would otherwise compile again for each new last-chunk length (up to Dynamo's limit, then
+    run eagerly)."""
+
+    def call(*args):
+        rows = next(a.shape[0] for a in args if isinstance(a, Tensor))
+        for a in args:
+            if isinstance(a, Tensor) and a.dim() and a.shape[0] == rows:
+                torch._dynamo.maybe_mark_dynamic(a, 0)
+        return fn(*args)
+
+    return call
+
+
 def _phases(spec) -> dict[str, Callable]:
     """The local work between a built-in's collectives, compiled per spec (kdfuse.compiled)."""
-    compiled = spec.compiled
     if spec.sparse:
         loss = reduced_grads if spec.with_grad else reduced_parts
-        return {
-            "maxima": compile_bound(_topk_maxima, spec, compiled=compiled, name="kdfuse_vp"),
-            "sums": compile_bound(_topk_sums, spec, compiled=compiled, name="kdfuse_vp"),
-            "loss": compile_bound(
-                lambda reduced, *a: loss(reduced, spec.has_ce, *a), compiled=compiled, name="kdfuse_vp"
-            ),
-            "grad": compile_bound(_topk_grad, spec, compiled=compiled, name="kdfuse_vp"),
+        fns = {
+            "maxima": (_topk_maxima, spec),
+            "sums": (_topk_sums, spec),
+            "loss": (lambda reduced, *a: loss(reduced, spec.has_ce, *a),),
+            "grad": (_topk_grad, spec),
         }
-    return {
-        name: compile_bound(fn, spec, compiled=compiled, name="kdfuse_vp")
-        for name, fn in (
-            ("maxima", _dense_maxima),
-            ("sums", _dense_sums),
-            ("terms", _dense_terms),
-            ("grad", _dense_grad),
-        )
-    }
+    else:
+        fns = {name: (fn, spec) for name, fn in (("maxima", _dense_maxima), ("sums", _dense_sums))}
+        fns.update(terms=(_dense_terms, spec), grad=(_dense_grad, spec))
+    phases = {name: compile_bound(*bound, compiled=spec.compiled, name="kdfuse_vp") for name, bound in fns.items()}
+    return {name: _rows_dynamic(fn) for name, fn in phases.items()} if spec.compiled else phases
 
 
 def chunk_step(spec, generic: Callable) -> Callable:

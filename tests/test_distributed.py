@@ -155,7 +155,7 @@ def check_vocab_parallel(case: dict) -> dict:
             _to(go, device),
         )
     got, got_grads = _to(got, torch.device("cpu")), _to(got_grads, torch.device("cpu"))
-    for a, b in zip(got if isinstance(got, tuple) else [got], want if isinstance(want, tuple) else [want]):
+    for a, b in zip(got if isinstance(got, tuple) else [got], want if isinstance(want, tuple) else [want], strict=True):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(got_grads["student_hidden"], want_grads["student_hidden"], rtol=1e-10, atol=1e-12)
     for name in ("student_weight", "student_bias"):
@@ -253,12 +253,26 @@ def test_a_new_layout_where_one_ranks_shard_keeps_its_size():
         world(3).run(check_vocab_parallel, dict(CASES[0], sizes=sizes))
 
 
+def check_compiled_rows(case: dict, rows: tuple[int, ...]) -> list[int]:
+    """``case`` compiled, for each row count in turn: the new Dynamo graphs each call made."""
+    from torch._dynamo.utils import counters
+
+    made = []
+    for n in rows:
+        before = counters["stats"]["unique_graphs"]
+        check_vocab_parallel(dict(case, rows=n))
+        made.append(counters["stats"]["unique_graphs"] - before)
+    return made
+
+
 @pytest.mark.slow
 def test_compiled_local_work():
-    """impl="compile": each rank's work between the collectives, compiled per spec."""
+    """impl="compile": each rank's work between the collectives, compiled per spec, once: a new
+    N (last chunks of 1, 2 or 3 rows of 4) compiles nothing more."""
     for divergence, teacher in (("jsd_beta0.3", "hidden"), ("topk_soft_ce_bucket", "topk")):
-        case = dict(CASES[0], divergence=divergence, teacher=teacher, impl="compile", rows=9)
-        world(2).run(check_vocab_parallel, case)
+        case = dict(CASES[0], divergence=divergence, teacher=teacher, impl="compile", chunk=4)
+        for made in world(2).run(check_compiled_rows, case, (9, 10, 11, 14)):
+            assert made[0] > 0 and made[1:] == [0, 0, 0], (divergence, made)
 
 
 # --------------------------------------------------------------------------------------------
