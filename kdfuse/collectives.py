@@ -2,8 +2,8 @@
 
 A vocab-parallel call (``fused_linear_distill(..., process_group=group)``) communicates only
 through :func:`all_reduce` and :func:`all_gather_columns` (:func:`shard_layout`, once per call,
-all-reduces the ranks' shard sizes). :func:`counting` records the calls and bytes inside a block,
-so a test (or a user) can check what a call sends::
+all-reduces the ranks' shard sizes and what they must agree on). :func:`counting` records the
+calls and bytes inside a block, so a test (or a user) can check what a call sends::
 
     with kdfuse.collectives.counting() as sent:
         loss = fused_linear_distill(..., process_group=group)
@@ -16,6 +16,7 @@ import contextlib
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import NoReturn
 
 import torch
 import torch.distributed as dist
@@ -30,6 +31,7 @@ __all__ = [
     "gathered",
     "group_of",
     "local_rows",
+    "raise_together",
     "shard_layout",
 ]
 
@@ -96,16 +98,44 @@ class Shard:
         return sum(self.sizes)
 
 
-def shard_layout(group: dist.ProcessGroup, rows: int, device: torch.device) -> Shard:
-    """The layout of a vocabulary of which this rank holds ``rows`` rows: one all-reduce of the
-    ranks' sizes (W integers) and a host sync, on every call. Not memoised: a rank cannot tell
-    from its own row count alone that another rank's changed (its shard may keep its size while
-    the others' move), and a stale layout would pair collectives wrongly."""
+def _exchange(group: dist.ProcessGroup, device: torch.device, row: list[int]) -> list[list[int]]:
+    """Every rank's ``row`` of integers, in rank order: one all-reduce and a host sync."""
     rank, world = dist.get_rank(group), dist.get_world_size(group)
-    sizes = torch.zeros(world, dtype=torch.int64, device=device)
-    sizes[rank] = rows
-    all_reduce(sizes, dist.ReduceOp.SUM, group)
-    return Shard(group, rank, tuple(sizes.tolist()))
+    table = torch.zeros(world, len(row), dtype=torch.int64, device=device)
+    table[rank] = torch.tensor(row, dtype=torch.int64)
+    all_reduce(table, dist.ReduceOp.SUM, group)
+    return table.tolist()
+
+
+def shard_layout(group: dist.ProcessGroup, rows: int, device: torch.device, tokens: int, chunk_size: int) -> Shard:
+    """The layout of a vocabulary of which this rank holds ``rows`` rows, agreed on every call
+    with one all-reduce of four integers per rank (and a host sync): its rows, its ``tokens``
+    (the call's N), its int ``chunk_size`` (0 for ``"auto"``) and whether it failed (see
+    :func:`raise_together`). Not memoised: a rank cannot tell from its own row count that
+    another rank's changed, and a stale layout would pair the collectives wrongly. Raises on
+    every rank if a rank failed, or if the ranks' N or chunk sizes differ (their collectives
+    would not pair up)."""
+    table = _exchange(group, device, [rows, tokens, chunk_size, 0])
+    failed = [r for r, row in enumerate(table) if row[3]]
+    if failed:
+        raise RuntimeError(
+            f"ranks {failed} of the process group rejected their inputs (their errors say why); every rank "
+            "raises, so that none waits in a collective the others never enter"
+        )
+    for column, what in ((1, "rows (student_hidden's N)"), (2, "chunk_size")):
+        values = [row[column] for row in table]
+        if len(set(values)) > 1:
+            shown = ["auto" if column == 2 and v == 0 else v for v in values]
+            raise ValueError(f"with a process_group every rank passes the same {what}; by rank: {shown}")
+    return Shard(group, dist.get_rank(group), tuple(row[0] for row in table))
+
+
+def raise_together(group: dist.ProcessGroup, device: torch.device, error: BaseException) -> NoReturn:
+    """Raise ``error`` on this rank after telling the others, which then raise too (from
+    :func:`shard_layout`, which this pairs with): a rank that raised alone would leave the
+    others blocked in the call's first collective."""
+    _exchange(group, device, [0, 0, 0, 1])
+    raise error
 
 
 def all_gather_columns(x: Tensor, shard: Shard) -> Tensor:
@@ -158,13 +188,19 @@ def local_rows(t: Tensor | None, name: str) -> Tensor | None:
     return t.to_local()
 
 
-def gathered(t: Tensor | None) -> Tensor | None:
+def gathered(t: Tensor | None, dtype: torch.dtype | None = None) -> Tensor | None:
     """A DTensor parameter sharded by FSDP2 (not vocabulary parallelism: every rank has its own
-    data) as the full tensor, gathered once per call. Its gradient is reduce-scattered back to
-    the shards and averaged over the mesh, as FSDP2 averages every gradient by default; without
-    gradient (a frozen teacher's weight) it is only gathered. A plain tensor is returned as is."""
+    data) as the full tensor, gathered once per call. A floating shard is first cast to
+    ``dtype`` (its model's hidden states' dtype: under an FSDP2 mixed-precision policy the
+    shards stay float32 outside the module's forward, and the forward would compute in
+    ``param_dtype``), which also halves the bytes gathered. Its gradient is reduce-scattered
+    back to the shards and averaged over the mesh, as FSDP2 averages every gradient by default;
+    without gradient (a frozen teacher's weight) it is only gathered. A plain tensor is returned
+    as is."""
     if not _is_dtensor(t):
         return t
+    if dtype is not None and t.is_floating_point() and t.dtype != dtype:
+        t = t.to(dtype)  # (local: a DTensor's cast casts its shard; differentiable)
     if not t.requires_grad:
         with torch.no_grad():
             return t.full_tensor()

@@ -12,7 +12,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .chunk import ChunkSpec, with_kernel
-from .collectives import Shard, all_reduce, gathered, group_of, local_rows, shard_layout
+from .collectives import Shard, all_reduce, gathered, group_of, local_rows, raise_together, shard_layout
 from .contract import DistillOutput, Impl, Reduction
 from .divergences import Parametrized
 from .engine import Problem, distill
@@ -157,12 +157,15 @@ def _prepare(
     )
 
 
-def _unwrapped(group, *weights: Tensor | None) -> list[Tensor | None]:
+def _unwrapped(group, student_hidden, teacher_hidden, *weights: Tensor | None) -> list[Tensor | None]:
     """The (student weight, bias, teacher weight, bias) as plain tensors: a tensor-parallel
-    DTensor's local rows over ``group``, or without a group an FSDP2 DTensor gathered (see
-    kdfuse.collectives)."""
+    DTensor's local rows over ``group``, or without a group an FSDP2 DTensor gathered in its
+    model's hidden states' dtype (see kdfuse.collectives)."""
     names = ("student_weight", "student_bias", "teacher_weight", "teacher_bias")
-    return [gathered(t) if group is None else local_rows(t, name) for t, name in zip(weights, names)]
+    dtypes = [getattr(h, "dtype", None) for h in (student_hidden, student_hidden, teacher_hidden, teacher_hidden)]
+    if group is None:
+        return [gathered(t, dtype) for t, dtype in zip(weights, dtypes)]
+    return [local_rows(t, name) for t, name in zip(weights, names)]
 
 
 def _options(
@@ -186,10 +189,10 @@ def _options(
     }
 
 
-def _shard(group, student_hidden: Tensor, student_weight: Tensor, teacher: tuple) -> Shard:
-    """The vocabulary's layout over ``group``; the teacher's shard must be the same rows.
+def _check_teacher_rows(student_weight: Tensor, teacher: tuple) -> None:
+    """With a process group the teacher's shard must be the student's vocabulary rows.
     ``teacher`` is (form, hidden, weight, bias, logits, topk)."""
-    form, _, teacher_weight, _, teacher_logits, teacher_topk = teacher
+    form, _, teacher_weight, _, teacher_logits, _ = teacher
     rows = student_weight.shape[0]
     teacher_rows = {"hidden": lambda: teacher_weight.shape[0], "logits": lambda: teacher_logits.shape[-1]}
     if form in teacher_rows and teacher_rows[form]() != rows:
@@ -199,9 +202,17 @@ def _shard(group, student_hidden: Tensor, student_weight: Tensor, teacher: tuple
             f"{teacher_rows[form]()}, student_weight has {rows} (pad the teacher's vocabulary to the student's, "
             "or cut it, before sharding)"
         )
-    shard = shard_layout(group, rows, student_hidden.device)
-    if form == "topk" and teacher_topk[0].shape[-1] > shard.vocab:
-        raise ValueError(f"teacher_topk has k={teacher_topk[0].shape[-1]} > the student's vocabulary {shard.vocab}")
+
+
+def _shard(group, student_hidden: Tensor, student_weight: Tensor, teacher: tuple, chunk_size) -> Shard:
+    """The vocabulary's layout over ``group``, agreed with the other ranks (with the call's N and
+    int chunk size). ``teacher`` is (form, hidden, weight, bias, logits, topk)."""
+    tokens = student_hidden.numel() // max(student_hidden.shape[-1], 1)
+    chunk = chunk_size if isinstance(chunk_size, int) else 0
+    shard = shard_layout(group, student_weight.shape[0], student_hidden.device, tokens, chunk)
+    topk = teacher[5]
+    if teacher[0] == "topk" and topk[0].shape[-1] > shard.vocab:
+        raise ValueError(f"teacher_topk has k={topk[0].shape[-1]} > the student's vocabulary {shard.vocab}")
     return shard
 
 
@@ -331,8 +342,10 @@ def fused_linear_distill(
             every rank (all-reduced, as a column-parallel lm_head's input gradient is), each
             weight's gradient this rank's rows. A 1-D ``DeviceMesh`` stands for its group, and
             weights may then be DTensors sharded on dim 0 over it (their gradients come back as
-            such). Without a group, a DTensor weight is an FSDP2 shard: it is gathered once per
-            call, its gradient averaged back to the shards as FSDP2 averages. See
+            such). Every rank must backpropagate the same gradient of the loss. A rank whose
+            inputs fail the checks makes every rank raise. Without a group, a DTensor weight is
+            an FSDP2 shard: it is gathered once per call in its model's hidden states' dtype,
+            its gradient averaged back to the shards as FSDP2 averages. See
             :mod:`kdfuse.vocab_parallel` for what is communicated.
 
     Under ``torch.autocast`` the logits are computed in its dtype, as ``F.linear`` would compute
@@ -396,8 +409,26 @@ def _distill_call(args: dict) -> Tensor | DistillOutput | tuple[Tensor | Distill
     arguments by name (``student_weight=None``: ``student_hidden`` holds the student's logits)."""
     a = SimpleNamespace(**args)
     group = None if a.process_group is None else group_of(a.process_group)
+    try:
+        student_hidden, student_weight, student_bias, teacher, div, options = _checked(a, group)
+    except (TypeError, ValueError) as error:
+        if group is None:
+            raise
+        device = a.student_hidden.device if isinstance(a.student_hidden, Tensor) else torch.device("cpu")
+        raise_together(group, device, error)
+    shard = None if group is None else _shard(group, student_hidden, student_weight, teacher, a.chunk_size)
+    p, valid, needs_grad = _prepare(
+        student_hidden, student_weight, student_bias, teacher, a.labels, div, options, shard
+    )
+    return _run_call(p, a, div, valid, needs_grad, options, shard)
+
+
+def _checked(a, group) -> tuple:
+    """The call's checked inputs: (student hidden, weight, bias, teacher, divergence, options),
+    the teacher as (form, hidden, weight, bias, logits, topk). Everything here is local to the
+    rank: with a group, a rank whose inputs fail tells the others before it raises."""
     student_weight, student_bias, teacher_weight, teacher_bias = _unwrapped(
-        group, a.student_weight, a.student_bias, a.teacher_weight, a.teacher_bias
+        group, a.student_hidden, a.teacher_hidden, a.student_weight, a.student_bias, a.teacher_weight, a.teacher_bias
     )
     student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias = _autocast_inputs(
         a.student_hidden, student_weight, student_bias, a.teacher_hidden, teacher_weight, teacher_bias
@@ -425,25 +456,16 @@ def _distill_call(args: dict) -> Tensor | DistillOutput | tuple[Tensor | Distill
     )
     check_normalizer(a.normalizer, a.reduction)
     teacher = (form, teacher_hidden, teacher_weight, teacher_bias, a.teacher_logits, a.teacher_topk)
-    shard = None if group is None else _shard(group, student_hidden, student_weight, teacher)
+    if group is not None:
+        _check_teacher_rows(student_weight, teacher)
     div = resolve(a.divergence, sparse=form == "topk")
     transforms = check_logit_transforms(
         a.softcap, a.student_softcap, a.teacher_softcap, a.student_logit_scale, a.teacher_logit_scale
     )
     options = _options(
-        a.temperature,
-        a.soft_weight,
-        a.hard_weight,
-        a.ignore_index,
-        a.impl,
-        a.return_entropy,
-        a.fp32_logits,
-        transforms,
+        a.temperature, a.soft_weight, a.hard_weight, a.ignore_index, a.impl, a.return_entropy, a.fp32_logits, transforms
     )
-    p, valid, needs_grad = _prepare(
-        student_hidden, student_weight, student_bias, teacher, a.labels, div, options, shard
-    )
-    return _run_call(p, a, div, valid, needs_grad, options, shard)
+    return student_hidden, student_weight, student_bias, teacher, div, options
 
 
 def _run_call(p: Problem, a, div, valid: Tensor, needs_grad: bool, options: dict, shard: Shard | None):

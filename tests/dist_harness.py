@@ -45,7 +45,7 @@ if TYPE_CHECKING:
 
 __all__ = ["BACKEND", "WORLDS", "WorkerError", "close_worlds", "rank_device", "world"]
 
-_COLLECTIVE_TIMEOUT_S = 60
+_COLLECTIVE_TIMEOUT_S = 180  # (ranks compiling on a loaded 2-core CI machine wait on each other)
 _BACKENDS = ("gloo", "nccl")
 # Multicast over NVLink can take a host's shared GPUs out of service: never let a test enable it.
 _NO_MULTICAST = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}

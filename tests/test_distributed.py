@@ -223,13 +223,13 @@ def test_vocab_parallel_matches_the_single_process_result(size, case):
 )
 def test_the_built_ins_send_row_statistics_only(teacher, divergence, per_row):
     """Per chunk of C rows a built-in all-reduces a few numbers per row (float64 here) and never
-    a (C, V) block; once per call the ranks' shard sizes (W int64) and the hidden states'
-    gradient (N, Hs); nothing else."""
+    a (C, V) block; once per call the layout (W × 4 int64: each rank's shard size, N, chunk size
+    and whether it failed) and the hidden states' gradient (N, Hs); nothing else."""
     (sent, _) = world(2).run(
         check_vocab_parallel, dict(CASES[0], teacher=teacher, divergence=divergence, rows=10, chunk=4)
     )
     rows, chunks = 10, 3  # chunks of 4, 4 and 2 rows
-    assert sent["bytes"] == 8 * (per_row * rows + rows * HS) + 8 * 2, sent
+    assert sent["bytes"] == 8 * (per_row * rows + rows * HS) + 8 * 4 * 2, sent
     collectives_per_chunk = 2 if teacher == "topk" else 3
     assert sum(sent["calls"].values()) == collectives_per_chunk * chunks + 2, sent["calls"]
 
@@ -242,7 +242,7 @@ def test_a_users_divergence_gathers_its_chunks_rows():
     )
     widest = max(SIZES[2])
     assert sent["calls"]["all_gather"] == 2 * 3
-    assert sent["bytes"] == 8 * (2 * 10 * widest + 10 * HS) + 8 * 2, sent
+    assert sent["bytes"] == 8 * (2 * 10 * widest + 10 * HS) + 8 * 4 * 2, sent
 
 
 def test_a_new_layout_where_one_ranks_shard_keeps_its_size():
@@ -251,6 +251,44 @@ def test_a_new_layout_where_one_ranks_shard_keeps_its_size():
     its collectives would no longer pair up with the others')."""
     for sizes in ((6, 0, 7), (6, 7, 0), (6, 0, 7)):
         world(3).run(check_vocab_parallel, dict(CASES[0], sizes=sizes))
+
+
+def check_disagreement(kind: str) -> str:
+    """A call where the ranks disagree (``kind``): rank 2's teacher shard has a row too many, or
+    the ranks pass different int chunk sizes or different N. Every rank must raise (none may
+    wait in a collective); then a good call still pairs up. Returns what this rank raised."""
+    rank, device = dist.get_rank(), rank_device()
+    sizes = SIZES[dist.get_world_size()]
+    full = _problem(dict(teacher="hidden", seed=5, rows=8))
+    local = _to(_local(full, sizes, rank), device)
+    kwargs = dict(labels=local.pop("labels"), chunk_size=4, impl="eager", process_group=dist.group.WORLD)
+    bad = dict(local)
+    if kind == "teacher_rows" and rank == 2:
+        bad["teacher_weight"] = torch.cat([bad["teacher_weight"], bad["teacher_weight"][:1]])
+    if kind == "chunk_size":
+        kwargs["chunk_size"] = 4 + rank
+    if kind == "tokens" and rank == 1:
+        bad["student_hidden"], bad["teacher_hidden"] = bad["student_hidden"][:-1], bad["teacher_hidden"][:-1]
+        kwargs["labels"] = kwargs["labels"][:-1]
+    try:
+        kdfuse.fused_linear_distill(**bad, **kwargs)
+    except (RuntimeError, ValueError) as error:
+        raised = f"{type(error).__name__}: {error}"
+    else:
+        raised = "nothing"
+    kdfuse.fused_linear_distill(**local, **dict(kwargs, chunk_size=4, labels=_to(full["labels"], device)))
+    return raised
+
+
+@pytest.mark.parametrize("kind", ["teacher_rows", "chunk_size", "tokens"])
+def test_a_disagreement_raises_on_every_rank(kind):
+    raised = world(3).run(check_disagreement, kind)
+    if kind == "teacher_rows":
+        assert "teacher's shard must be the student's vocabulary rows" in raised[2], raised
+        assert all("ranks [2] of the process group rejected their inputs" in r for r in raised[:2]), raised
+    else:
+        what = {"chunk_size": "same chunk_size; by rank: [4, 5, 6]", "tokens": "by rank: [8, 7, 8]"}[kind]
+        assert all(r.startswith("ValueError") and what in r for r in raised), raised
 
 
 def check_compiled_rows(case: dict, rows: tuple[int, ...]) -> list[int]:
@@ -309,6 +347,38 @@ def check_dtensor_weights() -> None:
     assert weight.grad.placements == (Shard(0),)
     grad = weight.grad.full_tensor().cpu()
     torch.testing.assert_close(grad, want_grads["student_weight"], rtol=1e-10, atol=1e-12)
+
+
+def check_fsdp2_mixed_precision() -> None:
+    """An FSDP2 lm_head kept in float64 (a mixed-precision policy's master weights, float32 on
+    GPUs) with float32 hidden states: gathered in the hidden states' dtype, the same loss and
+    gradient as the cast full weight, the gradient back in the shard's dtype."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    device = rank_device()
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    full = _to(_problem(dict(teacher="hidden", seed=6, rows=10)), device)
+    narrow = {k: v.float() if v.is_floating_point() else v for k, v in full.items()}
+    kwargs = dict(labels=full["labels"], hard_weight=0.5, chunk_size=4, impl="eager")
+    weight = distribute_tensor(full["student_weight"], mesh, [Shard(0)]).requires_grad_()
+    loss = kdfuse.fused_linear_distill(
+        narrow["student_hidden"], weight, narrow["teacher_hidden"], narrow["teacher_weight"], **kwargs
+    )
+    loss.backward()
+    cast = narrow["student_weight"].clone().requires_grad_()
+    want = kdfuse.fused_linear_distill(
+        narrow["student_hidden"], cast, narrow["teacher_hidden"], narrow["teacher_weight"], **kwargs
+    )
+    want.backward()
+    torch.testing.assert_close(loss, want)
+    assert weight.grad.dtype == F64 and weight.grad.placements == (Shard(0),)
+    torch.testing.assert_close(weight.grad.full_tensor().float(), cast.grad)  # (every rank: the same data)
+
+
+@pytest.mark.parametrize("size", WORLDS, ids=lambda n: f"world{n}")
+def test_fsdp2_mixed_precision_weights(size):
+    world(size).run(check_fsdp2_mixed_precision)
 
 
 @pytest.mark.parametrize("size", WORLDS, ids=lambda n: f"world{n}")

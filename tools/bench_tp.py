@@ -407,7 +407,7 @@ def counted(step: Step) -> tuple[Result, dict]:
 
 def first_calls(m: Method, world: World, ref: dict) -> dict:
     """This rank's first call (seconds, compilation included), a second one counting its
-    collectives (the layout's all-reduce is memoised by then, as in training), a third timed
+    collectives (the layout's all-reduce included: it runs on every call), a third timed
     alone for the warm-up count; on rank 0, the errors against TP=1 (whose result it keeps)."""
     t0 = time.perf_counter()
     m.step(None)
