@@ -12,7 +12,8 @@ terms of the log-probs (kdfuse.divergences.Terms), or a top-k loss of a few numb
   local term sums and, for its gradient, the local sums of ∂terms/∂log p_s: with D = Σ_v f(ls_v,
   lt_v) and ls = τs − lse(τs), ∂D/∂s_v = τ (∂f/∂ls_v − p_s,v Σ_u ∂f/∂ls_u);
 * top-k teachers, two: the maxima of the student's logits outside the top-k, then their sums of
-  exponentials with the logits at the k ids and the label (each from the rank that holds it).
+  exponentials with the logits at the k ids and the label (each from the rank that holds it);
+  the student's entropy adds one column to the sums.
 
 A divergence of the user's is a function of whole rows: its chunk's logits are all-gathered,
 (C, V) per rank per chunk, and every rank computes the rows' loss and keeps its columns of the
@@ -182,11 +183,34 @@ def _topk_maxima(spec, student, ids, logprobs, scalars, shard) -> Tensor:
 
 
 def _topk_sums(spec, student, ids, logprobs, labels, scalars, maxima, shard) -> Tensor:
+    """(C, 3 + k): the complement's Σ e^(x − max) at the temperature and at 1, the label's logit
+    and the logits at the k ids where held; with the entropy a last column, the complement's
+    Σ e^(τx − m)·(τx − m) (the top-k's share is added from the gathered logits)."""
     x, xa, in_topk, _ = _topk_logits(spec, student, ids, logprobs, scalars, shard)
-    z_t = _shifted_exp(xa, maxima[:, 0]).masked_fill(in_topk, 0).sum(-1)
+    e_t = _shifted_exp(xa, maxima[:, 0]).masked_fill(in_topk, 0)
     z_1 = _shifted_exp(x, maxima[:, 1]).masked_fill(in_topk, 0).sum(-1)
     gathered = _held_values(x, ids, shard)
-    return torch.cat([z_t[:, None], z_1[:, None], _held_values(x, labels[:, None], shard), gathered], 1)
+    columns = [e_t.sum(-1)[:, None], z_1[:, None], _held_values(x, labels[:, None], shard), gathered]
+    if spec.entropy:
+        m = torch.where(torch.isneginf(maxima[:, 0]), 0, maxima[:, 0])[:, None]
+        columns.append((e_t * (xa - m)).nan_to_num(0.0).sum(-1)[:, None])
+    return torch.cat(columns, 1)
+
+
+def _topk_entropy(stats: Tensor, tail: Tensor, gathered: Tensor, real: Tensor, scalars: Tensor) -> Tensor:
+    """(C,) the student's entropy at the temperature, log Z − Σ_v e^(a_v − M)(a_v − M) / Z over
+    the whole vocabulary, a = τx: the complement's (max, log Σ e^(a − max)) in ``stats[:, :2]``
+    and its Σ e^(a − max)(a − max) in ``tail``, with the real top-k ids' logits ``gathered``."""
+    a = torch.where(real, gathered * scalars[S.INV_T], float("-inf"))
+    m_c = stats[:, 0]
+    top = torch.cat([m_c[:, None], a], 1).amax(-1)  # M, finite: a row has some logit
+    e = torch.exp(a - top[:, None])  # (0 at padding)
+    shift = torch.where(torch.isneginf(m_c), 0, m_c - top)
+    z_c = torch.where(torch.isneginf(m_c), 0, stats[:, 1].exp())
+    w_c = torch.where(torch.isneginf(m_c), 0, tail)
+    z = shift.exp() * z_c + e.sum(-1)
+    w = shift.exp() * (w_c + shift * z_c) + (e * torch.where(real, a - top[:, None], 0)).sum(-1)
+    return z.log() - w / z
 
 
 def _topk_grad(spec, student, ids, logprobs, labels, scalars, stats, d_gathered, d_label, d_lz_t, d_lz_1, shard):
@@ -215,7 +239,9 @@ def _topk_step(spec, fns, shard, student, ids, logprobs, labels, valid, row_weig
     # The complement's (max, log Σ e^(x − max)) at the temperature and at 1, as kdfuse.topk reads them.
     log_z = torch.where(torch.isneginf(maxima), float("-inf"), sums[:, :2].log())
     stats = torch.stack([maxima[:, 0], log_z[:, 0], maxima[:, 1], log_z[:, 1]], 1)
-    label_logit, gathered = sums[:, 2], sums[:, 3:]
+    label_logit, gathered = sums[:, 2], sums[:, 3 : 3 + ids.shape[1]]
+    real = ~torch.isneginf(logprobs)
+    ent = _topk_entropy(stats, sums[:, -1], gathered, real, scalars) if spec.entropy else None
     reduced = entry_of(spec.fn).reduced
     args = (
         gathered,
@@ -224,15 +250,15 @@ def _topk_step(spec, fns, shard, student, ids, logprobs, labels, valid, row_weig
         stats[:, 3],
         stats,
         logprobs.to(spec.compute_dtype),
-        ~torch.isneginf(logprobs),
+        real,
         valid,
     )
     if row_weight is None:
         parts = fns["loss"](reduced, *args, scalars)
-        return None, (*parts, torch.zeros_like(parts[0]))
+        return None, (*parts, torch.zeros_like(parts[0]) if ent is None else torch.where(valid, ent, 0))
     (d_gathered, d_label, d_lz_t, d_lz_1), parts = fns["loss"](reduced, *args, row_weight, scalars)
     dx = fns["grad"](student, ids, logprobs, labels, scalars, stats, d_gathered, d_label, d_lz_t, d_lz_1, shard)
-    return dx, (*parts, torch.zeros_like(parts[0]))
+    return dx, (*parts, torch.zeros_like(parts[0]) if ent is None else torch.where(valid, ent, 0))
 
 
 # --------------------------------------------------------------------------------------------
@@ -301,7 +327,6 @@ def chunk_step(spec, generic: Callable) -> Callable:
     on gathered rows for a divergence of the user's."""
     entry = entry_of(spec.fn)
     builtin = entry is not None and (entry.reduced if spec.sparse else entry.terms) is not None
-    builtin = builtin and not (spec.sparse and spec.entropy)  # (a top-k loss never sums whole rows)
     if not builtin:
         step = _gathered_step
         fns = generic

@@ -219,15 +219,20 @@ def test_vocab_parallel_matches_the_single_process_result(size, case):
         ("logits", "jsd_beta0.3", 3 + 4 + 2),
         # Complement maxima (2), then its sums (2), the label's logit and the K logits at the ids.
         ("topk", "topk_forward_kl_bucket", 2 + 2 + 1 + K),
+        # The student's entropy: one more sum (its complement's share; the top-k's is local).
+        ("topk", "topk_soft_ce_renormalize+entropy", 2 + 2 + 1 + K + 1),
+        ("hidden", "reverse_kl+entropy", 3 + 4 + 1 + 2),
     ],
 )
 def test_the_built_ins_send_row_statistics_only(teacher, divergence, per_row):
     """Per chunk of C rows a built-in all-reduces a few numbers per row (float64 here) and never
     a (C, V) block; once per call the layout (W × 4 int64: each rank's shard size, N, chunk size
-    and whether it failed) and the hidden states' gradient (N, Hs); nothing else."""
-    (sent, _) = world(2).run(
-        check_vocab_parallel, dict(CASES[0], teacher=teacher, divergence=divergence, rows=10, chunk=4)
-    )
+    and whether it failed) and the hidden states' gradient (N, Hs); nothing else. (T = 2: the
+    entropy is the student's at the temperature, checked against the reference.)"""
+    divergence, entropy = divergence.removesuffix("+entropy"), divergence.endswith("+entropy")
+    case = dict(CASES[0], teacher=teacher, divergence=divergence, rows=10, chunk=4, return_entropy=entropy)
+    assert case["temperature"] == 2.0
+    (sent, _) = world(2).run(check_vocab_parallel, case)
     rows, chunks = 10, 3  # chunks of 4, 4 and 2 rows
     assert sent["bytes"] == 8 * (per_row * rows + rows * HS) + 8 * 4 * 2, sent
     collectives_per_chunk = 2 if teacher == "topk" else 3
