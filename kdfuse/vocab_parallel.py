@@ -145,8 +145,8 @@ def _dense_step(spec, fns, shard, student, teacher, labels, valid, row_weight, s
     sums = all_reduce(fns["sums"](student, teacher, labels, valid, scalars, maxima, shard), _SUM, shard.group)
     lse = _lse(maxima, sums[:, :3])  # (C, 3): τs, τt and s (for the CE)
     values, local_grad, grad = fns["terms"](student, teacher, valid, scalars, lse, row_weight is not None)
-    totals = torch.stack([values, values if local_grad is None else local_grad], 1)
-    totals = all_reduce(totals, _SUM, shard.group)
+    totals = values[:, None] if local_grad is None else torch.stack([values, local_grad], 1)
+    totals = all_reduce(totals, _SUM, shard.group)  # (C, 1), or (C, 2) with the gradient's sums
     soft = totals[:, 0] / shard.vocab if entry_of(spec.fn).terms.mean else totals[:, 0]
     soft = torch.where(valid, soft, 0)
     hard = torch.where(valid, lse[:, 2] - sums[:, 3], 0) if spec.has_ce else torch.zeros_like(soft)

@@ -239,6 +239,36 @@ def test_the_built_ins_send_row_statistics_only(teacher, divergence, per_row):
     assert sum(sent["calls"].values()) == collectives_per_chunk * chunks + 2, sent["calls"]
 
 
+def check_forward_only(case: dict) -> int:
+    """``case`` without gradients (evaluation): the loss against the reference; the bytes sent."""
+    rank, device = dist.get_rank(), rank_device()
+    full = _problem(case)
+    kwargs = _kwargs(case)
+    want = kdfuse.fused_linear_distill_ref(**full, **kwargs)
+    local = _to(_local(full, SIZES[dist.get_world_size()], rank), device)
+    with torch.no_grad(), collectives.counting() as sent:
+        got = kdfuse.fused_linear_distill(**local, **kwargs, process_group=dist.group.WORLD, impl=case["impl"])
+    torch.testing.assert_close(got.cpu(), want, rtol=1e-10, atol=1e-12)
+    return sent.bytes
+
+
+@pytest.mark.parametrize(
+    ("teacher", "divergence", "per_row"),
+    [
+        # No gradient: maxima (3), sums (4), the term sums alone (1).
+        ("hidden", "jsd_beta0.3", 3 + 4 + 1),
+        ("topk", "topk_forward_kl_renormalize", 2 + 2 + 1 + K),
+        ("logits", _hellinger, None),
+    ],
+    ids=["dense", "topk", "user"],
+)
+def test_forward_only(teacher, divergence, per_row):
+    case = dict(CASES[0], teacher=teacher, divergence=divergence, rows=10, chunk=4)
+    for sent in world(3).run(check_forward_only, case):
+        if per_row is not None:
+            assert sent == 8 * per_row * 10 + 8 * 4 * 3, sent  # (+ the layout; no hidden-state gradient)
+
+
 def test_a_users_divergence_gathers_its_chunks_rows():
     """A divergence of the user's needs whole rows: each chunk's student and teacher logits are
     all-gathered, padded to the widest shard (gloo gathers equal sizes): (C, max V_r) each."""
