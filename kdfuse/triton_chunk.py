@@ -5,8 +5,11 @@ any divergence but makes several passes over the ``(C, V)`` logits with float32 
 For the built-ins whose logit gradient has a closed form in a few per-row statistics this kernel
 does the least work a row needs, one program per row, looping over the vocabulary:
 
-* pass 1 reads the student and teacher logits once for the online log-sum-exps (temperature-
-  scaled student and teacher, and the student at temperature 1 for the CE);
+* pass 1 reads the student and teacher logits once for the log-sum-exps (temperature-scaled
+  student and teacher, and the student at temperature 1 for the CE), summed relative to a fixed
+  shift per row (the first block's maximum or the label's logit), with no block-wide maximum
+  per block; a row whose maximum lies too far above that shift is read once more with running
+  maxima (see ``_sweep1``);
 * pass 2 reads them again, back to front (the blocks pass 1 read last may still be in L2), for
   the divergence value and, for ``forward_kl``/``soft_ce``, writes the logit gradient in the same
   loop;
@@ -179,10 +182,15 @@ def _pass1(
     CE_POW: tl.constexpr,
     S_SOFTCAP: tl.constexpr,
     T_SOFTCAP: tl.constexpr,
+    ONLINE: tl.constexpr,
     MASKED: tl.constexpr,
 ):
     """One block of pass 1: the running log-sum-exps of the student at T (z_s) and 1 (z_a), which
-    share the student's max m_s, and of the teacher at T (z_t, max m_t).
+    share the student's shift m_s, and of the teacher at T (z_t, shift m_t).
+
+    ONLINE keeps m_s, m_t the running maxima and rescales the sums when they grow (two block-wide
+    max reductions, each with its barriers); otherwise m_s, m_t are fixed shifts and the terms are
+    only added (see :func:`_sweep1`).
 
     At T = CE_POW the CE's terms are the soft ones' powers (see :func:`_ce_probs`): at T = 1 z_a
     is z_s and is not kept; at T = 2 its terms are the squares of z_s's, and so is its rescale,
@@ -190,18 +198,127 @@ def _pass1(
     where an FMA and an exp2 were."""
     a = _load(s_ptr, idx, mask, float("-inf"), cap_s, S_SOFTCAP, MASKED)
     b = _load(t_ptr, idx, mask, float("-inf"), cap_t, T_SOFTCAP, MASKED)
-    m_s_new = tl.maximum(m_s, tl.max(a, axis=0))
-    m_t_new = tl.maximum(m_t, tl.max(b, axis=0))
-    r_s = _rescale(m_s, m_s_new, tau2)
+    if ONLINE:
+        m_s_new = tl.maximum(m_s, tl.max(a, axis=0))
+        m_t_new = tl.maximum(m_t, tl.max(b, axis=0))
+        r_s = _rescale(m_s, m_s_new, tau2)
+        z_s = z_s * r_s
+        z_t = z_t * _rescale(m_t, m_t_new, tau2)
+        if CE_POW == 2:
+            z_a = z_a * (r_s * r_s)
+        elif CE_POW == 0:
+            z_a = z_a * _rescale(m_s, m_s_new, _LOG2E)
+    else:
+        m_s_new = m_s
+        m_t_new = m_t
     e_s = _terms(a, m_s_new, tau2)
-    z_s = z_s * r_s + e_s
+    z_s += e_s
     if HAS_CE:
         if CE_POW == 2:
-            z_a = z_a * (r_s * r_s) + e_s * e_s
+            z_a += e_s * e_s
         elif CE_POW == 0:
-            z_a = z_a * _rescale(m_s, m_s_new, _LOG2E) + _terms(a, m_s_new, _LOG2E)
-    z_t = z_t * _rescale(m_t, m_t_new, tau2) + _terms(b, m_t_new, tau2)
+            z_a += _terms(a, m_s_new, _LOG2E)
+    z_t += _terms(b, m_t_new, tau2)
     return m_s_new, z_s, z_a, m_t_new, z_t
+
+
+@triton.jit
+def _sweep1(
+    s_ptr,
+    t_ptr,
+    V,
+    cap_s,
+    cap_t,
+    tau2,
+    m_s,
+    m_t,
+    HAS_CE: tl.constexpr,
+    CE_POW: tl.constexpr,
+    S_SOFTCAP: tl.constexpr,
+    T_SOFTCAP: tl.constexpr,
+    ONLINE: tl.constexpr,
+    BLOCK: tl.constexpr,
+    STAGES: tl.constexpr,
+):
+    """Pass 1 over a row: (m_s, z_s, z_a, m_t, z_t), per-lane sums of :func:`_terms` of the
+    student at T and 1 and of the teacher at T, each relative to its shift m (see :func:`_pass1`).
+
+    Both forms give the same log-sum-exps; they differ in the shift. The running maximum (ONLINE)
+    costs a block-wide max and its barriers per block. A fixed shift at or below the row's
+    maximum costs nothing per block: the sums then hold terms up to 2^((max − m)·scale), which the
+    caller accepts while they stay below 2^FIXED_SHIFT_BITS (see :func:`_fixed_shift_fits`) and
+    otherwise runs the ONLINE form."""
+    offs = tl.arange(0, BLOCK)
+    n_full = V // BLOCK
+    tail = n_full * BLOCK + offs
+    z_s = tl.zeros([BLOCK], tl.float32)
+    z_a = tl.zeros([BLOCK], tl.float32)
+    z_t = tl.zeros([BLOCK], tl.float32)
+    # Software-pipelined (STAGES): the next blocks' loads are in flight while this one computes.
+    for i in tl.range(0, n_full, num_stages=STAGES):
+        m_s, z_s, z_a, m_t, z_t = _pass1(
+            s_ptr,
+            t_ptr,
+            i * BLOCK + offs,
+            None,
+            cap_s,
+            cap_t,
+            tau2,
+            m_s,
+            z_s,
+            z_a,
+            m_t,
+            z_t,
+            HAS_CE,
+            CE_POW,
+            S_SOFTCAP,
+            T_SOFTCAP,
+            ONLINE,
+            False,
+        )
+    if n_full * BLOCK < V:
+        m_s, z_s, z_a, m_t, z_t = _pass1(
+            s_ptr,
+            t_ptr,
+            tail,
+            tail < V,
+            cap_s,
+            cap_t,
+            tau2,
+            m_s,
+            z_s,
+            z_a,
+            m_t,
+            z_t,
+            HAS_CE,
+            CE_POW,
+            S_SOFTCAP,
+            T_SOFTCAP,
+            ONLINE,
+            True,
+        )
+    return m_s, z_s, z_a, m_t, z_t
+
+
+# A fixed shift's sums are accepted below 2^FIXED_SHIFT_BITS: a row's log2-sum then stays below
+# 64 bits, so the log-probs formed from it, (x·scale − shift) − log2 z, carry at most ~4e-6 bits
+# of its rounding (the running max keeps log2 z below log2 V, ~1e-6 bits), and the squared terms
+# of the CE at T = 2 stay below 2^128, float32's range.
+_FIXED_SHIFT_BITS = tl.constexpr(64.0)
+
+
+@triton.jit
+def _fixed_shift_fits(m_s, z_s, z_a, m_t, z_t, HAS_CE: tl.constexpr, CE_POW: tl.constexpr):
+    """Whether a fixed shift's sums are usable: finite shifts (a −inf shift means the first block
+    and the label were all −inf; a nan or inf logit makes a nan sum, which fails the compares) and
+    sums below 2^_FIXED_SHIFT_BITS (each is ≥ 1: the shift is one of the row's logits)."""
+    limit = tl.exp2(_FIXED_SHIFT_BITS)
+    ok = (m_s > float("-inf")) & (m_t > float("-inf")) & (m_s < float("inf")) & (m_t < float("inf"))
+    ok = ok & (tl.sum(z_s, axis=0) < limit) & (tl.sum(z_t, axis=0) < limit)
+    if HAS_CE:
+        if CE_POW != 1:
+            ok = ok & (tl.sum(z_a, axis=0) < float("inf"))
+    return ok
 
 
 @triton.jit
@@ -470,52 +587,19 @@ def _kd_chunk_kernel(
     a_label = _cap(tl.load(s_ptr + at).to(tl.float32), cap_s, S_SOFTCAP)
     b_label = _cap(tl.load(t_ptr + at).to(tl.float32), cap_t, T_SOFTCAP)
 
-    # Pass 1: the log-sum-exps of s = cap(x)·τ, t = cap(y)·τ and (for CE) a = cap(x).
-    m_s = ninf
-    m_t = ninf
-    z_s = tl.zeros([BLOCK], tl.float32)
-    z_a = tl.zeros([BLOCK], tl.float32)
-    z_t = tl.zeros([BLOCK], tl.float32)
-    # Software-pipelined (STAGES): the next blocks' loads are in flight while this one computes.
-    for i in tl.range(0, n_full, num_stages=STAGES):
-        m_s, z_s, z_a, m_t, z_t = _pass1(
-            s_ptr,
-            t_ptr,
-            i * BLOCK + offs,
-            None,
-            cap_s,
-            cap_t,
-            tau2,
-            m_s,
-            z_s,
-            z_a,
-            m_t,
-            z_t,
-            HAS_CE,
-            CE_POW,
-            S_SOFTCAP,
-            T_SOFTCAP,
-            False,
-        )
-    if n_full * BLOCK < V:
-        m_s, z_s, z_a, m_t, z_t = _pass1(
-            s_ptr,
-            t_ptr,
-            tail,
-            tail < V,
-            cap_s,
-            cap_t,
-            tau2,
-            m_s,
-            z_s,
-            z_a,
-            m_t,
-            z_t,
-            HAS_CE,
-            CE_POW,
-            S_SOFTCAP,
-            T_SOFTCAP,
-            True,
+    # Pass 1: the log-sum-exps of s = cap(x)·τ, t = cap(y)·τ and (for CE) a = cap(x), first
+    # with fixed shifts: the larger of the first block's maximum and the label's logit (the label
+    # is often near the top of a trained model's row). Rows whose maximum lies too far above
+    # (rare; see _fixed_shift_fits) are swept again with running maxima.
+    first = offs < V
+    m_s = tl.maximum(tl.max(_load(s_ptr, offs, first, ninf, cap_s, S_SOFTCAP, True), axis=0), a_label)
+    m_t = tl.maximum(tl.max(_load(t_ptr, offs, first, ninf, cap_t, T_SOFTCAP, True), axis=0), b_label)
+    m_s, z_s, z_a, m_t, z_t = _sweep1(
+        s_ptr, t_ptr, V, cap_s, cap_t, tau2, m_s, m_t, HAS_CE, CE_POW, S_SOFTCAP, T_SOFTCAP, False, BLOCK, STAGES
+    )
+    if not _fixed_shift_fits(m_s, z_s, z_a, m_t, z_t, HAS_CE, CE_POW):
+        m_s, z_s, z_a, m_t, z_t = _sweep1(
+            s_ptr, t_ptr, V, cap_s, cap_t, tau2, ninf, ninf, HAS_CE, CE_POW, S_SOFTCAP, T_SOFTCAP, True, BLOCK, STAGES
         )
     teacher_empty = m_t == ninf  # a teacher row all −inf: its p_t are nan, its KL terms 0
     c_s, lz_s = _finish(z_s, m_s, tau2)

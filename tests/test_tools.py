@@ -1,6 +1,6 @@
 """The benchmark tools on a CPU: tools/bench_e2e.py's smoke mode end to end (every contender a
-CPU runs, their losses against the float64 reference) and its --max-fit search, and TRL's kernel
-wired into tools/bench.py's soft-only configs."""
+CPU runs, their losses against the float64 reference) and its --max-fit search, TRL's kernel
+wired into tools/bench.py's soft-only configs, and tools/kernel_bench.py's kernel calls."""
 
 from __future__ import annotations
 
@@ -173,3 +173,19 @@ def test_bench_soft_only_configs_compute_no_cross_entropy(load_tool):
     logits, labels = torch.randn(4, 10), torch.tensor([1, 2, -100, 3])
     assert bench.hard_loss(logits, labels, bench.CONFIGS["fkl"]).item() == 0.0
     assert bench.hard_loss(logits, labels, bench.CONFIGS["fkl_ce"]).item() > 0.0
+
+
+# --- tools/kernel_bench.py -----------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_kernel_bench_calls_every_kernel_as_kdfuse_does(load_tool, capsys):
+    """A smoke run under Triton's interpreter: the tool calls the kernels with their current
+    signatures (it once passed a stale softcap flag and scalars layout, and failed on a GPU)."""
+    pytest.importorskip("triton")
+    load_tool("kernel_bench").main(
+        ["--device", "cpu", "--rows", "2", "--vocab", "300", "--k", "4", "--blocks", "128", "--warps", "4"]
+    )
+    lines = capsys.readouterr().out.splitlines()
+    timed = {line.split()[0] for line in lines if line.split() and line.split()[0] in ("fkl", "jsd", "topk")}
+    assert timed == {"fkl", "jsd", "topk"}

@@ -61,6 +61,27 @@ def test_kernel_matches_torch_func(
     labels[0] = -100
     valid = labels != -100
     weights = data.draw(grid((rows,), 2, 6, 0.25, torch.float32), label="row weights").to(DEVICE) * valid
+    ce_power = tc.ce_power(1.0 / inv_t) if ce_shortcut else 0
+    _check_kernel(
+        tc,
+        div,
+        student,
+        teacher,
+        labels,
+        valid,
+        weights,
+        has_ce,
+        (softcap, teacher_cap),
+        inv_t,
+        ce_power,
+        entropy,
+        with_grad,
+    )
+
+
+def _check_kernel(tc, div, student, teacher, labels, valid, weights, has_ce, caps, inv_t, ce_power, entropy, with_grad):
+    """The kernel's loss parts and logit gradient against the generic path's on the same rows."""
+    softcap, teacher_cap = caps
     kernel, params = registry.entry_of(div.fn).kernel, div.args
     hard_w = 0.4 if has_ce else 0.0
     scalars = torch.tensor([inv_t, 0.7, hard_w, softcap or 1.0, teacher_cap or 1.0, *params], device=DEVICE)
@@ -78,8 +99,6 @@ def test_kernel_matches_torch_func(
         entropy=entropy,
     )
 
-    # At T = 1 and 2 the CE's softmax may come from the soft one (ce_power 1, 2), else anew.
-    ce_power = tc.ce_power(1.0 / inv_t) if ce_shortcut else 0
     got_grad, got = tc.chunk_step(
         kernel,
         has_ce,
@@ -115,6 +134,34 @@ def test_kernel_matches_torch_func(
     for name, a, b in zip(("loss", "soft", "hard", "entropy"), got, want):
         # Masked reverse-KL terms are ~1e4 · mass: compare relative to the row's magnitude.
         torch.testing.assert_close(a, b, rtol=2e-5, atol=2e-5, msg=lambda m, n=name: f"{n}: {m}")
+
+
+@pytest.mark.parametrize("div", [D.forward_kl, D.reverse_kl, D.jsd(0.5)])
+@pytest.mark.parametrize("inv_t", [0.5, 1.0, 2.0])
+@pytest.mark.parametrize("has_ce", [False, True])
+def test_rows_whose_maximum_lies_far_above_the_first_block(tc, div, inv_t, has_ce):
+    """Pass 1 first sums each row's terms relative to a fixed shift (the first block's maximum or
+    the label's logit) and sweeps again with running maxima where those sums grow past 2^64.
+    Rows here: the maximum 40 logits above the shift (2^58 at T = 1: kept; 2^115 at T = 0.5:
+    swept again), 200 above (overflows float32 at every T), a teacher whose first block and label
+    are −inf (no finite shift), and an ordinary row. Each must match the generic path."""
+    vocab = 3 * 1024 + 5  # three full blocks of the kernel's 1024 and a tail
+    gen = torch.Generator().manual_seed(1)
+    student = torch.randn(4, vocab, generator=gen)
+    teacher = torch.randn(4, vocab, generator=gen)
+    for row, gap in ((1, 40.0), (2, 200.0)):
+        for x in (student, teacher):
+            x[row, :1024] -= gap / 2
+            x[row, 2000 + row] = gap / 2
+    teacher[3, :1500] = -INF
+    labels = torch.tensor([7, 100, -100, 1200])  # row 3's label is masked on the teacher side
+    valid = labels != -100
+    weights = torch.tensor([1.0, 0.5, 0.0, 1.5]) * valid
+    student, teacher, labels, valid, weights = (t.to(DEVICE) for t in (student, teacher, labels, valid, weights))
+    for ce_power in {0, tc.ce_power(1.0 / inv_t)}:
+        _check_kernel(
+            tc, div, student, teacher, labels, valid, weights, has_ce, (None, None), inv_t, ce_power, True, True
+        )
 
 
 def _gradient_terms(kernel, params, student, teacher, caps, inv_t, soft_w, hard_w, weights, soft) -> torch.Tensor:

@@ -43,7 +43,7 @@ def time_cast(vocab: int, dev: torch.device, gen: torch.Generator) -> None:
         print(f"grad_weight scale+cast ({name}): {ms:.3f} ms = {acc.numel() * 6 / ms / 1e6:.0f} GB/s")
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=4096)
     parser.add_argument("--vocab", type=int, default=128256)
@@ -57,10 +57,12 @@ def main() -> None:
         default=[0],
         help="dense kernel: pipeline stages of its loops (0: the module's)",
     )
-    args = parser.parse_args()
+    parser.add_argument("--device", default="cuda", help="cpu: a smoke run under Triton's interpreter")
+    args = parser.parse_args(argv)
+    from kdfuse import scalars as S
     from kdfuse import triton_chunk, triton_topk
 
-    dev = torch.device("cuda")
+    dev = torch.device(args.device)
     gen = torch.Generator(device=dev).manual_seed(0)
     rows, vocab = args.rows, args.vocab
     student = torch.randn(rows, vocab, device=dev, dtype=torch.bfloat16, generator=gen) * 3
@@ -68,13 +70,16 @@ def main() -> None:
     labels = torch.randint(0, vocab, (rows,), device=dev, generator=gen)
     valid = torch.ones(rows, dtype=torch.bool, device=dev)
     weights = torch.full((rows,), 1.0 / rows, device=dev)
-    scalars = torch.tensor([0.5, 0.5, 0.5, 1.0], device=dev)
+    # T = 2, soft and hard weights 0.5, no softcaps (kdfuse.scalars' slots).
+    scalars = torch.zeros(S.PARAMS, device=dev)
+    scalars[[S.INV_T, S.SOFT_W, S.HARD_W, S.S_CAP, S.T_CAP]] = torch.tensor([0.5, 0.5, 0.5, 1.0, 1.0], device=dev)
     logprobs, ids = teacher.float().log_softmax(-1).topk(args.k, dim=-1)
     block_bytes = student.numel() * student.element_size()
     work = torch.empty_like(student)
 
     copy_ms, _ = measure(lambda: work.copy_(student), warmup=3, repeat=20, device=dev)
-    print(f"{torch.cuda.get_device_name()}: chunk {rows} x {vocab} bf16 ({block_bytes / 1e9:.2f} GB per block)")
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
+    print(f"{name}: chunk {rows} x {vocab} bf16 ({block_bytes / 1e9:.2f} GB per block)")
     print(f"copy of one block: {copy_ms:.3f} ms = {2 * block_bytes / copy_ms / 1e6:.0f} GB/s")
     sparse = registry.ENTRIES["topk_forward_kl_bucket"].reduced
 
@@ -86,7 +91,18 @@ def main() -> None:
         def step():
             work.copy_(student)  # the kernel overwrites its input; the copy is timed separately above
             triton_chunk.chunk_step(
-                kernel, True, False, -100, work, teacher, labels, valid, weights, with_params, out=work
+                kernel,
+                True,
+                (False, False),
+                -100,
+                work,
+                teacher,
+                labels,
+                valid,
+                weights,
+                with_params,
+                out=work,
+                ce_power=triton_chunk.ce_power(2.0),  # T = 2: the CE's probabilities from the soft ones, as kdfuse does
             )
 
         return step
