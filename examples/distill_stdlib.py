@@ -50,10 +50,15 @@ class Sizes:
     student_steps: int
     eval_batches: int
     eval_every: int
+    teacher_lr: float  # AdamW's; wider models need smaller steps
+    student_lr: float
 
 
-SMALL = Sizes(128, 4, 48, 2, 64, 8, 500, 150, 8, 10)
-LARGE = Sizes(512, 8, 256, 4, 512, 32, 2000, 1500, 32, 100)
+SMALL = Sizes(128, 4, 48, 2, 64, 8, 500, 150, 8, 10, 2e-3, 2e-3)
+# At 2e-3 the 512-wide teacher trained worse than the students (H100, 2026-12-06: held-out CE
+# after 800 steps 1.70 / 1.18 / 1.00 at lr 2e-3 / 1e-3 / 5e-4; the 256-wide student 1.31 / 1.18
+# at 2e-3 / 1e-3), so distilling from it could only hurt.
+LARGE = Sizes(512, 8, 256, 4, 512, 32, 2000, 1500, 32, 100, 5e-4, 1e-3)
 
 
 def stdlib_bytes(limit: int | None = None) -> torch.Tensor:
@@ -131,10 +136,10 @@ class Run:
         return self.held_out[-1][1]
 
 
-def train(m, loss_fn, data: torch.Tensor, test: torch.Tensor, sizes: Sizes, steps: int, seed: int) -> Run:
-    """AdamW on ``loss_fn(m, batch)``, with the held-out CE before the first step, every
+def train(m, loss_fn, data: torch.Tensor, test: torch.Tensor, sizes: Sizes, steps: int, seed: int, lr: float) -> Run:
+    """AdamW at ``lr`` on ``loss_fn(m, batch)``, with the held-out CE before the first step, every
     ``sizes.eval_every`` steps and after the last."""
-    optimizer = torch.optim.AdamW(m.parameters(), lr=2e-3, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(m.parameters(), lr=lr, weight_decay=0.0)
     device = next(m.parameters()).device
     run = Run()
     for step, ids in enumerate(batches(data, sizes, steps, seed)):
@@ -177,7 +182,7 @@ def run(sizes: Sizes, device: str) -> dict[str, Run]:
     """The teacher, then the three students from the same initial weights on the same batches."""
     train_data, test_data = split(stdlib_bytes())
     teacher = model(sizes.teacher_hidden, sizes.teacher_layers, seed=0, device=device)
-    runs = {"teacher": train(teacher, ce_loss, train_data, test_data, sizes, sizes.teacher_steps, seed=1)}
+    runs = {"teacher": train(teacher, ce_loss, train_data, test_data, sizes, sizes.teacher_steps, 1, sizes.teacher_lr)}
     runs["teacher"].model = teacher
     teacher.eval()
     for mode in ("kdfuse", "reference", "no teacher"):
@@ -186,7 +191,7 @@ def run(sizes: Sizes, device: str) -> dict[str, Run]:
         def loss_fn(m, ids, mode=mode):
             return kd_loss(mode, m, teacher, ids)
 
-        runs[mode] = train(student, loss_fn, train_data, test_data, sizes, sizes.student_steps, seed=3)
+        runs[mode] = train(student, loss_fn, train_data, test_data, sizes, sizes.student_steps, 3, sizes.student_lr)
         runs[mode].model = student
         ids = next(batches(train_data, sizes, 1, seed=4)).to(device)
         runs[mode].peak_gib = peak_step_memory(student, loss_fn, ids)
@@ -206,8 +211,14 @@ def report(runs: dict[str, Run], sizes: Sizes, png: str | None) -> None:
         median_ms = 1e3 * later[len(later) // 2]
         peak = "-" if r.peak_gib is None else f"{r.peak_gib:.3f}"
         print(f"{name:11} {len(r.losses):6d} {r.final:12.4f} {r.step_seconds[0]:13.2f} {median_ms:8.1f} {peak:>14}")
-    gap = worst_relative_gap(runs["kdfuse"].losses, runs["reference"].losses)
-    print(f"kdfuse vs the float64 reference, training loss: worst step {gap:.1e} relative")
+    # The first step sees the same weights and batch in both runs: its losses agree to the
+    # rounding of the logits. Later steps drift apart as any two runs that round differently do
+    # (faster with TF32 matmuls, as on a GPU here), so only the held-out CEs are then compared.
+    kd, ref = runs["kdfuse"].losses, runs["reference"].losses
+    print(
+        f"kdfuse vs the float64 reference, training loss: first step {worst_relative_gap(kd[:1], ref[:1]):.1e} "
+        f"relative, worst step {worst_relative_gap(kd, ref):.1e}"
+    )
     if png:
         import matplotlib
 
@@ -238,7 +249,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--large", action="store_true", help="bigger models and longer runs (for a GPU)")
     parser.add_argument("--png", default="distill_stdlib.png", help="where to draw the held-out curves ('' for none)")
     args = parser.parse_args(argv)
-    torch.set_float32_matmul_precision("high")
+    torch.set_float32_matmul_precision("high")  # TF32 on a GPU, in every run: see report()
     sizes = LARGE if args.large else SMALL
     report(run(sizes, args.device), sizes, args.png or None)
 
