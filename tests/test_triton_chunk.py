@@ -4,7 +4,8 @@ Without a GPU the kernel runs under Triton's interpreter (TRITON_INTERPRET=1, nu
 so CI checks the very kernel source the GPU runs: every divergence it implements, with and
 without CE, the student's and the teacher's softcaps and the student's entropy, masked teacher
 entries, ignored rows (also with an all -inf teacher row), arbitrary row weights, loss-only mode,
-and vocabulary sizes that do not divide the block.
+vocabulary sizes that do not divide the block, and rows whose maximum lies far above pass 1's
+fixed shift (swept again with running maxima).
 """
 
 from __future__ import annotations
