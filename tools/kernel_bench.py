@@ -2,6 +2,8 @@
 
     python tools/kernel_bench.py                      # 4096 x 128256 bf16 chunk, defaults
     python tools/kernel_bench.py --rows 2048 --blocks 1024 2048 4096 --warps 4 8 --stages 1 2 3
+    TRITON_INTERPRET=1 python tools/kernel_bench.py --device cpu --rows 2 --vocab 300 --blocks 128 --warps 4
+                                                      # a smoke run of the calls, no timing worth reading
 
 For each (BLOCK, num_warps[, pipeline stages of the dense kernel's loops]) it times
 ``triton_chunk.chunk_step`` (forward KL + CE and JSD + CE, T = 2, with gradient) and
