@@ -300,10 +300,10 @@ def _sweep1(
     return m_s, z_s, z_a, m_t, z_t
 
 
-# A fixed shift's sums are accepted below 2^FIXED_SHIFT_BITS: a row's log2-sum then stays below
-# 64 bits, so the log-probs formed from it, (x·scale − shift) − log2 z, carry at most ~4e-6 bits
-# of its rounding (the running max keeps log2 z below log2 V, ~1e-6 bits), and the squared terms
-# of the CE at T = 2 stay below 2^128, float32's range.
+# A fixed shift's sums (the CE's at temperature 1 included) are accepted below 2^FIXED_SHIFT_BITS:
+# a row's log2-sum then stays below 64 bits, so the log-probs formed from it,
+# (x·scale − shift) − log2 z, carry at most ~4e-6 bits of its rounding (the running max keeps
+# log2 z below log2 V, ~1e-6 bits).
 _FIXED_SHIFT_BITS = tl.constexpr(64.0)
 
 
@@ -317,7 +317,7 @@ def _fixed_shift_fits(m_s, z_s, z_a, m_t, z_t, HAS_CE: tl.constexpr, CE_POW: tl.
     ok = ok & (tl.sum(z_s, axis=0) < limit) & (tl.sum(z_t, axis=0) < limit)
     if HAS_CE:
         if CE_POW != 1:
-            ok = ok & (tl.sum(z_a, axis=0) < float("inf"))
+            ok = ok & (tl.sum(z_a, axis=0) < limit)
     return ok
 
 
