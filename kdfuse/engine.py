@@ -226,13 +226,20 @@ def _run_chunks(
     """
     parts = tuple(torch.zeros(p.rows, dtype=p.spec.compute_dtype, device=p.hidden.device) for _ in range(4))
     _announce_cpu_compile(p)
-    grads = _grad_buffers(p, need)
+    chunks = list(p.chunks())
+    # A one-chunk call allocates its gradients once the chunk's teacher logits are freed, so its
+    # float32 grad_weight (V, Hs) never lives beside them (a lower peak). With several chunks they
+    # come first, as every later chunk holds them anyway: allocated after the first chunk, small
+    # buffers split the teacher's freed block, whose next use then needed new device memory.
+    grads = None if len(chunks) == 1 else _grad_buffers(p, need)
     spec = p.spec if row_weight is None else replace(p.spec, with_grad=True)
     fn = chunk_fn(spec)
-    for i, rows in enumerate(p.chunks()):
+    for i, rows in enumerate(chunks):
         with torch.no_grad():
             weights = None if row_weight is None else row_weight[rows]
             dlogits, out = _chunk(p, spec, fn, rows, weights, check if i == 0 else None)
+            if grads is None:
+                grads = _grad_buffers(p, need)
             if dlogits is not None:
                 _fold(p, grads, rows, dlogits, first=i == 0)
             for part, value in zip(parts, out):
@@ -240,6 +247,8 @@ def _run_chunks(
             del dlogits, out  # free this chunk's (C, V) block before the next chunk allocates its own
     if check is not None and not p.rows:
         check()
+    if grads is None:  # no chunk
+        grads = _grad_buffers(p, need)
     if p.shard is not None and grads.hidden is not None:  # each rank's columns gave a part of it
         all_reduce(grads.hidden, dist.ReduceOp.SUM, p.shard.group)
     return parts, grads

@@ -226,6 +226,7 @@ def estimate_bytes(
     teacher: TeacherForm = "hidden",
     in_place: bool = False,
     fp32_logits: bool = False,
+    rows: int | None = None,
 ) -> int:
     """Peak extra bytes a chunk size needs, roughly.
 
@@ -236,11 +237,13 @@ def estimate_bytes(
     ``in_place``: the hand-written kernels, which write the logit gradient over the student's
     logits and make no copies, so only the student's block and, for ``"hidden"``, a teacher block
     of at most :data:`kdfuse.teacher.TEACHER_ROWS` rows. With gradients also the ``(V, Hs)``
-    compute-dtype grad_weight accumulator. The compute dtype is float32 (float64 for float64
-    inputs). ``fp32_logits`` (16-bit inputs): the computed logits and their gradient are float32,
-    and the gradient is rounded to ``dtype`` for the gradient matmuls, a copy made once the
-    teacher's block is freed (in place: the larger of the two counts). The returned gradients are
-    not counted (see :func:`working_set`)."""
+    compute-dtype grad_weight accumulator; it is allocated once the first chunk's teacher logits
+    are freed, so where ``rows`` (N) fit in one chunk the in-place path counts the larger of the
+    teacher's block and the accumulator (N unknown: several chunks). The compute dtype is float32
+    (float64 for float64 inputs). ``fp32_logits`` (16-bit inputs): the computed logits and their
+    gradient are float32, and the gradient is rounded to ``dtype`` for the gradient matmuls, a
+    copy made once the teacher's block is freed (in place: the larger of the two counts). The
+    returned gradients are not counted (see :func:`working_set`)."""
     if teacher not in TEACHER_FORMS:
         raise ValueError(f"teacher must be one of {TEACHER_FORMS}, got {teacher!r}")
     item = dtype.itemsize
@@ -251,8 +254,11 @@ def estimate_bytes(
     accumulator = vocab * student_hidden * compute if with_grad else 0
     computed = teacher == "hidden"  # a teacher block this call allocates
     if in_place:
-        teacher_rows = min(chunk, TEACHER_ROWS) if computed else 0
-        return (chunk * logits_item + max(teacher_rows * logits_item, chunk * rounded)) * vocab + accumulator
+        teacher_block = min(chunk, TEACHER_ROWS) * logits_item * vocab if computed else 0
+        rounded_block = chunk * rounded * vocab
+        if rows is not None and rows <= chunk:  # one chunk: no accumulator beside the teacher's logits
+            return chunk * logits_item * vocab + max(teacher_block, rounded_block + accumulator)
+        return chunk * logits_item * vocab + max(teacher_block, rounded_block) + accumulator
     copies = 1 if teacher == "topk" else 2
     per_element = (1 + computed + with_grad) * logits_item + rounded + copies * compute
     return chunk * vocab * per_element + accumulator
@@ -282,7 +288,15 @@ def key_estimate(key: TuningKey, device_type: str) -> Callable[[int], int]:
     """:func:`estimate_bytes` of the key's shapes and path, as a function of the chunk size."""
     in_place = runs_in_place(key, device_type)
     return lambda chunk: estimate_bytes(
-        chunk, key.vocab, key.student_hidden, key.torch_dtype, key.with_grad, key.teacher, in_place, key.fp32_logits
+        chunk,
+        key.vocab,
+        key.student_hidden,
+        key.torch_dtype,
+        key.with_grad,
+        key.teacher,
+        in_place,
+        key.fp32_logits,
+        key.rows_bucket,
     )
 
 

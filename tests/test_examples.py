@@ -45,3 +45,14 @@ def test_distill_stdlib_small_run(capsys):
     example.report(runs, example.SMALL, png=None)
     table = capsys.readouterr().out
     assert "no teacher" in table and "first step" in table and "worst step" in table
+
+
+def test_distill_stdlib_large_trains_on_the_whole_tree():
+    """--large's teacher saw the top-level modules 7 times over and overfitted them (it ended
+    worse than its students): it reads every package of the standard library (over four times
+    the bytes), while the laptop run keeps the top-level modules."""
+    example = load("distill_stdlib")
+    assert example.LARGE.whole_tree and not example.SMALL.whole_tree
+    top, tree = example.stdlib_bytes(), example.stdlib_bytes(whole_tree=True)
+    assert len(tree) > 4 * len(top)
+    assert len(example.stdlib_bytes(limit=1000, whole_tree=True)) == 1000

@@ -343,17 +343,27 @@ def test_teacher_logits_in_blocks_bound_the_peak(monkeypatch):
 
 
 @pytest.mark.parametrize(
-    "teacher,fp32_logits", [("hidden", False), ("logits", False), ("topk", False), ("hidden", True)]
+    "teacher,fp32_logits,one_chunk",
+    [
+        ("hidden", False, False),
+        ("logits", False, False),
+        ("topk", False, False),
+        ("hidden", True, False),
+        ("hidden", False, True),
+        ("hidden", True, True),
+    ],
 )
-def test_estimate_bytes_is_the_measured_peak(teacher, fp32_logits):
+def test_estimate_bytes_is_the_measured_peak(teacher, fp32_logits, one_chunk):
     """kdfuse.tuning.estimate_bytes for the Triton kernels' path against the measured peak of a
     fwd+bwd step (two 2048-row chunks, V = 32768): equal up to what lives across chunks (the
     bf16 gradients, grad_hidden in float32, per-row values: ~6 MiB), neither under nor over.
     Teacher logits the caller gives are read in place; estimating a teacher block for them (as
-    before) would put the estimate 128 MiB above the peak."""
+    before) would put the estimate 128 MiB above the peak. ``one_chunk``: 1024 rows and a float32
+    grad_weight (128 MiB) twice the teacher's block; counting it beside the teacher's block (as
+    when it was allocated before the chunk) would put the estimate 64 MiB above the peak."""
     from kdfuse import teacher_topk, tuning
 
-    n, chunk, v, h = 4096, 2048, 32768, 64
+    n, chunk, v, h = (1024, 1024, 32768, 1024) if one_chunk else (4096, 2048, 32768, 64)
     gen = torch.Generator(device="cuda").manual_seed(11)
 
     def randn(*shape, scale=1.0):
@@ -381,7 +391,7 @@ def test_estimate_bytes_is_the_measured_peak(teacher, fp32_logits):
         torch.cuda.synchronize()
         hidden.grad = weight.grad = None
     extra = torch.cuda.max_memory_allocated() - base
-    estimate = tuning.estimate_bytes(chunk, v, h, torch.bfloat16, True, teacher, in_place=True, fp32_logits=fp32_logits)
+    estimate = tuning.estimate_bytes(chunk, v, h, torch.bfloat16, True, teacher, True, fp32_logits, rows=n)
     mib = 2**20
     assert estimate - 2 * mib < extra < estimate + 12 * mib, (extra / mib, estimate / mib)
 

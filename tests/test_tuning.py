@@ -119,6 +119,19 @@ def test_estimate_bytes():
     assert tuning.estimate_bytes(1024, 1000, 64, torch.float32, True, fp32_logits=True) == tuning.estimate_bytes(
         1024, 1000, 64, torch.float32, True
     )
+    # One chunk (N <= chunk): the accumulator is allocated once the teacher's block is freed.
+    one = dict(in_place=True, rows=4 * rows)
+    big = 10**6  # an accumulator larger than the teacher's block
+    assert tuning.estimate_bytes(4 * rows, 1000, 64, torch.bfloat16, True, **one) == (4 * rows + rows) * 1000 * 2
+    assert (
+        tuning.estimate_bytes(4 * rows, 1000, big, torch.bfloat16, True, **one) == 4 * rows * 1000 * 2 + 1000 * big * 4
+    )
+    assert (
+        tuning.estimate_bytes(4 * rows, 1000, 64, torch.bfloat16, True, fp32_logits=True, **one)
+        == 4 * rows * 1000 * 4 + 4 * rows * 1000 * 2 + 1000 * 64 * 4
+    )
+    several = tuning.estimate_bytes(4 * rows, 1000, 64, torch.bfloat16, True, in_place=True)
+    assert tuning.estimate_bytes(4 * rows, 1000, 64, torch.bfloat16, True, in_place=True, rows=4 * rows + 1) == several
     with pytest.raises(ValueError, match="teacher must be one of"):
         tuning.estimate_bytes(1024, 1000, 64, torch.bfloat16, True, "dense")
 
