@@ -88,6 +88,26 @@ def test_bench_e2e_tiny_runs_every_contender_and_the_losses_agree(load_tool, tmp
     kdfuse_rows = [r for r in compared if r["contender"] == "kdfuse"]
     assert len(kdfuse_rows) == 4 and all(r["loss_rel_err"] < e2e.LOSS_RTOL for r in kdfuse_rows)
     assert "all agree" in printed and "CPU" in result["device"]
+    assert "llama jsd: kdfuse's step" in printed  # comparison_lines, after the table
+
+
+def test_bench_e2e_compares_kdfuse_with_each_rival(load_tool):
+    e2e = load_tool("bench_e2e")
+
+    def row(contender, div, ms, peak):
+        return e2e.Row("llama", div, contender, 1, 8, step_ms=ms, peak_gib=peak)
+
+    rows = [
+        row("no-loss", "fkl", 80.0, 20.0),
+        row("trl-chunked", "fkl", 125.0, 31.4),
+        row("kdfuse", "fkl", 100.0, 30.6),
+    ]
+    rows += [row("liger-chunked", "fkl", 110.0, 30.8), row("gkd-full-logits", "fkl", math.nan, math.nan)]
+    rows += [row("trl-chunked", "jsd", 130.0, 31.4)]  # no kdfuse row: no line
+    assert e2e.comparison_lines(rows) == [
+        "llama fkl: kdfuse's step 0.800× trl-chunked, 0.909× liger-chunked; "
+        "peak 30.60 GiB, lowest rival 30.80 (liger-chunked)"
+    ]
 
 
 @pytest.mark.slow

@@ -965,6 +965,29 @@ def max_fit_cells(r: Row) -> list[str]:
     return [r.pair, r.divergence, r.contender, tokens, f"{r.batch} × {r.seq}", fmt(r.peak_gib, ".1f"), r.note]
 
 
+RIVALS = ("trl-chunked", "gkd-full-logits", "liger-chunked")  # what kdfuse's step is compared with
+
+
+def comparison_lines(rows: list[Row]) -> list[str]:
+    """Per (pair, divergence): kdfuse's steady step as a fraction of each rival's (the issue's
+    targets are stated that way) and its steady peak against the lowest rival's."""
+    lines = []
+    for pair, div in dict.fromkeys((r.pair, r.divergence) for r in rows):
+        mine = {r.contender: r for r in rows if (r.pair, r.divergence) == (pair, div)}
+        kd = mine.get("kdfuse")
+        rivals = [mine[n] for n in RIVALS if n in mine and math.isfinite(mine[n].step_ms)]
+        if kd is None or not math.isfinite(kd.step_ms) or not rivals:
+            continue
+        ratios = ", ".join(f"{kd.step_ms / r.step_ms:.3f}× {r.contender}" for r in rivals)
+        line = f"{pair} {div}: kdfuse's step {ratios}"
+        peaks = [r for r in rivals if math.isfinite(r.peak_gib)]
+        if peaks and math.isfinite(kd.peak_gib):
+            low = min(peaks, key=lambda r: r.peak_gib)
+            line += f"; peak {kd.peak_gib:.2f} GiB, lowest rival {low.peak_gib:.2f} ({low.contender})"
+        lines.append(line)
+    return lines
+
+
 def agreement_summary(rows: list[Row]) -> tuple[bool, str]:
     compared = [r for r in rows if r.agrees is not None]
     if not compared:
@@ -1122,6 +1145,8 @@ def main(argv: list[str] | None = None) -> int:
     print_table(rows, title, args.max_fit)
     ok, summary = agreement_summary(rows)
     print(summary)
+    if not args.max_fit:
+        print("\n".join(comparison_lines(rows)))
     if args.png:
         plot(rows, args.png, args.max_fit)
     return 0 if ok else 1
