@@ -29,7 +29,16 @@ from .chunk import ChunkSpec, call, chunk_fn
 from .collectives import Shard, all_reduce
 from .teacher import TEACHER_ROWS, HiddenTeacher, Teacher, TopkTeacher, project, tensors_of
 
-__all__ = ["Problem", "autocast_off", "distill"]
+__all__ = ["Problem", "autocast_off", "chunk_starts", "distill"]
+
+
+def chunk_starts(rows: int, chunk_size: int) -> list[int]:
+    """Where each chunk of ``chunk_size`` rows starts; a 1-row tail joins the chunk before it,
+    because a dim of size 1 is specialised by torch.compile and would cost a recompile."""
+    starts = list(range(0, rows, chunk_size))
+    if len(starts) > 1 and rows - starts[-1] == 1:
+        starts.pop()
+    return starts
 
 
 @dataclass(frozen=True)
@@ -77,11 +86,8 @@ class Problem:
         return self.hidden.shape[0]
 
     def chunks(self) -> Iterator[slice]:
-        """Row slices of ``chunk_size`` rows; a 1-row tail joins the chunk before it, because a
-        dim of size 1 is specialised by torch.compile and would cost a recompile."""
-        starts = list(range(0, self.rows, self.chunk_size))
-        if len(starts) > 1 and self.rows - starts[-1] == 1:
-            starts.pop()
+        """Row slices of ``chunk_size`` rows (see :func:`chunk_starts`)."""
+        starts = chunk_starts(self.rows, self.chunk_size)
         for start, stop in zip(starts, [*starts[1:], self.rows]):
             yield slice(start, stop)
 
@@ -105,7 +111,7 @@ def _chunk(
     rows: slice,
     row_weight: Tensor | None,
     after_logits: Callable[[], None] | None,
-) -> tuple[Tensor | None, tuple[Tensor, Tensor, Tensor]]:
+) -> tuple[Tensor | None, tuple[Tensor, Tensor, Tensor, Tensor]]:
     """(dlogits (C, V) or None, per-row (loss, soft, hard, entropy)) of one chunk. A function of its own so the
     teacher's logits are freed on return, before the gradient matmuls run. ``after_logits`` runs
     once the first logits matmuls are queued (see :func:`_run_chunks`)."""
@@ -247,8 +253,6 @@ def _run_chunks(
             del dlogits, out  # free this chunk's (C, V) block before the next chunk allocates its own
     if check is not None and not p.rows:
         check()
-    if grads is None:  # no chunk
-        grads = _grad_buffers(p, need)
     if p.shard is not None and grads.hidden is not None:  # each rank's columns gave a part of it
         all_reduce(grads.hidden, dist.ReduceOp.SUM, p.shard.group)
     return parts, grads

@@ -39,6 +39,7 @@ from autotune import Measurement, TuningCache, software_versions
 from . import registry
 from ._version import __version__
 from .chunk import fast_kernel
+from .engine import chunk_starts
 from .env import MemoryBudget, Settings, check_memory_budget, settings
 from .teacher import TEACHER_FORMS, TEACHER_ROWS, TeacherForm
 
@@ -256,7 +257,7 @@ def estimate_bytes(
     if in_place:
         teacher_block = min(chunk, TEACHER_ROWS) * logits_item * vocab if computed else 0
         rounded_block = chunk * rounded * vocab
-        if rows is not None and rows <= chunk:  # one chunk: no accumulator beside the teacher's logits
+        if rows is not None and len(chunk_starts(rows, chunk)) == 1:  # no accumulator beside the teacher's
             return chunk * logits_item * vocab + max(teacher_block, rounded_block + accumulator)
         return chunk * logits_item * vocab + max(teacher_block, rounded_block) + accumulator
     copies = 1 if teacher == "topk" else 2

@@ -130,8 +130,12 @@ def test_estimate_bytes():
         tuning.estimate_bytes(4 * rows, 1000, 64, torch.bfloat16, True, fp32_logits=True, **one)
         == 4 * rows * 1000 * 4 + 4 * rows * 1000 * 2 + 1000 * 64 * 4
     )
-    several = tuning.estimate_bytes(4 * rows, 1000, 64, torch.bfloat16, True, in_place=True)
-    assert tuning.estimate_bytes(4 * rows, 1000, 64, torch.bfloat16, True, in_place=True, rows=4 * rows + 1) == several
+    # A 1-row tail joins the chunk before it (engine.chunk_starts): N = chunk + 1 is one chunk too.
+    one_and_tail = tuning.estimate_bytes(4 * rows, 1000, big, torch.bfloat16, True, in_place=True, rows=4 * rows + 1)
+    assert one_and_tail == tuning.estimate_bytes(4 * rows, 1000, big, torch.bfloat16, True, **one)
+    several = tuning.estimate_bytes(4 * rows, 1000, big, torch.bfloat16, True, in_place=True)
+    assert several == (4 * rows + rows) * 1000 * 2 + 1000 * big * 4
+    assert tuning.estimate_bytes(4 * rows, 1000, big, torch.bfloat16, True, in_place=True, rows=4 * rows + 2) == several
     with pytest.raises(ValueError, match="teacher must be one of"):
         tuning.estimate_bytes(1024, 1000, 64, torch.bfloat16, True, "dense")
 

@@ -1145,8 +1145,8 @@ def main(argv: list[str] | None = None) -> int:
     print_table(rows, title, args.max_fit)
     ok, summary = agreement_summary(rows)
     print(summary)
-    if not args.max_fit:
-        print("\n".join(comparison_lines(rows)))
+    for line in [] if args.max_fit else comparison_lines(rows):
+        print(line)
     if args.png:
         plot(rows, args.png, args.max_fit)
     return 0 if ok else 1
